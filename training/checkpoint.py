@@ -1,0 +1,63 @@
+"""Atomic checkpoints on top of ``accelerator.save_state``; resume from the latest one.
+
+``output_dir/checkpoints/step-00000100/`` holds what ``save_state`` writes (models as
+safetensors, optimizers, schedulers, every process's RNG state) plus ``trainer_state.json``.
+A checkpoint is written under a temporary name and renamed when complete, so a run killed
+mid-save leaves the previous checkpoint intact; only the last ``keep`` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+
+_NAME = re.compile(r"^step-(\d+)$")
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, state: dict, keep: int) -> Path:
+    """Every process must call this (each saves its own RNG state)."""
+    root = Path(output_dir) / "checkpoints"
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resume_from_latest(accelerator: Accelerator, output_dir: str | Path) -> dict | None:
+    """Load the latest checkpoint into the prepared objects; returns its trainer state or None."""
+    ckpt = latest_checkpoint(output_dir)
+    if ckpt is None:
+        return None
+    accelerator.load_state(str(ckpt))
+    return json.loads((ckpt / "trainer_state.json").read_text())

@@ -1,0 +1,276 @@
+"""Image-caption datasets from local folders, validated before training starts.
+
+Accepted ``data.path`` layouts:
+- an imagefolder: image files, optionally with ``metadata.jsonl`` lines
+  ``{"file_name": "a.png", "<caption_column>": "..."}`` (file names relative to the jsonl);
+  a ``<split>/`` subfolder (``train/``, ``test/``) is used when present (the datasets convention);
+- a folder written by ``datasets.Dataset.save_to_disk`` (or a DatasetDict, by split).
+Images are decoded lazily; an unreadable one is skipped and counted (``on_bad_image=skip``)
+or is an error naming the file (``on_bad_image=error``).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any, Iterator
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class OnBadImage(str, enum.Enum):
+    skip = "skip"
+    error = "error"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = "data/openmoji-32"
+    split: str = "train"  # subfolder / DatasetDict split used for training
+    eval_split: str | None = "test"  # held-out split for metrics (None: no held-out metrics)
+    image_column: str = "image"
+    caption_column: str = "text"
+    resolution: int = 32
+    random_flip: bool = False  # off by default: flipping changes meaning ("left arrow")
+    on_bad_image: OnBadImage = OnBadImage.skip
+    num_workers: int = 0
+
+
+class DataError(ValueError):
+    """A dataset that cannot be trained on; raised before any training work."""
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def split_dir(path: str | Path, split: str) -> Path | None:
+    """The folder holding ``split``: ``path/split`` if it exists, else ``path`` itself for 'train'."""
+    path = Path(path)
+    if (path / split).is_dir():
+        return path / split
+    return path if split == "train" else None
+
+
+def has_split(path: str | Path, split: str | None) -> bool:
+    if split is None:
+        return False
+    path = Path(path)
+    if _is_saved_dataset(path) and (path / "dataset_dict.json").is_file():
+        return split in json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+    return (path / split).is_dir()
+
+
+def load_records(path: str | Path, cfg: DataConfig, split: str | None = None) -> datasets.Dataset:
+    """A ``datasets.Dataset`` with columns ``image`` (path or encoded bytes) and ``text``."""
+    split = split or cfg.split
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"dataset folder '{root}' does not exist (data.path)")
+    if not root.is_dir():
+        raise DataError(f"data.path '{root}' is a file; expected an image folder or a save_to_disk folder")
+    if _is_saved_dataset(root):
+        ds = _load_saved(root, cfg, split)
+    else:
+        folder = split_dir(root, split)
+        if folder is None:
+            raise DataError(f"dataset '{root}' has no '{split}' split folder")
+        ds = _scan_imagefolder(folder, cfg)
+    if len(ds) == 0:
+        raise DataError(f"dataset '{root}' (split '{split}') holds no images")
+    return ds
+
+
+def _load_saved(root: Path, cfg: DataConfig, split: str) -> datasets.Dataset:
+    ds = datasets.load_from_disk(str(root))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"saved dataset '{root}' has no split '{split}'; splits: {', '.join(ds)}")
+        ds = ds[split]
+    if cfg.image_column not in ds.column_names:
+        raise DataError(f"data.image_column='{cfg.image_column}' is not a column of '{root}'; columns: {', '.join(ds.column_names)}")
+    if isinstance(ds.features.get(cfg.image_column), datasets.Image):
+        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))  # we decode, and catch bad files
+    captions = ds[cfg.caption_column] if cfg.caption_column in ds.column_names else [""] * len(ds)
+    return datasets.Dataset.from_dict({"image": ds[cfg.image_column], "text": [str(c) for c in captions]})
+
+
+def _safe_join(folder: Path, name: Any, where: str) -> Path:
+    if not isinstance(name, str) or not name:
+        raise DataError(f"{where}: 'file_name' must be a non-empty relative path, got {name!r}")
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise DataError(f"{where}: file_name '{name}' escapes the dataset folder; use a path relative to it")
+    return folder / name
+
+
+def _scan_imagefolder(folder: Path, cfg: DataConfig) -> datasets.Dataset:
+    metas = sorted(folder.rglob("metadata.jsonl"))
+    paths: list[str] = []
+    texts: list[str] = []
+    if not metas:  # captionless folder: every image, empty caption
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        return datasets.Dataset.from_dict({"image": [str(p) for p in files], "text": [""] * len(files)})
+    for meta in metas:
+        with open(meta, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{meta}:{lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+                file = _safe_join(meta.parent, row.get("file_name"), where)
+                if not file.is_file():
+                    raise DataError(f"{where}: file_name '{row['file_name']}' does not exist in {meta.parent}")
+                if cfg.caption_column not in row:
+                    raise DataError(
+                        f"{where}: data.caption_column='{cfg.caption_column}' is not in this line; "
+                        f"keys: {', '.join(k for k in row if k != 'file_name')}"
+                    )
+                paths.append(str(file))
+                texts.append(str(row[cfg.caption_column]))
+    return datasets.Dataset.from_dict({"image": paths, "text": texts})
+
+
+# ---- decoding and transforms ----------------------------------------------------------------
+
+
+def open_rgb(source: Any) -> Image.Image:
+    """Decode a path / bytes / ``{"bytes", "path"}`` into RGB; transparency goes onto white."""
+    if isinstance(source, dict):
+        source = BytesIO(source["bytes"]) if source.get("bytes") else source["path"]
+    elif isinstance(source, (bytes, bytearray)):
+        source = BytesIO(source)
+    img = source if isinstance(source, Image.Image) else Image.open(source)
+    img.load()  # truncated files fail here, not later
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        img = img.convert("RGBA")
+        canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    scale = size / min(w, h)
+    if (w, h) != (size, size):
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    return img
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float in [-1, 1]."""
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def describe(source: Any) -> str:
+    if isinstance(source, dict):
+        return source.get("path") or "<image bytes>"
+    return str(source) if isinstance(source, (str, Path)) else "<image>"
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Decodes and transforms one record; the key may be ``index`` or ``(index, flip)``."""
+
+    def __init__(self, records: datasets.Dataset, cfg: DataConfig) -> None:
+        self.records = records
+        self.resolution = cfg.resolution
+        self.on_bad_image = OnBadImage(cfg.on_bad_image)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: int | tuple[int, bool]) -> dict:
+        index, flip = key if isinstance(key, tuple) else (key, False)
+        row = self.records[int(index)]
+        try:
+            img = open_rgb(row["image"])
+        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+            if self.on_bad_image == OnBadImage.error:
+                raise DataError(f"cannot read image '{describe(row['image'])}': {err} (set data.on_bad_image=skip to skip such files)") from None
+            return {"bad": describe(row["image"])}
+        x = to_tensor(resize_center_crop(img, self.resolution))  # (3, R, R)
+        if flip:
+            x = x.flip(-1)
+        return {"pixel_values": x, "text": row["text"], "index": int(index)}
+
+
+def collate(items: list[dict]) -> dict:
+    good = [it for it in items if "bad" not in it]
+    bad = [it["bad"] for it in items if "bad" in it]
+    if good:
+        pixels = torch.stack([it["pixel_values"] for it in good])
+    else:
+        pixels = torch.empty(0)
+    return {
+        "pixel_values": pixels,  # (B', 3, R, R), B' <= B after skipping bad files
+        "text": [it["text"] for it in good],
+        "index": [it["index"] for it in good],
+        "bad_files": bad,
+    }
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """An endless, deterministic stream of batches that can start at any global batch.
+
+    Epoch ``e`` visits a permutation seeded by ``(seed, e)``; each global batch of
+    ``batch_size * world_size`` indices is split across ranks. Batch ``k`` is the same whether
+    the run started at 0 or resumed at ``k``, and the same whatever the number of processes.
+    Incomplete last batches are dropped.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, start: int = 0, rank: int = 0,
+                 world_size: int = 1, shuffle: bool = True, random_flip: bool = False) -> None:
+        self.n, self.batch_size, self.seed, self.start = num_items, batch_size, seed, start
+        self.rank, self.world, self.shuffle, self.random_flip = rank, world_size, shuffle, random_flip
+        self.global_batch = batch_size * world_size
+        if num_items < self.global_batch:
+            raise DataError(
+                f"the dataset has {num_items} images, fewer than one global batch "
+                f"({batch_size} x {world_size} processes); lower train.batch_size"
+            )
+        self.batches_per_epoch = num_items // self.global_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+        b, epoch, perm, flips = self.start, -1, None, None
+        while True:
+            e, k = divmod(b, self.batches_per_epoch)
+            if e != epoch:
+                epoch = e
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+                perm = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+                flips = torch.rand(self.n, generator=g) < 0.5 if self.random_flip else torch.zeros(self.n, dtype=torch.bool)
+            idx = perm[k * self.global_batch:(k + 1) * self.global_batch][self.rank::self.world]
+            yield [(int(i), bool(flips[i])) for i in idx]
+            b += 1
+
+    def __len__(self) -> int:  # endless; len() is one epoch
+        return self.batches_per_epoch
+
+
+def train_loader(records: datasets.Dataset, cfg: DataConfig, batch_size: int, seed: int, start_batch: int = 0,
+                 rank: int = 0, world_size: int = 1) -> torch.utils.data.DataLoader:
+    sampler = ResumableBatchSampler(len(records), batch_size, seed, start_batch, rank, world_size, True, cfg.random_flip)
+    return torch.utils.data.DataLoader(
+        ImageCaptionDataset(records, cfg), batch_sampler=sampler, collate_fn=collate,
+        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+    )
+
+
+def eval_loader(records: datasets.Dataset, cfg: DataConfig, batch_size: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(ImageCaptionDataset(records, cfg), batch_size=batch_size, shuffle=False, collate_fn=collate)

@@ -1,0 +1,263 @@
+"""Stage 1: train the autoencoder (AutoencoderKL) with L1 + LPIPS + KL + an adaptive PatchGAN.
+
+    accelerate launch -m training.train_autoencoder --config configs/autoencoder/openmoji-32-f4.yaml [key=value ...]
+
+Running the same command again on the same ``output_dir`` resumes from the latest checkpoint.
+At the end: ``output_dir/vae/`` (diffusers layout, fitted scaling_factor) and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from autoencoder import (
+    build_autoencoder,
+    fit_latent_normalization,
+    load_autoencoder,
+    save_autoencoder,
+    set_latent_normalization,
+)
+from autoencoder.discriminator import PatchDiscriminator
+from autoencoder.losses import AutoencoderLoss, LossConfig
+from autoencoder.metrics import reconstruction_metrics
+from autoencoder.perceptual import LPIPS
+from training.checkpoint import resume_from_latest, save_checkpoint
+from training.config import MixedPrecision, parse_cli, save_config, to_dict
+from training.data import DataConfig, eval_loader, has_split, load_records, train_loader
+from training.utils import JsonlLog, save_grid, write_json_atomic
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = "f4-small"  # a key of autoencoder.AUTOENCODER_PRESETS
+    init_from: str | None = None  # a saved vae/ folder to start from instead of a fresh preset
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 32  # per process, per micro-batch
+    grad_accum_steps: int = 1
+    max_steps: int = 2000  # optimizer steps
+    lr: float = 4e-4
+    disc_lr: float | None = None  # None: same as lr
+    adam_beta1: float = 0.5  # the reference recipe's betas for both optimizers
+    adam_beta2: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"  # any diffusers.optimization schedule name
+    lr_warmup_steps: int = 100
+    mixed_precision: MixedPrecision = MixedPrecision.auto
+    channels_last: bool = True  # NHWC convolutions: ~10% faster on these CPUs
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 20
+    sample_every: int = 500
+    scale_fit_batches: int = 40  # batches used to fit the latent scaling factor
+    fit_shift: bool = False  # also fit a shift_factor (not read by diffusers' SD pipelines)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 64
+    max_images: int | None = None  # cap the held-out images used for metrics.json
+
+
+@dataclass(frozen=True)
+class AutoencoderJobConfig:
+    output_dir: str = "runs/autoencoder"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def validate(cfg: AutoencoderJobConfig) -> None:
+    """Cheap checks that would otherwise fail late."""
+    t = cfg.train
+    for key, value in (("train.batch_size", t.batch_size), ("train.max_steps", t.max_steps),
+                       ("train.grad_accum_steps", t.grad_accum_steps), ("train.checkpoint_every", t.checkpoint_every),
+                       ("train.log_every", t.log_every), ("train.sample_every", t.sample_every),
+                       ("train.scale_fit_batches", t.scale_fit_batches), ("data.resolution", cfg.data.resolution)):
+        if value < 1:
+            raise ValueError(f"{key}={value} must be >= 1")
+    from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+
+    names = [s.value for s in TYPE_TO_SCHEDULER_FUNCTION]
+    if t.lr_schedule not in names:
+        raise ValueError(f"train.lr_schedule='{t.lr_schedule}' is unknown; valid: {', '.join(names)}")
+
+
+def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> Path:
+    """Train (or resume) the autoencoder described by ``cfg``; returns the exported ``vae/`` folder.
+
+    ``stop_after_steps`` stops right after that step's checkpoint, as if the run were killed
+    there (used by the resume tests).
+    """
+    validate(cfg)
+    out = Path(cfg.output_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision.accelerate_name(device),
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        cpu=device == "cpu",
+    )
+    is_main = accelerator.is_main_process
+    set_seed(cfg.seed)  # same initial weights on every process
+
+    # 1. Data, checked before anything expensive.
+    records = load_records(cfg.data.path, cfg.data)
+    held_out = load_records(cfg.data.path, cfg.data, cfg.data.eval_split) if has_split(cfg.data.path, cfg.data.eval_split) else None
+    # 2. Networks and the loss (LPIPS weights are pretrained VGG16, frozen).
+    if cfg.model.init_from:
+        vae = load_autoencoder(cfg.model.init_from)
+    else:
+        vae = build_autoencoder(cfg.model.preset, cfg.data.resolution)
+    disc = PatchDiscriminator(channels=cfg.loss.disc_channels, num_layers=cfg.loss.disc_layers)
+    lpips = LPIPS.pretrained().to(accelerator.device)
+    loss_fn = AutoencoderLoss(lpips, cfg.loss)
+    betas = (cfg.train.adam_beta1, cfg.train.adam_beta2)
+    opt_ae = torch.optim.AdamW(vae.parameters(), lr=cfg.train.lr, betas=betas, weight_decay=cfg.train.weight_decay)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.train.disc_lr or cfg.train.lr, betas=betas, weight_decay=cfg.train.weight_decay)
+    sched_ae, sched_d = (
+        get_scheduler(cfg.train.lr_schedule, opt, num_warmup_steps=cfg.train.lr_warmup_steps, num_training_steps=cfg.train.max_steps)
+        for opt in (opt_ae, opt_d)
+    )
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    for net in (vae, disc, lpips):
+        net.to(memory_format=memory_format)
+    vae, disc, opt_ae, opt_d, sched_ae, sched_d = accelerator.prepare(vae, disc, opt_ae, opt_d, sched_ae, sched_d)
+    raw_vae, raw_disc = accelerator.unwrap_model(vae), accelerator.unwrap_model(disc)
+    last_layer = raw_vae.decoder.conv_out.weight  # where the adaptive GAN weight is measured
+
+    # 3. Resume: models, optimizers, schedulers, RNG states; data position from trainer_state.
+    state = resume_from_latest(accelerator, out) or {"step": 0, "micro_batches": 0, "bad_images": 0}
+    step, micro, bad_images = state["step"], state["micro_batches"], state["bad_images"]
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        if step:
+            print(f"resuming from step {step} in {out}/checkpoints")
+    log = JsonlLog(out / "log.jsonl", enabled=is_main)
+    loader = train_loader(records, cfg.data, cfg.train.batch_size, cfg.seed, start_batch=micro,
+                          rank=accelerator.process_index, world_size=accelerator.num_processes)
+    batches = iter(loader)
+    preview = _preview_batch(held_out if held_out is not None else records, cfg)
+
+    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="autoencoder", disable=not is_main, dynamic_ncols=True)
+    window_start, window_images = time.perf_counter(), 0
+    while step < cfg.train.max_steps:
+        # 4. One optimizer step = grad_accum_steps micro-batches.
+        logs: dict[str, float] = {}
+        for _ in range(cfg.train.grad_accum_steps):
+            batch = next(batches)
+            micro += 1
+            bad_images += len(batch["bad_files"])
+            while batch["pixel_values"].numel() == 0:  # every image of the batch was unreadable
+                batch = next(batches)
+                micro += 1
+                bad_images += len(batch["bad_files"])
+            x = batch["pixel_values"].to(accelerator.device, memory_format=memory_format)  # (B, 3, H, W) in [-1, 1]
+            window_images += x.shape[0] * accelerator.num_processes
+            with accelerator.accumulate(vae, disc), accelerator.autocast():
+                # 4a. autoencoder: reconstruct from a posterior sample; the GAN term uses the
+                # unwrapped discriminator with frozen weights so no gradient reaches it.
+                posterior = vae.encode(x).latent_dist
+                x_hat = vae.decode(posterior.sample()).sample  # (B, 3, H, W)
+                use_gan = loss_fn.gan_active(step)
+                raw_disc.requires_grad_(False)
+                loss_ae, logs = loss_fn.generator_loss(x, x_hat, posterior, step, last_layer, raw_disc if use_gan else None)
+                raw_disc.requires_grad_(True)
+                accelerator.backward(loss_ae)
+                opt_ae.step()
+                sched_ae.step()
+                opt_ae.zero_grad(set_to_none=True)
+                # 4b. discriminator: hinge loss on real vs the (detached) reconstructions.
+                if use_gan:
+                    loss_d, d_logs = loss_fn.discriminator_loss(disc, x, x_hat.detach())
+                    accelerator.backward(loss_d)
+                    logs |= d_logs
+                opt_d.step()
+                sched_d.step()
+                opt_d.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        # 5. Logs, sample grids, checkpoints.
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            elapsed = time.perf_counter() - window_start
+            log.write(step=step, lr=sched_ae.get_last_lr()[0], images_per_s=round(window_images / elapsed, 2),
+                      bad_images=bad_images, **{k: round(v, 6) for k, v in logs.items()})
+            bar.set_postfix(l1=f"{logs['l1']:.4f}", lpips=f"{logs['lpips']:.3f}")
+            window_start, window_images = time.perf_counter(), 0
+        if is_main and (step % cfg.train.sample_every == 0 or step == cfg.train.max_steps):
+            _save_reconstructions(raw_vae, preview, out / "samples" / f"step-{step:08d}.png")
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
+            save_checkpoint(accelerator, out, step, {"micro_batches": micro, "bad_images": bad_images}, cfg.train.keep_checkpoints)
+        if stop_after_steps is not None and step >= stop_after_steps:
+            bar.close()
+            return out / "vae"
+    bar.close()
+    if bad_images and is_main:
+        print(f"skipped {bad_images} unreadable image(s); see log.jsonl")
+
+    # 6. Export: fit the latent scale, save vae/ in the diffusers layout, held-out metrics.
+    if is_main:
+        vae_dir = _export(raw_vae, records, held_out, lpips, cfg, out, bad_images)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out / "vae"
+
+
+def _preview_batch(records, cfg: AutoencoderJobConfig, n: int = 8) -> torch.Tensor:
+    loader = eval_loader(records.select(range(min(n, len(records)))), cfg.data, n)
+    return next(iter(loader))["pixel_values"]
+
+
+@torch.no_grad()
+def _save_reconstructions(vae, x: torch.Tensor, path: Path) -> None:
+    """Input row over reconstruction row (posterior mean), fp32."""
+    was_training = vae.training
+    vae.eval()
+    x = x.to(vae.device)
+    x_hat = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    vae.train(was_training)
+    save_grid([x, x_hat], path, scale=4)
+
+
+def _export(vae, records, held_out, lpips: LPIPS, cfg: AutoencoderJobConfig, out: Path, bad_images: int) -> Path:
+    vae.eval()
+    fit_loader = train_loader(records, cfg.data, cfg.eval.batch_size, seed=cfg.seed + 1)
+    n_fit = min(cfg.train.scale_fit_batches, math.ceil(len(records) / cfg.eval.batch_size))
+    fit_batches = (b["pixel_values"] for b, _ in zip(fit_loader, range(n_fit)) if b["pixel_values"].numel())
+    scale, shift = fit_latent_normalization(vae, fit_batches, fit_shift=cfg.train.fit_shift)
+    set_latent_normalization(vae, scale, shift)
+    vae_dir = save_autoencoder(vae, out / "vae")
+    metrics: dict = {"scaling_factor": scale, "shift_factor": shift, "steps": cfg.train.max_steps, "bad_images": bad_images}
+    if held_out is not None:
+        if cfg.eval.max_images:
+            held_out = held_out.select(range(min(cfg.eval.max_images, len(held_out))))
+        batches = (b["pixel_values"] for b in eval_loader(held_out, cfg.data, cfg.eval.batch_size) if b["pixel_values"].numel())
+        metrics |= {"split": cfg.data.eval_split, **reconstruction_metrics(vae, batches, lpips.float())}
+    metrics["config"] = to_dict(cfg)
+    write_json_atomic(out / "metrics.json", metrics)
+    print(f"saved {vae_dir}; metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    return vae_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_cli(AutoencoderJobConfig, argv, description=__doc__)
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Small helpers shared by the training jobs: run logs, image grids, atomic JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        json.dump(data, f, indent=2)
+    os.replace(f.name, path)
+
+
+class JsonlLog:
+    """Appends one JSON object per line to ``log.jsonl`` (a resumed run keeps appending)."""
+
+    def __init__(self, path: str | Path, enabled: bool = True) -> None:
+        self.path, self.enabled = Path(path), enabled
+
+    def write(self, **record) -> None:
+        if self.enabled:
+            record = {"time": round(time.time(), 3), **record}
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(rows: list[torch.Tensor], path: str | Path, scale: int = 1) -> Path:
+    """Each row is a (B, 3, H, W) batch in [-1, 1]; rows are stacked top to bottom."""
+    imgs = [to_uint8(r) for r in rows]
+    grid = np.concatenate([np.concatenate(list(r), axis=1) for r in imgs], axis=0)  # (rows*H, B*W, 3)
+    img = Image.fromarray(grid)
+    if scale != 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
