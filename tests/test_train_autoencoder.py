@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,20 +27,45 @@ def tiny_cfg(data, out, *overrides):
     return load_config(AutoencoderJobConfig, TINY_AE_CONFIG, [f"data.path={data}", f"output_dir={out}", *overrides])
 
 
-def test_tiny_run_exports_a_loadable_autoencoder_with_metrics(openmoji_small, tmp_path):
-    out = tmp_path / "run"
-    vae_dir = train(tiny_cfg(openmoji_small, out))
-    vae = load_autoencoder(vae_dir)
+@pytest.fixture(scope="module")
+def tiny_run(openmoji_small, tmp_path_factory):
+    """One tiny stage-1 run shared by the read-only checks below."""
+    AcceleratorState._reset_state(True)
+    out = tmp_path_factory.mktemp("ae") / "run"
+    train(tiny_cfg(openmoji_small, out))
+    AcceleratorState._reset_state(True)
+    return out
+
+
+def test_tiny_run_exports_a_loadable_autoencoder_with_metrics(tiny_run, openmoji_small):
+    vae = load_autoencoder(tiny_run / "vae")
     assert vae.config.scaling_factor != 0.18215 and vae.config.scaling_factor > 0  # fitted, not the SD default
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert {"psnr", "ssim", "lpips", "scaling_factor"} <= set(metrics) and metrics["split"] == "test"
     assert metrics["num_images"] == len((openmoji_small / "test" / "metadata.jsonl").read_text().splitlines())
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert metrics["scaling_factor"] == pytest.approx(vae.config.scaling_factor)
+
+
+def test_tiny_run_logs_samples_and_keeps_the_last_checkpoints(tiny_run):
+    log = [json.loads(line) for line in (tiny_run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4, 6, 8]
     assert "g_loss" not in log[1] and "g_loss" in log[-1]  # the GAN switches on at loss.disc_start=4
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-00000004.png", "step-00000008.png"]
-    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert sorted(p.name for p in (tiny_run / "samples").iterdir()) == ["step-00000004.png", "step-00000008.png"]
+    ckpts = sorted(p.name for p in (tiny_run / "checkpoints").iterdir())
     assert ckpts == ["step-00000004", "step-00000008"]  # keep_checkpoints=2, nothing temporary left
+    assert (tiny_run / "config.yaml").read_text().count("preset: tiny") == 1
+
+
+def test_evaluate_cli_reports_the_same_metrics(tiny_run, openmoji_small, tmp_path):
+    out = tmp_path / "m.json"
+    result = subprocess.run([sys.executable, "-m", "training.evaluate", "autoencoder", "--vae", str(tiny_run / "vae"),
+                             "--data", str(openmoji_small / "test"), "--out", str(out)],
+                            capture_output=True, text=True, cwd=ROOT, check=True)
+    printed = json.loads(result.stdout)
+    assert printed == json.loads(out.read_text())
+    expected = json.loads((tiny_run / "metrics.json").read_text())
+    for key in ("psnr", "ssim", "lpips", "num_images"):
+        assert printed[key] == pytest.approx(expected[key], rel=1e-4)
 
 
 def test_loss_decreases(openmoji_small, tmp_path):
@@ -56,10 +82,8 @@ def _weights(run):
     return load_file(ckpt / "model.safetensors"), load_file(ckpt / "model_1.safetensors")
 
 
-def test_resume_equals_an_uninterrupted_run(openmoji_small, tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(tiny_cfg(openmoji_small, straight))
-    AcceleratorState._reset_state(True)
+def test_resume_equals_an_uninterrupted_run(tiny_run, openmoji_small, tmp_path):
+    straight, resumed = tiny_run, tmp_path / "resumed"
     train(tiny_cfg(openmoji_small, resumed), stop_after_steps=4)  # "killed" after the step-4 checkpoint
     assert not (resumed / "vae").exists()
     AcceleratorState._reset_state(True)
@@ -98,6 +122,15 @@ def test_unreadable_images_are_skipped_and_counted(openmoji_small, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["bad_images"] >= 1  # 6 steps x 8 covers all 25 images at least once
     assert "psnr" not in json.loads((tmp_path / "run" / "metrics.json").read_text())  # no held-out split
+
+
+def test_accelerate_launch_command(openmoji_small, tmp_path):
+    """The documented command, through accelerate's launcher."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--num_processes", "1", "-m", "training.train_autoencoder", "--config", str(TINY_AE_CONFIG),
+           f"data.path={openmoji_small}", f"output_dir={tmp_path / 'r'}", "train.max_steps=2", "train.checkpoint_every=2"]
+    subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True)
+    assert (tmp_path / "r" / "vae" / "config.json").is_file()
 
 
 def test_cli_errors_before_training(tmp_path):

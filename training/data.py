@@ -269,8 +269,16 @@ def train_loader(records: datasets.Dataset, cfg: DataConfig, batch_size: int, se
     return torch.utils.data.DataLoader(
         ImageCaptionDataset(records, cfg), batch_sampler=sampler, collate_fn=collate,
         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+        generator=_own_generator(seed),
     )
 
 
 def eval_loader(records: datasets.Dataset, cfg: DataConfig, batch_size: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(ImageCaptionDataset(records, cfg), batch_size=batch_size, shuffle=False, collate_fn=collate)
+    return torch.utils.data.DataLoader(ImageCaptionDataset(records, cfg), batch_size=batch_size, shuffle=False,
+                                       collate_fn=collate, generator=_own_generator(0))
+
+
+def _own_generator(seed: int) -> torch.Generator:
+    """DataLoader iterators draw a seed at creation; from the global RNG that would shift every
+    later random draw and break exact resume, so each loader gets its own generator."""
+    return torch.Generator().manual_seed(seed)

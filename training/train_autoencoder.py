@@ -236,8 +236,9 @@ def _save_reconstructions(vae, x: torch.Tensor, path: Path) -> None:
 
 def _export(vae, records, held_out, lpips: LPIPS, cfg: AutoencoderJobConfig, out: Path, bad_images: int) -> Path:
     vae.eval()
-    fit_loader = train_loader(records, cfg.data, cfg.eval.batch_size, seed=cfg.seed + 1)
-    n_fit = min(cfg.train.scale_fit_batches, math.ceil(len(records) / cfg.eval.batch_size))
+    fit_batch = min(cfg.eval.batch_size, len(records))
+    fit_loader = train_loader(records, cfg.data, fit_batch, seed=cfg.seed + 1)
+    n_fit = min(cfg.train.scale_fit_batches, math.ceil(len(records) / fit_batch))  # about one pass at most
     fit_batches = (b["pixel_values"] for b, _ in zip(fit_loader, range(n_fit)) if b["pixel_values"].numel())
     scale, shift = fit_latent_normalization(vae, fit_batches, fit_shift=cfg.train.fit_shift)
     set_latent_normalization(vae, scale, shift)
