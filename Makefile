@@ -34,8 +34,7 @@ $(DATA)/train/metadata.jsonl: | install
 data: install $(DATA)/train/metadata.jsonl
 
 demo: data
-	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		-m training.train_autoencoder --config $(AE_CONFIG)
+	$(VENV)/bin/accelerate launch --num_processes 1 -m training.train_autoencoder --config $(AE_CONFIG)
 	$(PY) -m training.evaluate autoencoder --vae runs/autoencoder-openmoji-32-f4/vae --data $(DATA)/test
 
 bench: install

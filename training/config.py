@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import sys
+import typing
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
@@ -47,18 +47,11 @@ def _node_at(schema: type, dotted: str) -> type | None:
     """The dataclass type that holds the parent of ``dotted`` (None if the path is not a dataclass)."""
     node: Any = schema
     for part in dotted.split(".")[:-1]:
-        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
-        if part not in fields:
+        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+        if part not in hints:
             return None
-        node = fields[part].type
-        if isinstance(node, str):  # postponed annotations
-            node = _resolve(schema, node)
+        node = hints[part]
     return node if dataclasses.is_dataclass(node) else None
-
-
-def _resolve(schema: type, name: str) -> Any:
-    module = sys.modules[schema.__module__]
-    return eval(name, vars(module))  # noqa: S307 - our own annotations, never user input
 
 
 def _explain(schema: type, err: OmegaConfBaseException) -> ConfigError:

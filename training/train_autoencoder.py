@@ -28,7 +28,7 @@ from autoencoder import (
 )
 from autoencoder.discriminator import PatchDiscriminator
 from autoencoder.losses import AutoencoderLoss, LossConfig
-from autoencoder.metrics import reconstruction_metrics
+from autoencoder.metrics import psnr, reconstruction_metrics
 from autoencoder.perceptual import LPIPS
 from training.checkpoint import resume_from_latest, save_checkpoint
 from training.config import MixedPrecision, parse_cli, save_config, to_dict
@@ -151,7 +151,8 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
     loader = train_loader(records, cfg.data, cfg.train.batch_size, cfg.seed, start_batch=micro,
                           rank=accelerator.process_index, world_size=accelerator.num_processes)
     batches = iter(loader)
-    preview = _preview_batch(held_out if held_out is not None else records, cfg)
+    # fixed images for sample grids and a running held-out PSNR (up to eval.batch_size of them)
+    preview = _preview_batch(held_out if held_out is not None else records, cfg, cfg.eval.batch_size)
 
     bar = tqdm(total=cfg.train.max_steps, initial=step, desc="autoencoder", disable=not is_main, dynamic_ncols=True)
     window_start, window_images = time.perf_counter(), 0
@@ -200,7 +201,8 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
             bar.set_postfix(l1=f"{logs['l1']:.4f}", lpips=f"{logs['lpips']:.3f}")
             window_start, window_images = time.perf_counter(), 0
         if is_main and (step % cfg.train.sample_every == 0 or step == cfg.train.max_steps):
-            _save_reconstructions(raw_vae, preview, out / "samples" / f"step-{step:08d}.png")
+            val_psnr = _save_reconstructions(raw_vae, preview, out / "samples" / f"step-{step:08d}.png")
+            log.write(step=step, val_psnr=round(val_psnr, 3), val_images=preview.shape[0])
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
             save_checkpoint(accelerator, out, step, {"micro_batches": micro, "bad_images": bad_images}, cfg.train.keep_checkpoints)
         if stop_after_steps is not None and step >= stop_after_steps:
@@ -218,20 +220,21 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
     return out / "vae"
 
 
-def _preview_batch(records, cfg: AutoencoderJobConfig, n: int = 8) -> torch.Tensor:
+def _preview_batch(records, cfg: AutoencoderJobConfig, n: int) -> torch.Tensor:
     loader = eval_loader(records.select(range(min(n, len(records)))), cfg.data, n)
     return next(iter(loader))["pixel_values"]
 
 
 @torch.no_grad()
-def _save_reconstructions(vae, x: torch.Tensor, path: Path) -> None:
-    """Input row over reconstruction row (posterior mean), fp32."""
+def _save_reconstructions(vae, x: torch.Tensor, path: Path, rows: int = 8) -> float:
+    """Saves input over reconstruction (posterior mean, fp32) for ``rows`` images; returns PSNR over all of ``x``."""
     was_training = vae.training
     vae.eval()
     x = x.to(vae.device)
-    x_hat = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    x_hat = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
     vae.train(was_training)
-    save_grid([x, x_hat], path, scale=4)
+    save_grid([x[:rows], x_hat[:rows]], path, scale=4)
+    return psnr((x + 1) / 2, (x_hat + 1) / 2).mean().item()
 
 
 def _export(vae, records, held_out, lpips: LPIPS, cfg: AutoencoderJobConfig, out: Path, bad_images: int) -> Path:
