@@ -190,3 +190,12 @@ def test_prepared_openmoji_is_captioned_and_split_deterministically(openmoji_sma
     img = Image.open(openmoji_small / "train" / train[0]["file_name"])
     assert img.size == (32, 32) and img.mode == "RGB"
     assert (openmoji_small / "LICENSE.md").read_text().count("CC BY-SA 4.0") >= 1
+
+
+def test_prepare_openmoji_at_64(tmp_path):
+    from training.prepare_data import prepare_openmoji
+
+    counts = prepare_openmoji(tmp_path / "om64", 64, limit=12)
+    files = sorted((tmp_path / "om64").rglob("*.png"))
+    assert sum(counts.values()) == len(files) > 0
+    assert all(Image.open(f).size == (64, 64) for f in files)

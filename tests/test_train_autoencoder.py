@@ -1,6 +1,7 @@
 """End-to-end runs of the stage-1 job on tiny configs (seconds each)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,9 @@ def test_accelerate_launch_command(openmoji_small, tmp_path):
            f"data.path={openmoji_small}", f"output_dir={tmp_path / 'r'}", "train.max_steps=2", "train.checkpoint_every=2"]
     subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True)
     assert (tmp_path / "r" / "vae" / "config.json").is_file()
+    start = json.loads((tmp_path / "r" / "log.jsonl").read_text().splitlines()[0])
+    # accelerate launch exports OMP_NUM_THREADS=1; the job still uses every core it may
+    assert start["event"] == "start" and start["cpu_threads"] == len(os.sched_getaffinity(0))
 
 
 def test_cli_errors_before_training(tmp_path):

@@ -9,6 +9,7 @@ At the end: ``output_dir/vae/`` (diffusers layout, fitted scaling_factor) and ``
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from autoencoder.perceptual import LPIPS
 from training.checkpoint import resume_from_latest, save_checkpoint
 from training.config import MixedPrecision, parse_cli, save_config, to_dict
 from training.data import DataConfig, eval_loader, has_split, load_records, train_loader
-from training.utils import JsonlLog, save_grid, write_json_atomic
+from training.utils import JsonlLog, save_grid, set_cpu_threads, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class TrainConfig:
     lr_warmup_steps: int = 100
     mixed_precision: MixedPrecision = MixedPrecision.auto
     channels_last: bool = True  # NHWC convolutions: ~10% faster on these CPUs
+    cpu_threads: int | None = None  # None: the machine's cores / processes on it (overrides OMP_NUM_THREADS=1 from accelerate launch)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 20
@@ -90,6 +92,8 @@ def validate(cfg: AutoencoderJobConfig) -> None:
                        ("train.scale_fit_batches", t.scale_fit_batches), ("data.resolution", cfg.data.resolution)):
         if value < 1:
             raise ValueError(f"{key}={value} must be >= 1")
+    if t.cpu_threads is not None and t.cpu_threads < 1:
+        raise ValueError(f"train.cpu_threads={t.cpu_threads} must be >= 1 (or null for all cores)")
     from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION
 
     names = [s.value for s in TYPE_TO_SCHEDULER_FUNCTION]
@@ -112,6 +116,9 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
         cpu=device == "cpu",
     )
     is_main = accelerator.is_main_process
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        threads = set_cpu_threads(cfg.train.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     set_seed(cfg.seed)  # same initial weights on every process
 
     # 1. Data, checked before anything expensive.
@@ -148,6 +155,8 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
         if step:
             print(f"resuming from step {step} in {out}/checkpoints")
     log = JsonlLog(out / "log.jsonl", enabled=is_main)
+    log.write(step=step, event="resume" if step else "start", device=str(accelerator.device), processes=accelerator.num_processes,
+              cpu_threads=threads, mixed_precision=accelerator.mixed_precision, train_images=len(records))
     loader = train_loader(records, cfg.data, cfg.train.batch_size, cfg.seed, start_batch=micro,
                           rank=accelerator.process_index, world_size=accelerator.num_processes)
     batches = iter(loader)
