@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
@@ -63,9 +64,11 @@ def test_tiny_run_logs_samples_and_keeps_the_last_checkpoints(tiny_run):
 def test_evaluate_cli_reports_the_same_metrics(tiny_run, openmoji_small, tmp_path):
     out = tmp_path / "m.json"
     result = subprocess.run([sys.executable, "-m", "training.evaluate", "autoencoder", "--vae", str(tiny_run / "vae"),
-                             "--data", str(openmoji_small / "test"), "--out", str(out)],
+                             "--data", str(openmoji_small / "test"), "--out", str(out), "--grid", str(tmp_path / "g.png")],
                             capture_output=True, text=True, cwd=ROOT, check=True)
     printed = json.loads(result.stdout)
+    n = min(12, printed["num_images"])
+    assert Image.open(tmp_path / "g.png").size == (n * 32 * 3, 2 * 32 * 3)  # n inputs over n reconstructions
     assert printed == json.loads(out.read_text())
     expected = json.loads((tiny_run / "metrics.json").read_text())
     for key in ("psnr", "ssim", "lpips", "num_images"):

@@ -273,6 +273,12 @@ def train_loader(records: datasets.Dataset, cfg: DataConfig, batch_size: int, se
     )
 
 
+def spread_indices(num_items: int, n: int) -> list[int]:
+    """``min(n, num_items)`` indices spread evenly over ``range(num_items)``."""
+    n = min(n, num_items)
+    return [i * num_items // n for i in range(n)]
+
+
 def eval_loader(records: datasets.Dataset, cfg: DataConfig, batch_size: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(ImageCaptionDataset(records, cfg), batch_size=batch_size, shuffle=False,
                                        collate_fn=collate, generator=_own_generator(0))

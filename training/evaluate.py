@@ -17,12 +17,15 @@ import torch
 from autoencoder import load_autoencoder
 from autoencoder.metrics import reconstruction_metrics
 from autoencoder.perceptual import LPIPS
-from training.data import DataConfig, eval_loader, load_records
-from training.utils import write_json_atomic
+from training.data import DataConfig, eval_loader, load_records, spread_indices
+from training.utils import save_grid, write_json_atomic
 
 
 def evaluate_autoencoder(vae_dir: str | Path, data_dir: str | Path, resolution: int | None = None,
-                         batch_size: int = 64, image_column: str = "image", max_images: int | None = None) -> dict:
+                         batch_size: int = 64, image_column: str = "image", max_images: int | None = None,
+                         grid: str | Path | None = None, grid_images: int = 12) -> dict:
+    """Reconstruction metrics of ``vae_dir`` on every image of ``data_dir``; ``grid`` also saves
+    a PNG of ``grid_images`` inputs (top row) over their reconstructions (bottom row)."""
     vae = load_autoencoder(vae_dir).eval()
     resolution = resolution or int(vae.config.sample_size)
     cfg = DataConfig(path=str(data_dir), resolution=resolution, image_column=image_column)
@@ -32,6 +35,10 @@ def evaluate_autoencoder(vae_dir: str | Path, data_dir: str | Path, resolution: 
     batches = (b["pixel_values"] for b in eval_loader(records, cfg, batch_size) if b["pixel_values"].numel())
     with torch.inference_mode():
         metrics = reconstruction_metrics(vae, batches, LPIPS.pretrained())
+        if grid:
+            x = next(iter(eval_loader(records.select(spread_indices(len(records), grid_images)), cfg, grid_images)))["pixel_values"]
+            x_hat = vae.decode(vae.encode(x).latent_dist.mode()).sample
+            save_grid([x, x_hat], grid, scale=3)
     return {"vae": str(vae_dir), "data": str(data_dir), "resolution": resolution, **metrics}
 
 
@@ -46,9 +53,11 @@ def main(argv: list[str] | None = None) -> None:
     ae.add_argument("--image-column", default="image")
     ae.add_argument("--max-images", type=int, default=None)
     ae.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    ae.add_argument("--grid", type=Path, default=None, help="also save inputs over reconstructions as a PNG")
     args = parser.parse_args(argv)
     try:
-        result = evaluate_autoencoder(args.vae, args.data, args.resolution, args.batch_size, args.image_column, args.max_images)
+        result = evaluate_autoencoder(args.vae, args.data, args.resolution, args.batch_size, args.image_column, args.max_images,
+                                     args.grid)
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"error: {err}\n")
     if args.out:

@@ -33,7 +33,7 @@ from autoencoder.metrics import psnr, reconstruction_metrics
 from autoencoder.perceptual import LPIPS
 from training.checkpoint import resume_from_latest, save_checkpoint
 from training.config import MixedPrecision, parse_cli, save_config, to_dict
-from training.data import DataConfig, eval_loader, has_split, load_records, train_loader
+from training.data import DataConfig, eval_loader, has_split, load_records, spread_indices, train_loader
 from training.utils import JsonlLog, save_grid, set_cpu_threads, write_json_atomic
 
 
@@ -230,7 +230,8 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
 
 
 def _preview_batch(records, cfg: AutoencoderJobConfig, n: int) -> torch.Tensor:
-    loader = eval_loader(records.select(range(min(n, len(records)))), cfg.data, n)
+    """``n`` images spread evenly over the split (neighbours are often near-duplicates)."""
+    loader = eval_loader(records.select(spread_indices(len(records), n)), cfg.data, n)
     return next(iter(loader))["pixel_values"]
 
 
