@@ -143,6 +143,19 @@ def test_accelerate_launch_command(openmoji_small, tmp_path):
     assert start["event"] == "start" and start["cpu_threads"] == len(os.sched_getaffinity(0))
 
 
+def test_two_processes_train_with_ddp(openmoji_small, tmp_path):
+    """Two CPU ranks (gloo): the autoencoder goes through DDP's forward and the GAN step works."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "-m", "training.train_autoencoder",
+           "--config", str(TINY_AE_CONFIG), f"data.path={openmoji_small}", f"output_dir={tmp_path / 'r'}",
+           "train.batch_size=4", "train.max_steps=4", "loss.disc_start=2", "train.checkpoint_every=4"]
+    subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True)
+    records = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert records[0]["processes"] == 2 and records[0]["cpu_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
+    assert "g_loss" in [r for r in records if "l1" in r][-1]
+    assert (tmp_path / "r" / "vae" / "config.json").is_file()
+
+
 def test_cli_errors_before_training(tmp_path):
     cmd = [sys.executable, "-m", "training.train_autoencoder", "--config", str(TINY_AE_CONFIG), f"output_dir={tmp_path / 'r'}"]
     bad_key = subprocess.run(cmd + ["train.max_stepz=3"], capture_output=True, text=True, cwd=ROOT)

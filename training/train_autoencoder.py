@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -83,6 +85,21 @@ class AutoencoderJobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+class Reconstruction(torch.nn.Module):
+    """encode -> posterior sample -> decode as one ``forward``: DistributedDataParallel only
+    synchronises gradients of what runs through ``forward``, so ``vae.encode`` cannot be
+    called on the wrapped model directly."""
+
+    def __init__(self, vae: AutoencoderKL) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(x).latent_dist
+        x_hat = self.vae.decode(posterior.sample()).sample  # (B, 3, H, W)
+        return x_hat, posterior.parameters  # moments (B, 2C, h, w): mean and logvar
+
+
 def validate(cfg: AutoencoderJobConfig) -> None:
     """Cheap checks that would otherwise fail late."""
     t = cfg.train
@@ -142,8 +159,8 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     for net in (vae, disc, lpips):
         net.to(memory_format=memory_format)
-    vae, disc, opt_ae, opt_d, sched_ae, sched_d = accelerator.prepare(vae, disc, opt_ae, opt_d, sched_ae, sched_d)
-    raw_vae, raw_disc = accelerator.unwrap_model(vae), accelerator.unwrap_model(disc)
+    model, disc, opt_ae, opt_d, sched_ae, sched_d = accelerator.prepare(Reconstruction(vae), disc, opt_ae, opt_d, sched_ae, sched_d)
+    raw_vae, raw_disc = accelerator.unwrap_model(model).vae, accelerator.unwrap_model(disc)
     last_layer = raw_vae.decoder.conv_out.weight  # where the adaptive GAN weight is measured
 
     # 3. Resume: models, optimizers, schedulers, RNG states; data position from trainer_state.
@@ -178,11 +195,11 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
                 bad_images += len(batch["bad_files"])
             x = batch["pixel_values"].to(accelerator.device, memory_format=memory_format)  # (B, 3, H, W) in [-1, 1]
             window_images += x.shape[0] * accelerator.num_processes
-            with accelerator.accumulate(vae, disc), accelerator.autocast():
+            with accelerator.accumulate(model, disc), accelerator.autocast():
                 # 4a. autoencoder: reconstruct from a posterior sample; the GAN term uses the
                 # unwrapped discriminator with frozen weights so no gradient reaches it.
-                posterior = vae.encode(x).latent_dist
-                x_hat = vae.decode(posterior.sample()).sample  # (B, 3, H, W)
+                x_hat, moments = model(x)  # (B, 3, H, W), (B, 2C, h, w)
+                posterior = DiagonalGaussianDistribution(moments)
                 use_gan = loss_fn.gan_active(step)
                 raw_disc.requires_grad_(False)
                 loss_ae, logs = loss_fn.generator_loss(x, x_hat, posterior, step, last_layer, raw_disc if use_gan else None)
