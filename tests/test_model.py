@@ -16,7 +16,7 @@ from autoencoder import (
 )
 
 
-@pytest.mark.parametrize("preset,factor", [("tiny", 4), ("f4-small", 4), ("f4", 4), ("f8-small", 8), ("f8", 8)])
+@pytest.mark.parametrize("preset,factor", [("tiny", 4), ("f4-small", 4), ("f4-narrow", 4), ("f4", 4), ("f8-small", 8), ("f8", 8)])
 def test_presets_have_their_downsampling_and_4_latent_channels(preset, factor):
     assert AUTOENCODER_PRESETS[preset]["latent_channels"] == 4
     if preset in ("f4", "f8"):  # large: check the spec without building
