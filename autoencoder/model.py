@@ -76,6 +76,7 @@ def save_autoencoder(vae: AutoencoderKL, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary folder
     vae.save_pretrained(tmp, safe_serialization=True)
     _replace_dir(tmp, path)
     return path

@@ -199,3 +199,31 @@ def test_prepare_openmoji_at_64(tmp_path):
     files = sorted((tmp_path / "om64").rglob("*.png"))
     assert sum(counts.values()) == len(files) > 0
     assert all(Image.open(f).size == (64, 64) for f in files)
+
+
+def test_held_out_split_folder_is_never_part_of_the_root_train_split(tmp_path):
+    root = write_imagefolder(tmp_path / "d", {"a.png": rgb(), "b.png": rgb(), "test/t.png": rgb(), "more/c.png": rgb()})
+    train = load_records(root, cfg_for(root))
+    names = sorted(p.rsplit("/", 1)[-1] for p in train["image"])
+    assert names == ["a.png", "b.png", "c.png"]  # test/ excluded, other subfolders kept
+    assert [p.rsplit("/", 1)[-1] for p in load_records(root, cfg_for(root), split="test")["image"]] == ["t.png"]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (8, 4), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 4, 4))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    img.save(tmp_path / "r.jpg", exif=exif, quality=100)
+    from training.data import open_rgb
+
+    shown = open_rgb(str(tmp_path / "r.jpg"))
+    assert shown.size == (4, 8)  # portrait after applying the orientation
+
+
+def test_prepare_openmoji_with_a_split_left_empty(tmp_path):
+    from training.prepare_data import prepare_openmoji
+
+    counts = prepare_openmoji(tmp_path / "om", 16, limit=3)
+    assert counts["train"] + counts["test"] > 0
+    assert (tmp_path / "om" / "train" / "metadata.jsonl").is_file() and (tmp_path / "om" / "test" / "metadata.jsonl").is_file()

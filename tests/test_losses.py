@@ -50,8 +50,15 @@ def test_generator_loss_terms_and_gan_switch():
     kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum() / 2
     assert torch.isclose(loss, rec + 1e-2 * kl, rtol=1e-5)
     assert "g_loss" not in logs  # before disc_start: no GAN term
-    _, logs = loss_fn.generator_loss(x, x_hat, post, step=10, last_layer=x_hat, discriminator=PatchDiscriminator(num_layers=1))
-    assert "g_loss" in logs and logs["adaptive_weight"] > 0
+    torch.manual_seed(1)
+    disc = PatchDiscriminator(num_layers=1)
+    loss_gan, logs = loss_fn.generator_loss(x, x_hat, post, step=10, last_layer=x_hat, discriminator=disc)
+    g = -disc(x_hat).mean()
+    rec_with_grad = ((x - x_hat).abs().sum() + 0.5 * lpips(x, x_hat).sum() * 3 * 16 * 16) / 2
+    lam = adaptive_gan_weight(rec_with_grad, g, x_hat)  # measured here at x_hat itself
+    assert torch.isclose(torch.tensor(logs["g_loss"]), g.detach(), rtol=1e-5)
+    assert torch.isclose(torch.tensor(logs["adaptive_weight"]), lam, rtol=1e-4)
+    assert torch.isclose(loss_gan, rec + 1e-2 * kl + 0.7 * lam * g, rtol=1e-4)
 
 
 def test_patch_discriminator_scores_patches():

@@ -113,8 +113,13 @@ def test_gradient_accumulation_and_bf16_run(openmoji_small, tmp_path):
     cfg = tiny_cfg(openmoji_small, tmp_path / "run", "train.max_steps=2", "train.grad_accum_steps=2",
                    "train.mixed_precision=bf16", "loss.disc_start=1", "train.checkpoint_every=2")
     train(cfg)
-    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["micro_batches"] == 4  # 2 optimizer steps x 2 micro-batches
+    adam = torch.load(ckpt / "optimizer.bin", weights_only=True)["state"]
+    assert {int(v["step"]) for v in adam.values()} == {2}  # ...and the optimizer stepped twice
+    start = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert start["mixed_precision"] == "bf16"
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["psnr"] > 0
 
 
@@ -152,8 +157,27 @@ def test_two_processes_train_with_ddp(openmoji_small, tmp_path):
     subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True)
     records = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
     assert records[0]["processes"] == 2 and records[0]["cpu_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
-    assert "g_loss" in [r for r in records if "l1" in r][-1]
+    steps = [r for r in records if "l1" in r]
+    assert "g_loss" in steps[-1]
+    # the LR schedule advances once per optimizer step, not once per process: cosine after 2
+    # warm-up steps is at half its peak on the 4th (last) step
+    assert steps[-1]["lr"] == pytest.approx(0.5 * 4e-4)
     assert (tmp_path / "r" / "vae" / "config.json").is_file()
+
+
+def test_resume_with_a_different_batch_layout_is_refused(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    with pytest.raises(ValueError, match="batch_size=8, this run has batch_size=4"):
+        train(tiny_cfg(tiny_run.parent, run, "train.batch_size=4", "train.max_steps=12"))
+
+
+def test_fp16_is_refused_before_training(openmoji_small, tmp_path):
+    with pytest.raises(ValueError, match="fp16"):
+        train(tiny_cfg(openmoji_small, tmp_path / "r", "train.mixed_precision=fp16"))
+    assert not (tmp_path / "r").exists()
 
 
 def test_cli_errors_before_training(tmp_path):

@@ -38,26 +38,43 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".tmp-step-*") if root.is_dir() else []:  # left by a run killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():  # re-saving the same step: move the old one aside first, drop it after
+            old = root / f".old-step-{step:08d}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
         for old in checkpoints(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def resume_from_latest(accelerator: Accelerator, output_dir: str | Path) -> dict | None:
-    """Load the latest checkpoint into the prepared objects; returns its trainer state or None."""
+def resume_from_latest(accelerator: Accelerator, output_dir: str | Path, layout: dict | None = None) -> dict | None:
+    """Load the latest checkpoint into the prepared objects; returns its trainer state or None.
+
+    ``layout`` holds the settings that fix the position in the data (batch size, processes, ...):
+    resuming with different values would silently train on a different stream, so it is an error.
+    """
     ckpt = latest_checkpoint(output_dir)
     if ckpt is None:
         return None
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    for key, value in (layout or {}).items():
+        if key in state and state[key] != value:
+            raise ValueError(
+                f"cannot resume {ckpt}: it was written with {key}={state[key]}, this run has {key}={value}. "
+                f"Use the same setting, or a new output_dir"
+            )
     accelerator.load_state(str(ckpt))
-    return json.loads((ckpt / "trainer_state.json").read_text())
+    return state

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import datasets
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -83,7 +83,7 @@ def load_records(path: str | Path, cfg: DataConfig, split: str | None = None) ->
         folder = split_dir(root, split)
         if folder is None:
             raise DataError(f"dataset '{root}' has no '{split}' split folder")
-        ds = _scan_imagefolder(folder, cfg)
+        ds = _scan_imagefolder(folder, cfg, is_root=folder == root)
     if len(ds) == 0:
         raise DataError(f"dataset '{root}' (split '{split}') holds no images")
     return ds
@@ -111,12 +111,23 @@ def _safe_join(folder: Path, name: Any, where: str) -> Path:
     return folder / name
 
 
-def _scan_imagefolder(folder: Path, cfg: DataConfig) -> datasets.Dataset:
-    metas = sorted(folder.rglob("metadata.jsonl"))
+SPLIT_NAMES = {"train", "test", "validation", "valid", "val", "eval", "heldout"}
+
+
+def _files(folder: Path, pattern: str, skip: set[str]) -> list[Path]:
+    """``folder.rglob(pattern)`` minus anything under a top-level subfolder named in ``skip``."""
+    return sorted(p for p in folder.rglob(pattern) if p.relative_to(folder).parts[0] not in skip)
+
+
+def _scan_imagefolder(folder: Path, cfg: DataConfig, is_root: bool = False) -> datasets.Dataset:
+    # When the dataset's root folder is itself the train split, its split subfolders (test/,
+    # validation/, the configured eval split) hold held-out images: never train on them.
+    skip = (SPLIT_NAMES | {cfg.eval_split or ""}) if is_root else set()
+    metas = _files(folder, "metadata.jsonl", skip)
     paths: list[str] = []
     texts: list[str] = []
     if not metas:  # captionless folder: every image, empty caption
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = [p for p in _files(folder, "*", skip) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
         return datasets.Dataset.from_dict({"image": [str(p) for p in files], "text": [""] * len(files)})
     for meta in metas:
         with open(meta, encoding="utf-8") as f:
@@ -152,6 +163,7 @@ def open_rgb(source: Any) -> Image.Image:
         source = BytesIO(source)
     img = source if isinstance(source, Image.Image) else Image.open(source)
     img.load()  # truncated files fail here, not later
+    img = ImageOps.exif_transpose(img)  # camera photos: apply the stored orientation
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
@@ -200,7 +212,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         row = self.records[int(index)]
         try:
             img = open_rgb(row["image"])
-        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        except Exception as err:  # noqa: BLE001 - any undecodable file is "bad data", never a crash
             if self.on_bad_image == OnBadImage.error:
                 raise DataError(f"cannot read image '{describe(row['image'])}': {err} (set data.on_bad_image=skip to skip such files)") from None
             return {"bad": describe(row["image"])}
@@ -230,7 +242,8 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
 
     Epoch ``e`` visits a permutation seeded by ``(seed, e)``; each global batch of
     ``batch_size * world_size`` indices is split across ranks. Batch ``k`` is the same whether
-    the run started at 0 or resumed at ``k``, and the same whatever the number of processes.
+    the run started at 0 or resumed at ``k``, and, for the same global batch size, whatever the
+    number of processes.
     Incomplete last batches are dropped.
     """
 

@@ -69,7 +69,10 @@ def prepare_openmoji(out: Path, size: int, limit: int | None = None) -> dict[str
     entries = openmoji_entries()[:limit]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp.chmod(0o755)
     rows: dict[str, list[dict]] = {"train": [], "test": []}
+    for split in rows:
+        (tmp / split).mkdir()
     seen: set[bytes] = set()
     for key, text, caption in tqdm(entries, desc=f"rendering OpenMoji at {size}px"):
         img = render(font, text, size)
@@ -80,7 +83,6 @@ def prepare_openmoji(out: Path, size: int, limit: int | None = None) -> dict[str
             continue
         seen.add(digest)
         split = "test" if heldout(key) else "train"
-        (tmp / split).mkdir(exist_ok=True)
         img.save(tmp / split / f"{key}.png", optimize=False)
         rows[split].append({"file_name": f"{key}.png", "text": caption})
     for split, items in rows.items():

@@ -35,7 +35,7 @@ from autoencoder.metrics import psnr, reconstruction_metrics
 from autoencoder.perceptual import LPIPS
 from training.checkpoint import resume_from_latest, save_checkpoint
 from training.config import MixedPrecision, parse_cli, save_config, to_dict
-from training.data import DataConfig, eval_loader, has_split, load_records, spread_indices, train_loader
+from training.data import DataConfig, DataError, eval_loader, has_split, load_records, spread_indices, train_loader
 from training.utils import JsonlLog, save_grid, set_cpu_threads, write_json_atomic
 
 
@@ -51,13 +51,13 @@ class TrainConfig:
     grad_accum_steps: int = 1
     max_steps: int = 2000  # optimizer steps
     lr: float = 4e-4
-    disc_lr: float | None = None  # None: same as lr
+    disc_lr: float | None = None  # constant discriminator LR; None: the same as lr
     adam_beta1: float = 0.5  # the reference recipe's betas for both optimizers
     adam_beta2: float = 0.9
     weight_decay: float = 0.0
     lr_schedule: str = "cosine"  # any diffusers.optimization schedule name
     lr_warmup_steps: int = 100
-    mixed_precision: MixedPrecision = MixedPrecision.auto
+    mixed_precision: MixedPrecision = MixedPrecision.auto  # auto | fp32 | bf16 (fp16 is refused: see validate)
     channels_last: bool = True  # NHWC convolutions: ~10% faster on these CPUs
     cpu_threads: int | None = None  # None: the machine's cores / processes on it (overrides OMP_NUM_THREADS=1 from accelerate launch)
     checkpoint_every: int = 500
@@ -109,6 +109,9 @@ def validate(cfg: AutoencoderJobConfig) -> None:
                        ("train.scale_fit_batches", t.scale_fit_batches), ("data.resolution", cfg.data.resolution)):
         if value < 1:
             raise ValueError(f"{key}={value} must be >= 1")
+    if t.mixed_precision is MixedPrecision.fp16:
+        raise ValueError("train.mixed_precision=fp16 is not supported by the autoencoder job: the adaptive GAN weight "
+                         "takes unscaled gradients that underflow in fp16. Use bf16, fp32 or auto")
     if t.cpu_threads is not None and t.cpu_threads < 1:
         raise ValueError(f"train.cpu_threads={t.cpu_threads} must be >= 1 (or null for all cores)")
     from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION
@@ -152,20 +155,25 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
     betas = (cfg.train.adam_beta1, cfg.train.adam_beta2)
     opt_ae = torch.optim.AdamW(vae.parameters(), lr=cfg.train.lr, betas=betas, weight_decay=cfg.train.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.train.disc_lr or cfg.train.lr, betas=betas, weight_decay=cfg.train.weight_decay)
-    sched_ae, sched_d = (
-        get_scheduler(cfg.train.lr_schedule, opt, num_warmup_steps=cfg.train.lr_warmup_steps, num_training_steps=cfg.train.max_steps)
-        for opt in (opt_ae, opt_d)
-    )
+    # The autoencoder's LR follows train.lr_schedule; the discriminator's stays constant, as in
+    # the reference recipe. The scheduler is stepped once per optimizer step (not per process).
+    sched_ae = get_scheduler(cfg.train.lr_schedule, opt_ae, num_warmup_steps=cfg.train.lr_warmup_steps,
+                             num_training_steps=cfg.train.max_steps)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     for net in (vae, disc, lpips):
         net.to(memory_format=memory_format)
-    model, disc, opt_ae, opt_d, sched_ae, sched_d = accelerator.prepare(Reconstruction(vae), disc, opt_ae, opt_d, sched_ae, sched_d)
+    model, disc, opt_ae, opt_d = accelerator.prepare(Reconstruction(vae), disc, opt_ae, opt_d)
+    accelerator.register_for_checkpointing(sched_ae)
     raw_vae, raw_disc = accelerator.unwrap_model(model).vae, accelerator.unwrap_model(disc)
     last_layer = raw_vae.decoder.conv_out.weight  # where the adaptive GAN weight is measured
+    set_seed(cfg.seed + accelerator.process_index)  # same init everywhere; own posterior noise per rank
 
-    # 3. Resume: models, optimizers, schedulers, RNG states; data position from trainer_state.
-    state = resume_from_latest(accelerator, out) or {"step": 0, "micro_batches": 0, "bad_images": 0}
-    step, micro, bad_images = state["step"], state["micro_batches"], state["bad_images"]
+    # 3. Resume: models, optimizers, scheduler, RNG states; data position from trainer_state.
+    layout = {"batch_size": cfg.train.batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
+              "num_processes": accelerator.num_processes, "seed": cfg.seed}
+    state = resume_from_latest(accelerator, out, layout) or {"step": 0, "micro_batches": 0, "bad_images": 0}
+    step, micro = state["step"], state["micro_batches"]
+    bad_images = state["bad_images"] if is_main else 0  # per-process count; summed when reported
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -180,67 +188,82 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
     # fixed images for sample grids and a running held-out PSNR (up to eval.batch_size of them)
     preview = _preview_batch(held_out if held_out is not None else records, cfg, cfg.eval.batch_size)
 
-    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="autoencoder", disable=not is_main, dynamic_ncols=True)
-    window_start, window_images = time.perf_counter(), 0
-    while step < cfg.train.max_steps:
-        # 4. One optimizer step = grad_accum_steps micro-batches.
-        logs: dict[str, float] = {}
-        for _ in range(cfg.train.grad_accum_steps):
+    def next_batch() -> dict:
+        """The next micro-batch with at least one readable image on every process (all processes
+        skip together, so they stay at the same position in the data)."""
+        nonlocal micro, bad_images
+        while True:
             batch = next(batches)
             micro += 1
             bad_images += len(batch["bad_files"])
-            while batch["pixel_values"].numel() == 0:  # every image of the batch was unreadable
-                batch = next(batches)
-                micro += 1
-                bad_images += len(batch["bad_files"])
-            x = batch["pixel_values"].to(accelerator.device, memory_format=memory_format)  # (B, 3, H, W) in [-1, 1]
+            empty = torch.tensor(float(batch["pixel_values"].numel() == 0), device=accelerator.device)
+            if accelerator.num_processes > 1:
+                empty = accelerator.reduce(empty, "sum")
+            if empty.item() == 0:
+                return batch
+
+    def total_bad() -> int:
+        return int(accelerator.reduce(torch.tensor(bad_images, device=accelerator.device), "sum").item())
+
+    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="autoencoder", disable=not is_main, dynamic_ncols=True)
+    window_start, window_images, window = time.perf_counter(), 0, {}
+    while step < cfg.train.max_steps:
+        # 4. One optimizer step = grad_accum_steps micro-batches.
+        use_gan = loss_fn.gan_active(step)
+        lr = sched_ae.get_last_lr()[0]
+        for _ in range(cfg.train.grad_accum_steps):
+            x = next_batch()["pixel_values"].to(accelerator.device, memory_format=memory_format)  # (B, 3, H, W) in [-1, 1]
             window_images += x.shape[0] * accelerator.num_processes
             with accelerator.accumulate(model, disc), accelerator.autocast():
                 # 4a. autoencoder: reconstruct from a posterior sample; the GAN term uses the
                 # unwrapped discriminator with frozen weights so no gradient reaches it.
                 x_hat, moments = model(x)  # (B, 3, H, W), (B, 2C, h, w)
                 posterior = DiagonalGaussianDistribution(moments)
-                use_gan = loss_fn.gan_active(step)
                 raw_disc.requires_grad_(False)
                 loss_ae, logs = loss_fn.generator_loss(x, x_hat, posterior, step, last_layer, raw_disc if use_gan else None)
                 raw_disc.requires_grad_(True)
                 accelerator.backward(loss_ae)
-                opt_ae.step()
-                sched_ae.step()
+                opt_ae.step()  # accelerate skips it until the last micro-batch
                 opt_ae.zero_grad(set_to_none=True)
                 # 4b. discriminator: hinge loss on real vs the (detached) reconstructions.
                 if use_gan:
                     loss_d, d_logs = loss_fn.discriminator_loss(disc, x, x_hat.detach())
                     accelerator.backward(loss_d)
+                    opt_d.step()
+                    opt_d.zero_grad(set_to_none=True)
                     logs |= d_logs
-                opt_d.step()
-                sched_d.step()
-                opt_d.zero_grad(set_to_none=True)
+            for k, v in logs.items():  # averaged over the log window
+                window[k] = window.get(k, 0.0) + v
+            window["n"] = window.get("n", 0) + 1
+        sched_ae.step()
         step += 1
         bar.update(1)
 
         # 5. Logs, sample grids, checkpoints.
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             elapsed = time.perf_counter() - window_start
-            log.write(step=step, lr=sched_ae.get_last_lr()[0], images_per_s=round(window_images / elapsed, 2),
-                      bad_images=bad_images, **{k: round(v, 6) for k, v in logs.items()})
-            bar.set_postfix(l1=f"{logs['l1']:.4f}", lpips=f"{logs['lpips']:.3f}")
-            window_start, window_images = time.perf_counter(), 0
+            n = window.pop("n")
+            means = {k: round(v / n, 6) for k, v in window.items()}
+            log.write(step=step, lr=lr, images_per_s=round(window_images / elapsed, 2), bad_images=total_bad(), **means)
+            bar.set_postfix(l1=f"{means['l1']:.4f}", lpips=f"{means['lpips']:.3f}")
+            window_start, window_images, window = time.perf_counter(), 0, {}
         if is_main and (step % cfg.train.sample_every == 0 or step == cfg.train.max_steps):
             val_psnr = _save_reconstructions(raw_vae, preview, out / "samples" / f"step-{step:08d}.png")
             log.write(step=step, val_psnr=round(val_psnr, 3), val_images=preview.shape[0])
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
-            save_checkpoint(accelerator, out, step, {"micro_batches": micro, "bad_images": bad_images}, cfg.train.keep_checkpoints)
+            save_checkpoint(accelerator, out, step, {"micro_batches": micro, "bad_images": total_bad(), **layout},
+                            cfg.train.keep_checkpoints)
         if stop_after_steps is not None and step >= stop_after_steps:
             bar.close()
             return out / "vae"
     bar.close()
+    bad_images = total_bad()
     if bad_images and is_main:
         print(f"skipped {bad_images} unreadable image(s); see log.jsonl")
 
     # 6. Export: fit the latent scale, save vae/ in the diffusers layout, held-out metrics.
     if is_main:
-        vae_dir = _export(raw_vae, records, held_out, lpips, cfg, out, bad_images)
+        _export(raw_vae, records, held_out, lpips, cfg, out, bad_images)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out / "vae"
@@ -249,7 +272,10 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
 def _preview_batch(records, cfg: AutoencoderJobConfig, n: int) -> torch.Tensor:
     """``n`` images spread evenly over the split (neighbours are often near-duplicates)."""
     loader = eval_loader(records.select(spread_indices(len(records), n)), cfg.data, n)
-    return next(iter(loader))["pixel_values"]
+    x = next(iter(loader))["pixel_values"]
+    if x.numel() == 0:
+        raise DataError(f"none of the {n} preview images of the held-out split could be read")
+    return x
 
 
 @torch.no_grad()
