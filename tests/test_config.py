@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from tests.conftest import ROOT
@@ -26,7 +28,7 @@ def test_overrides_beat_the_file_and_are_typed():
 
 def test_configs_are_frozen():
     cfg = load_config(AutoencoderJobConfig, DEFAULT)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.seed = 1  # type: ignore[misc]
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageFilter, ImageFont
+from PIL import ImageFilter, ImageFont
 
 from autoencoder.losses import AutoencoderLoss, LossConfig
 from autoencoder.perceptual import LPIPS
