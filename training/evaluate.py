@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from autoencoder import load_autoencoder
-from autoencoder.metrics import reconstruction_metrics
+from autoencoder.metrics import reconstruct, reconstruction_metrics
 from autoencoder.perceptual import LPIPS
 from training.data import DataConfig, eval_loader, load_records, spread_indices
 from training.utils import save_grid, write_json_atomic
@@ -37,8 +37,7 @@ def evaluate_autoencoder(vae_dir: str | Path, data_dir: str | Path, resolution: 
         metrics = reconstruction_metrics(vae, batches, LPIPS.pretrained())
         if grid:
             x = next(iter(eval_loader(records.select(spread_indices(len(records), grid_images)), cfg, grid_images)))["pixel_values"]
-            x_hat = vae.decode(vae.encode(x).latent_dist.mode()).sample
-            save_grid([x, x_hat], grid, scale=3)
+            save_grid([x, reconstruct(vae, x)], grid, scale=3)
     return {"vae": str(vae_dir), "data": str(data_dir), "resolution": resolution, **metrics}
 
 

@@ -31,7 +31,7 @@ from autoencoder import (
 )
 from autoencoder.discriminator import PatchDiscriminator
 from autoencoder.losses import AutoencoderLoss, LossConfig
-from autoencoder.metrics import psnr, reconstruction_metrics
+from autoencoder.metrics import psnr, reconstruct, reconstruction_metrics
 from autoencoder.perceptual import LPIPS
 from training.checkpoint import resume_from_latest, save_checkpoint
 from training.config import MixedPrecision, parse_cli, save_config, to_dict
@@ -284,7 +284,7 @@ def _save_reconstructions(vae, x: torch.Tensor, path: Path, rows: int = 8) -> fl
     was_training = vae.training
     vae.eval()
     x = x.to(vae.device)
-    x_hat = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+    x_hat = reconstruct(vae, x)
     vae.train(was_training)
     save_grid([x[:rows], x_hat[:rows]], path, scale=4)
     return psnr((x + 1) / 2, (x_hat + 1) / 2).mean().item()
