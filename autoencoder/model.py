@@ -78,12 +78,13 @@ def save_autoencoder(vae: AutoencoderKL, path: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary folder
     vae.save_pretrained(tmp, safe_serialization=True)
-    _replace_dir(tmp, path)
+    replace_dir(tmp, path)
     return path
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished folder into place; the previous one is removed only after the swap."""
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished folder into place; the previous one is removed only after the swap
+    (used for exports and checkpoints alike)."""
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}-old")

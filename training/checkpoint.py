@@ -9,12 +9,13 @@ mid-save leaves the previous checkpoint intact; only the last ``keep`` are kept.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
+
+from autoencoder.model import replace_dir
 
 _NAME = re.compile(r"^step-(\d+)$")
 
@@ -46,14 +47,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-        if final.exists():  # re-saving the same step: move the old one aside first, drop it after
-            old = root / f".old-step-{step:08d}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)  # re-saving a step swaps it; the old copy is dropped after
         for old in checkpoints(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -274,7 +274,7 @@ def _preview_batch(records, cfg: AutoencoderJobConfig, n: int) -> torch.Tensor:
     loader = eval_loader(records.select(spread_indices(len(records), n)), cfg.data, n)
     x = next(iter(loader))["pixel_values"]
     if x.numel() == 0:
-        raise DataError(f"none of the {n} preview images of the held-out split could be read")
+        raise DataError(f"none of the {n} preview images (sample grids, val_psnr) could be read")
     return x
 
 
