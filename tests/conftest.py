@@ -42,3 +42,27 @@ def write_imagefolder(root: Path, images: dict, captions: dict | None = None) ->
             for name, text in captions.items():
                 f.write(json.dumps({"file_name": name, "text": text}) + "\n")
     return root
+
+
+def tiny_pipeline(text: str = "clip", seed: int = 0, resolution: int = 32):
+    """A LatentDiffusionPipeline of tiny random components (CLIP from scratch, or the real MiniLM),
+    with Stable Diffusion's noise schedule."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from autoencoder.model import build_autoencoder, fit_latent_normalization, set_latent_normalization
+    from ldm.pipeline import LatentDiffusionPipeline
+    from ldm.text import build_clip_text_encoder, clip_tokenizer, load_minilm
+    from ldm.unet import build_unet
+
+    torch.manual_seed(seed)
+    if text == "clip":
+        tokenizer, text_encoder = clip_tokenizer(), build_clip_text_encoder("tiny")
+    else:
+        tokenizer, text_encoder = load_minilm()
+    vae = build_autoencoder("tiny", resolution)  # f = 4
+    # unit-variance latents, as a trained autoencoder's export has them
+    set_latent_normalization(vae, *fit_latent_normalization(vae, [torch.rand(8, 3, resolution, resolution) * 2 - 1]))
+    unet = build_unet("tiny", resolution // 4, text_encoder.config.hidden_size)
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False)
+    return LatentDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)

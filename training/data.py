@@ -21,7 +21,9 @@ from typing import Any, Iterator
 import datasets
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
+
+from autoencoder.images import to_rgb
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -163,14 +165,7 @@ def open_rgb(source: Any) -> Image.Image:
         source = BytesIO(source)
     img = source if isinstance(source, Image.Image) else Image.open(source)
     img.load()  # truncated files fail here, not later
-    img = ImageOps.exif_transpose(img)  # camera photos: apply the stored orientation
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        img = img.convert("RGBA")
-        canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, img).convert("RGB")
-    return img.convert("RGB")
+    return to_rgb(img)
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:

@@ -1,0 +1,341 @@
+"""Text-to-image (and image-to-image) generation: text encoder -> latent sampler -> autoencoder decoder.
+
+    pipe = LatentDiffusionPipeline.from_pretrained("runs/ldm-openmoji-32/pipeline")
+    pipe.set_scheduler("dpm++")
+    image = pipe("a red apple", num_inference_steps=25, generator=torch.Generator().manual_seed(0)).images[0]
+
+The folder is the diffusers layout (model_index.json + vae/, text_encoder/, tokenizer/, unet/,
+scheduler/), so a pipeline with a CLIP text encoder also loads in diffusers'
+``StableDiffusionPipeline``, and Stable-Diffusion folders load here.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from autoencoder.hardware import fast_bf16
+from autoencoder.images import to_rgb
+from autoencoder.model import denormalize_latents, downsampling_factor, normalize_latents, replace_dir
+
+from .schedulers import make_scheduler, step_kwargs
+from .text import encode_text, uses_attention_mask
+from .unet import unet_downsampling
+
+ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, list]
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}  # fmt: skip
+# Libraries a pipeline folder may name for its components. Anything else (a module name that
+# diffusers would import from a .py file inside the folder) is refused: loading runs no code.
+_TRUSTED_LIBRARIES = ("diffusers", "transformers")
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch.dtype:
+    """``"auto"``: bf16 where it is faster than fp32 (CUDA with bf16, a CPU with working AMX),
+    fp32 elsewhere (on AVX-512-BF16 without AMX, bf16 convolutions are slower than fp32)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if fast_bf16(str(torch.device(device))) else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}'; valid: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def check_pipeline_folder(path: str | Path) -> dict:
+    """model_index.json of a local pipeline folder, refused if it would make diffusers run code."""
+    index_file = Path(path) / "model_index.json"
+    if not index_file.is_file():
+        raise ValueError(f"'{path}' is not a pipeline folder: it has no model_index.json")
+    index = json.loads(index_file.read_text())
+    if not isinstance(index.get("_class_name"), str):
+        raise ValueError(f"{index_file}: _class_name {index.get('_class_name')!r} points at custom code; refused")
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+            continue
+        if entry[0] not in _TRUSTED_LIBRARIES:
+            raise ValueError(
+                f"{index_file}: component '{name}' comes from '{entry[0]}', which would be imported as code; "
+                f"only {', '.join(_TRUSTED_LIBRARIES)} components are loaded"
+            )
+    return index
+
+
+class LatentDiffusionPipeline(DiffusionPipeline):
+    """Text-conditioned latent diffusion: any transformers text encoder (CLIP, BERT-like), a
+    ``UNet2DConditionModel`` over the latents of an ``AutoencoderKL``, any diffusers scheduler."""
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        unet: UNet2DConditionModel,
+        scheduler: SchedulerMixin,
+    ) -> None:
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.vae_scale_factor = downsampling_factor(vae)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    # ---- loading, saving, speed ------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device | None = None,
+        compile: bool = False,
+        **kwargs: Any,
+    ) -> LatentDiffusionPipeline:
+        """Load a local pipeline folder (ours or a Stable-Diffusion one), safetensors only, no code
+        from the folder, then :meth:`prepare_for_inference` with ``dtype``/``device``/``compile``."""
+        if Path(path).is_dir():
+            check_pipeline_folder(path)
+        if kwargs.get("custom_pipeline") or kwargs.get("trust_remote_code"):
+            raise ValueError("custom_pipeline / trust_remote_code run code from the folder; not supported")
+        if "torch_dtype" in kwargs:  # the diffusers spelling
+            dtype = kwargs.pop("torch_dtype")
+        kwargs.setdefault("use_safetensors", True)
+        pipe = super().from_pretrained(path, **kwargs)
+        return pipe.prepare_for_inference(device=device, dtype=dtype, compile=compile)
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
+        """The diffusers layout with safetensors weights, written to a temporary folder first and
+        swapped into place, so an interrupted save never leaves a half-written pipeline."""
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        tmp.chmod(0o755)
+        kwargs.setdefault("safe_serialization", True)
+        super().save_pretrained(tmp, **kwargs)
+        replace_dir(tmp, target)
+
+    def prepare_for_inference(
+        self,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype = "auto",
+        channels_last: bool | None = None,
+        compile: bool = False,
+    ) -> LatentDiffusionPipeline:
+        """Move to ``device`` and pick the fast path for it.
+
+        - ``dtype="auto"`` is bf16 where bf16 is faster (see :func:`resolve_dtype`), else fp32. The
+          text encoder and U-Net run in it; the autoencoder decodes in fp32 or bf16, never fp16
+          (its activations overflow fp16's range).
+        - ``channels_last`` (default: on, except bf16 on a CPU without AMX where it measured slower).
+        - ``compile=True`` compiles the U-Net with torch.compile (the first call then takes a while).
+        """
+        device = torch.device(device) if device is not None else self.device
+        dtype = resolve_dtype(dtype, device)
+        if channels_last is None:
+            channels_last = device.type == "cuda" or dtype == torch.float32 or fast_bf16("cpu")
+        vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+        for module, module_dtype in ((self.text_encoder, dtype), (self.unet, dtype), (self.vae, vae_dtype)):
+            torch.nn.Module.to(module, device=device, dtype=module_dtype)  # not ModelMixin.to: it warns on casts
+            module.eval().requires_grad_(False)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.unet.to(memory_format=memory_format)
+        self.vae.to(memory_format=memory_format)
+        if compile:
+            self.unet.compile()
+        return self
+
+    def set_scheduler(self, name: str) -> None:
+        """Sample with another algorithm (ddpm, ddim, dpm++, euler, euler-a, heun, unipc) on the
+        model's own noise schedule."""
+        self.scheduler = make_scheduler(name, self.scheduler.config)
+
+    @property
+    def default_resolution(self) -> int:
+        """The resolution the U-Net was trained at: its latent sample size times the autoencoder's factor."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def downsampling(self) -> int:
+        """Total downsampling from pixels to the U-Net's deepest level: sizes must divide by it."""
+        return self.vae_scale_factor * unet_downsampling(self.unet)
+
+    # ---- generation ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        image: ImageInput | None = None,
+        strength: float = 0.8,
+        eta: float = 0.0,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate ``num_images_per_prompt`` images per prompt; with ``image``, start from it
+        (img2img): ``strength`` 1 ignores it, towards 0 returns it (through the autoencoder)."""
+        # 0. Check every input before any work.
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = self._negative_prompts(negative_prompt, len(prompts))
+        if image is not None:
+            image = self._image_tensor(image, len(prompts))  # (1 or B, 3, H, W) in [-1, 1]
+            asked = (height or image.shape[-2], width or image.shape[-1])
+            if asked != tuple(image.shape[-2:]):
+                raise ValueError(
+                    f"image is {image.shape[-2]}x{image.shape[-1]} (HxW) but height/width ask for {asked[0]}x{asked[1]}; "
+                    "resize the image or leave height/width unset"
+                )
+            height, width = image.shape[-2:]
+        height, width = height or self.default_resolution, width or self.default_resolution
+        batch = len(prompts) * num_images_per_prompt
+        self._check_inputs(prompts, num_inference_steps, height, width, num_images_per_prompt, output_type, strength, generator, batch)
+        device, do_cfg = self._execution_device, guidance_scale > 1.0
+
+        # 1. Encode the prompts (and, for guidance, the negative/empty prompts in the same batch).
+        text = encode_text(self.tokenizer, self.text_encoder, negatives + prompts if do_cfg else prompts)
+        states = text.states.to(self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
+        mask = text.mask.repeat_interleave(num_images_per_prompt, dim=0) if text.mask is not None else None
+        # rows: [negative x (B*n), prompt x (B*n)] with guidance, [prompt x (B*n)] without
+
+        # 2. Timesteps; img2img skips the first (1 - strength) of them.
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        start_from_image = image is not None and strength < 1.0
+        if start_from_image:
+            skip = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+            timesteps = timesteps[skip * self.scheduler.order :]
+            if hasattr(self.scheduler, "set_begin_index"):
+                self.scheduler.set_begin_index(skip * self.scheduler.order)
+
+        # 3. Initial latents: pure noise, or the image's latent noised to the first timestep:
+        #    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (the scheduler's add_noise).
+        latent_shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        noise = randn_tensor(latent_shape, generator=generator, device=device, dtype=torch.float32)
+        if start_from_image:
+            x0 = self._encode_image(image, batch)  # (B*n, C, h, w)
+            latents = self.scheduler.add_noise(x0, noise, timesteps[:1].repeat(batch)) if len(timesteps) else x0
+        else:
+            latents = noise * self.scheduler.init_noise_sigma
+
+        # 4. Denoise: guidance batches the unconditional and conditional predictions in one forward.
+        extra = step_kwargs(self.scheduler, generator, eta)
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for t in timesteps:
+                model_input = torch.cat([latents] * 2) if do_cfg else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                pred = self.unet(
+                    model_input.to(self.unet.dtype),
+                    t,
+                    encoder_hidden_states=states,
+                    encoder_attention_mask=mask,
+                    cross_attention_kwargs=cross_attention_kwargs,
+                    return_dict=False,
+                )[0].float()
+                if do_cfg:
+                    pred_uncond, pred_text = pred.chunk(2)
+                    pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)
+                latents = self.scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
+                progress.update()
+
+        # 5. Decode with the autoencoder's own scaling/shift factor.
+        if output_type == "latent":
+            images = latents
+        else:
+            decoded = self.vae.decode(denormalize_latents(self.vae, latents).to(self.vae.dtype), return_dict=False)[0]
+            # 6. Post-process: [-1, 1] -> PIL / numpy / tensor in [0, 1].
+            images = self.image_processor.postprocess(decoded.float(), output_type=output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    # ---- the steps' helpers ------------------------------------------------------------------
+
+    def _encode_image(self, image: torch.Tensor, batch: int) -> torch.Tensor:
+        """Image (1 or B, 3, H, W) in [-1, 1] -> normalised latents (B*n, C, h, w), the posterior mean."""
+        image = image.to(self._execution_device, self.vae.dtype)
+        z = self.vae.encode(image).latent_dist.mode().float()
+        return normalize_latents(self.vae, z).repeat_interleave(batch // z.shape[0], dim=0)
+
+    @staticmethod
+    def _negative_prompts(negative_prompt: str | list[str] | None, n: int) -> list[str]:
+        if negative_prompt is None:
+            return [""] * n
+        if isinstance(negative_prompt, str):
+            return [negative_prompt] * n
+        if len(negative_prompt) != n:
+            raise ValueError(f"negative_prompt has {len(negative_prompt)} entries for {n} prompts; give one per prompt or a single string")
+        return list(negative_prompt)
+
+    def _image_tensor(self, image: ImageInput, num_prompts: int) -> torch.Tensor:
+        """PIL image(s), numpy (H, W, 3) / (B, H, W, 3) or a tensor (3, H, W) / (B, 3, H, W), both in
+        [0, 1] as the pipeline's own "np" / "pt" outputs -> (B, 3, H, W) in [-1, 1]."""
+        if isinstance(image, PIL.Image.Image) or (isinstance(image, list) and image and isinstance(image[0], PIL.Image.Image)):
+            pils = [to_rgb(im) for im in (image if isinstance(image, list) else [image])]
+            if len({im.size for im in pils}) > 1:
+                raise ValueError(f"image: all images must have the same size, got {sorted({im.size for im in pils})}")
+            image = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in pils])
+        if isinstance(image, np.ndarray):
+            if image.ndim == 3:
+                image = image[None]
+            if image.ndim != 4 or image.shape[-1] != 3:
+                raise ValueError(f"image: a numpy image must be (H, W, 3) or (B, H, W, 3) in [0, 1], got shape {image.shape}")
+            image = torch.from_numpy(np.ascontiguousarray(image)).permute(0, 3, 1, 2)
+        if not isinstance(image, torch.Tensor):
+            raise ValueError(f"image: expected a PIL image, a numpy array or a torch tensor, got {type(image).__name__}")
+        if image.ndim == 3:
+            image = image[None]
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise ValueError(f"image: a tensor image must be (3, H, W) or (B, 3, H, W), got shape {tuple(image.shape)}")
+        if image.shape[0] not in (1, num_prompts):
+            raise ValueError(f"image: batch of {image.shape[0]} images for {num_prompts} prompts; give 1 or {num_prompts}")
+        image = image.float()
+        if image.min() < -1e-3 or image.max() > 1 + 1e-3:
+            raise ValueError(f"image: expected values in [0, 1], got [{image.min():.3g}, {image.max():.3g}]")
+        return image * 2.0 - 1.0  # (B, 3, H, W) in [-1, 1], the autoencoder's range
+
+    def _check_inputs(self, prompts, steps, height, width, per_prompt, output_type, strength, generator, batch) -> None:
+        if not prompts:
+            raise ValueError("prompt: the list of prompts is empty")
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt: expected a string or a list of strings")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+        if per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {per_prompt}")
+        f = self.downsampling
+        for name, size in (("height", height), ("width", width)):
+            if size % f != 0 or size <= 0:
+                raise ValueError(
+                    f"{name}={size} is not divisible by {f} (autoencoder x{self.vae_scale_factor} times U-Net "
+                    f"x{f // self.vae_scale_factor}); nearest valid: {max(f, round(size / f) * f)}"
+                )
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type '{output_type}' is not one of {', '.join(OUTPUT_TYPES)}")
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"generator: {len(generator)} generators for {batch} images; give one or one per image")
+
+
+__all__ = ["LatentDiffusionPipeline", "check_pipeline_folder", "resolve_dtype", "uses_attention_mask"]

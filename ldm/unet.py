@@ -1,0 +1,45 @@
+"""The latent denoiser: diffusers' UNet2DConditionModel in a few explicit sizes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusers import UNet2DConditionModel
+
+# Cross-attention in every block but the deepest down block and its mirror, as in Stable
+# Diffusion. `attention_head_dim` is, for historical reasons in diffusers, the number of heads.
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(  # tests: ~0.4M parameters
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ),
+    "small": dict(  # ~35M parameters with a 384-wide text encoder
+        block_out_channels=(128, 256, 256),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=2,
+        attention_head_dim=8,
+    ),
+}
+
+
+def build_unet(preset: str, sample_size: int, cross_attention_dim: int, latent_channels: int = 4) -> UNet2DConditionModel:
+    """A freshly initialised U-Net for ``sample_size`` x ``sample_size`` latents."""
+    if preset not in UNET_PRESETS:
+        raise ValueError(f"unknown U-Net preset '{preset}'; valid: {', '.join(UNET_PRESETS)}")
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        cross_attention_dim=cross_attention_dim,
+        **UNET_PRESETS[preset],
+    )
+
+
+def unet_downsampling(unet: UNet2DConditionModel) -> int:
+    """How many times the U-Net halves its input: every down block but the last downsamples."""
+    return 2 ** (len(unet.config.block_out_channels) - 1)

@@ -1,0 +1,65 @@
+"""python -m ldm.generate: files, seeds, grid, img2img, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, tiny_pipeline
+from PIL import Image
+
+from ldm.generate import main
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gen") / "pipeline"
+    tiny_pipeline("clip").save_pretrained(path)
+    return path
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_same_seed_same_files_and_each_image_is_independent_of_the_batch(model, tmp_path):
+    args = ["--model", str(model), "--prompt", "a red apple", "--prompt", "a cat", "--num-images", "2", "--steps", "3"]
+    first = main([*args, "--out", str(tmp_path / "a")])
+    again = main([*args, "--out", str(tmp_path / "b")])
+    assert len(first) == 4 and all(p.suffix == ".png" and Image.open(p).size == (32, 32) for p in first)
+    for p, q in zip(first, again):
+        assert p.name == q.name and (pixels(p) == pixels(q)).all()
+    # image 3 (second image of "a cat") is seed 3: generated alone with --seed 3 it is the same
+    alone = main(["--model", str(model), "--prompt", "a cat", "--steps", "3", "--seed", "3", "--out", str(tmp_path / "c")])
+    assert np.abs(pixels(alone[0]) - pixels(first[3])).max() <= 1  # batch-size-dependent float rounding at most
+    assert np.abs(pixels(first[0]) - pixels(first[1])).max() > 5
+
+
+def test_grid_and_img2img(model, tmp_path):
+    out = main(["--model", str(model), "--prompt", "a", "--prompt", "b", "--num-images", "3", "--steps", "2",
+                "--grid", "--out", str(tmp_path / "grid.png")])  # fmt: skip
+    assert out == [tmp_path / "grid.png"] and Image.open(out[0]).size == (3 * 32, 2 * 32)
+    Image.new("RGBA", (32, 32), (255, 0, 0, 128)).save(tmp_path / "init.png")
+    args = ["--model", str(model), "--prompt", "a", "--steps", "10", "--scheduler", "ddpm", "--guidance", "1"]
+    kept = main([*args, "--init-image", str(tmp_path / "init.png"), "--strength", "0.05", "--out", str(tmp_path / "i2i")])
+    assert Image.open(kept[0]).size == (32, 32)
+
+
+def test_errors_name_the_bad_input(model, tmp_path):
+    with pytest.raises(SystemExit, match="height=30 is not divisible by 8"):
+        main(["--model", str(model), "--prompt", "a", "--height", "30", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="needs --grid"):
+        main(["--model", str(model), "--prompt", "a", "--out", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit, match="not a pipeline folder"):
+        main(["--model", str(tmp_path), "--prompt", "a", "--out", str(tmp_path)])
+
+
+def test_module_command_prints_where_it_wrote(model, tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "ldm.generate", "--model", str(model), "--prompt", "a red apple", "--steps", "2", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    written = run.stdout.strip().splitlines()
+    assert len(written) == 1 and written[0].endswith(".png") and Image.open(written[0]).size == (32, 32)
