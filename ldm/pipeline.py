@@ -108,13 +108,15 @@ class LatentDiffusionPipeline(DiffusionPipeline):
     ) -> LatentDiffusionPipeline:
         """Load a local pipeline folder (ours or a Stable-Diffusion one), safetensors only, no code
         from the folder, then :meth:`prepare_for_inference` with ``dtype``/``device``/``compile``."""
-        if Path(path).is_dir():
-            check_pipeline_folder(path)
         if kwargs.get("custom_pipeline") or kwargs.get("trust_remote_code"):
             raise ValueError("custom_pipeline / trust_remote_code run code from the folder; not supported")
         if "torch_dtype" in kwargs:  # the diffusers spelling
             dtype = kwargs.pop("torch_dtype")
         kwargs.setdefault("use_safetensors", True)
+        if not Path(path).is_dir():  # a hub id: fetch it first, so the check below sees the files
+            fetch = ("cache_dir", "revision", "token", "variant", "use_safetensors", "local_files_only")
+            path = cls.download(str(path), **{k: kwargs[k] for k in fetch if k in kwargs})
+        check_pipeline_folder(path)
         pipe = super().from_pretrained(path, **kwargs)
         return pipe.prepare_for_inference(device=device, dtype=dtype, compile=compile)
 
