@@ -1,0 +1,195 @@
+"""Stage 2 end to end on tiny configs: export, latent cache, exact resume, 2 ranks, early errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+
+from autoencoder.model import build_autoencoder, save_autoencoder
+from ldm import LatentDiffusionPipeline
+from tests.conftest import ROOT
+from training.config import load_config
+from training.train_ldm import LdmJobConfig, check_compatible, train
+
+TINY_LDM_CONFIG = ROOT / "configs" / "ldm" / "tiny.yaml"
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return save_autoencoder(build_autoencoder("tiny", 32), tmp_path_factory.mktemp("vae") / "vae")
+
+
+def cfg_for(data, vae, out, *overrides):
+    return load_config(LdmJobConfig, TINY_LDM_CONFIG, [f"data.path={data}", f"model.vae={vae}", f"output_dir={out}", *overrides])
+
+
+def unet_weights(run: Path) -> dict:
+    return load_file(str(run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def clip_run(openmoji_small, tiny_vae, tmp_path_factory):
+    """clip-scratch: the text encoder trains with the U-Net (nothing textual is cached)."""
+    AcceleratorState._reset_state(True)
+    out = tmp_path_factory.mktemp("ldm") / "clip"
+    train(cfg_for(openmoji_small, tiny_vae, out, "train.max_steps=10", "train.checkpoint_every=5", "train.sample_every=5"))
+    AcceleratorState._reset_state(True)
+    return out
+
+
+def test_run_exports_a_pipeline_that_generates(clip_run):
+    pipe = LatentDiffusionPipeline.from_pretrained(clip_run / "pipeline", dtype="fp32")
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert pipe.scheduler.config.prediction_type == "epsilon" and pipe.default_resolution == 32
+    images = pipe(["red apple"], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+    metrics = json.loads((clip_run / "metrics.json").read_text())
+    assert metrics["steps"] == 10 and metrics["cached_images"] > 100
+
+
+def test_run_logs_a_falling_loss_samples_and_checkpoints(clip_run):
+    records = [json.loads(line) for line in (clip_run / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 5 and losses[-1] < losses[0]
+    assert sorted(p.name for p in (clip_run / "samples").iterdir()) == ["step-00000005.png", "step-00000010.png"]
+    assert sorted(p.name for p in (clip_run / "checkpoints").iterdir()) == ["step-00000005", "step-00000010"]
+
+
+def test_trained_text_encoder_is_exported(clip_run):
+    """clip-scratch trains jointly: its weights move between checkpoints and the export holds the last ones."""
+    ckpt = {step: load_file(str(clip_run / "checkpoints" / f"step-{step:08d}" / "model.safetensors")) for step in (5, 10)}
+    exported = load_file(str(clip_run / "pipeline" / "text_encoder" / "model.safetensors"))
+    key = "encoder.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(ckpt[5][f"text_encoder.{key}"], ckpt[10][f"text_encoder.{key}"])
+    assert torch.equal(exported[key], ckpt[10][f"text_encoder.{key}"])
+
+
+def test_resume_equals_an_uninterrupted_run_with_a_frozen_cached_encoder(openmoji_small, tiny_vae, tmp_path):
+    """MiniLM: frozen, its caption states come from the cache. Killed after step 3, relaunched:
+    the final EMA U-Net is bit-identical to a run that never stopped."""
+    common = ["model.text_encoder=minilm", "train.max_steps=6", "train.checkpoint_every=3", "train.sample_every=100",
+              f"cache.dir={tmp_path / 'cache'}"]  # fmt: skip
+    train(cfg_for(openmoji_small, tiny_vae, tmp_path / "full", *common))
+    AcceleratorState._reset_state(True)
+    train(cfg_for(openmoji_small, tiny_vae, tmp_path / "resumed", *common), stop_after_steps=3)
+    assert not (tmp_path / "resumed" / "pipeline").exists()
+    AcceleratorState._reset_state(True)
+    train(cfg_for(openmoji_small, tiny_vae, tmp_path / "resumed", *common))
+    full, resumed = unet_weights(tmp_path / "full"), unet_weights(tmp_path / "resumed")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in log if "event" in r] == ["start", "resume"]
+
+
+def test_latent_cache_is_reused_rebuilt_on_a_new_key_and_never_runs_in_the_step(openmoji_small, tiny_vae, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    cache = tmp_path / "cache"
+    args = ["train.max_steps=2", "train.checkpoint_every=2", "train.sample_every=100", f"cache.dir={cache}"]
+    train(cfg_for(openmoji_small, tiny_vae, tmp_path / "a", *args))
+    (first,) = [p for p in cache.iterdir() if p.is_dir()]
+    key = json.loads((first / "key.json").read_text())
+    assert key["resolution"] == 32 and key["text_encoder"] is None  # clip-scratch: no caption states cached
+    stamp = (first / "shard-00000.safetensors").stat().st_mtime_ns
+
+    # an unchanged key: reused, and the autoencoder's encoder is never called
+    calls = []
+    original = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    AcceleratorState._reset_state(True)
+    train(cfg_for(openmoji_small, tiny_vae, tmp_path / "b", *args))
+    assert calls == [] and (first / "shard-00000.safetensors").stat().st_mtime_ns == stamp
+
+    # an interrupted encode resumes: only the missing shard is encoded again
+    (first / "complete.json").unlink()
+    AcceleratorState._reset_state(True)
+    train(cfg_for(openmoji_small, tiny_vae, tmp_path / "c", *args))
+    assert calls == [] and (first / "complete.json").is_file()
+
+    # another autoencoder: a new key, a rebuilt cache, the stale one removed
+    torch.manual_seed(1)
+    other_vae = save_autoencoder(build_autoencoder("tiny", 32), tmp_path / "vae2")
+    AcceleratorState._reset_state(True)
+    train(cfg_for(openmoji_small, other_vae, tmp_path / "d", *args))
+    (second,) = [p for p in cache.iterdir() if p.is_dir()]
+    assert second != first and len(calls) > 0
+
+
+def test_v_prediction_with_zero_terminal_snr_exports_its_schedule(openmoji_small, tiny_vae, tmp_path):
+    out = tmp_path / "v"
+    train(cfg_for(openmoji_small, tiny_vae, out, "model.prediction_type=v_prediction", "objective.zero_terminal_snr=true",
+                  "objective.offset_noise=0.05", "train.max_steps=2", "train.checkpoint_every=2", "train.sample_every=2"))  # fmt: skip
+    config = json.loads((out / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert config["prediction_type"] == "v_prediction" and config["timestep_spacing"] == "trailing"
+    assert config["rescale_betas_zero_snr"] is True
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.resolution=36"], "data.resolution=36 is not divisible by 8"),
+        (["objective.zero_terminal_snr=true"], "needs model.prediction_type=v_prediction"),
+        (["model.prediction_type=sample"], "valid: epsilon, v_prediction"),
+        (["model.unet=huge"], "valid: tiny, small"),
+        (["model.text_encoder=/nowhere"], "neither minilm, clip-scratch nor an existing folder"),
+    ],
+)
+def test_bad_settings_fail_before_training(openmoji_small, tiny_vae, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=None) as err:
+        train(cfg_for(openmoji_small, tiny_vae, tmp_path / "x", *overrides))
+    assert message in str(err.value)
+    assert not (tmp_path / "x" / "latent-cache").exists()  # nothing was encoded
+
+
+def test_a_vae_path_that_is_not_an_autoencoder_is_named(openmoji_small, tiny_vae, tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(ValueError, match="holds a UNet2DConditionModel, not an AutoencoderKL"):
+        train(cfg_for(openmoji_small, tmp_path / "unet", tmp_path / "x"))
+
+
+def test_channel_and_width_mismatches_are_named():
+    from ldm.text import build_clip_text_encoder
+    from ldm.unet import build_unet
+
+    vae, text = build_autoencoder("tiny", 32), build_clip_text_encoder("tiny")
+    with pytest.raises(ValueError, match="takes 8 input channels but the autoencoder vae/ makes 4-channel latents"):
+        check_compatible(build_unet("tiny", 8, 32, latent_channels=8), vae, text, 32, "vae/")
+    with pytest.raises(ValueError, match="cross_attention_dim is 64 but the text encoder's hidden size is 32"):
+        check_compatible(build_unet("tiny", 8, 64), vae, text, 32, "vae/")
+
+
+def test_two_ranks_equal_one_rank_with_the_same_global_batch(openmoji_small, tiny_vae, tmp_path):
+    accelerate = Path(sys.executable).parent / "accelerate"
+    common = ["--config", str(TINY_LDM_CONFIG), f"data.path={openmoji_small}", f"model.vae={tiny_vae}", "train.max_steps=4",
+              "train.checkpoint_every=4", "train.sample_every=100", f"cache.dir={tmp_path / 'cache'}"]  # fmt: skip
+    two = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "-m", "training.train_ldm", *common,
+           f"output_dir={tmp_path / 'two'}", "train.batch_size=4"]  # fmt: skip
+    one = [str(accelerate), "launch", "--num_processes", "1", "-m", "training.train_ldm", *common,
+           f"output_dir={tmp_path / 'one'}", "train.batch_size=8"]  # fmt: skip
+    for cmd in (one, two):
+        run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        assert run.returncode == 0, run.stderr[-3000:]
+    start = json.loads((tmp_path / "two" / "log.jsonl").read_text().splitlines()[0])
+    assert start["processes"] == 2
+    a, b = unet_weights(tmp_path / "one"), unet_weights(tmp_path / "two")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    loss = [[json.loads(line)["loss"] for line in (tmp_path / r / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+            for r in ("one", "two")]  # fmt: skip
+    assert len(loss[0]) == 2 and np.allclose(loss[0], loss[1], atol=1e-5)

@@ -1,0 +1,170 @@
+"""Encode a dataset once: posterior moments of every image (and, for a frozen text encoder, the
+caption states), as safetensors shards. The training step then never runs the autoencoder.
+
+    cache_dir/<key>/key.json                     what the cache was built from
+    cache_dir/<key>/shard-00000.safetensors      moments (n, 2C, h, w) [+ moments_flipped], index (n,)
+                                                 [+ text_states (n, L, D), text_mask (n, L)]
+    cache_dir/<key>/complete.json                written last: the cache is usable
+
+``<key>`` hashes the autoencoder weights, the resolution and transforms, the dataset (files and
+captions) and the text encoder weights: change any of them and a new cache is built; an
+unchanged key is reused; an interrupted encode keeps its finished shards and resumes.
+The moments (mean, log-variance) are stored, not one sample: each step draws a fresh latent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ldm.text import encode_text, tokenize
+from training.data import DataConfig, eval_loader
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class LatentCache:
+    moments: torch.Tensor  # (N, 2C, h, w) posterior mean and logvar, float32
+    moments_flipped: torch.Tensor | None  # the same for the mirrored image (data.random_flip)
+    text_states: torch.Tensor | None  # (N, L, D) frozen text encoder's states of the captions
+    text_mask: torch.Tensor | None  # (N, L) 1 = token, 0 = padding
+    captions: list[str]  # N captions, in row order
+    source_index: torch.Tensor  # (N,) row of the dataset each entry came from (unreadable images are absent)
+    path: Path
+
+    def __len__(self) -> int:
+        return self.moments.shape[0]
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def folder_digest(folder: str | Path) -> str:
+    """Digest of a model folder's weights and configs (not of its path: a moved folder is the same model)."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".txt", ".model"))
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.relative_to(folder).as_posix().encode() + b"\0" + file_digest(p).encode())
+    return h.hexdigest()
+
+
+def dataset_digest(records: datasets.Dataset) -> str:
+    """Digest of what the cache would encode: each image's bytes, or its path, size and mtime, plus the caption."""
+    h = hashlib.sha256()
+    for row in records:
+        image, text = row["image"], row["text"]
+        if isinstance(image, dict):
+            image = image.get("bytes") or image.get("path")
+        if isinstance(image, (bytes, bytearray)):
+            h.update(hashlib.sha256(image).digest())
+        else:
+            st = os.stat(image)
+            h.update(f"{image}|{st.st_size}|{st.st_mtime_ns}".encode())
+        h.update(b"\0" + str(text).encode() + b"\n")
+    return h.hexdigest()
+
+
+def cache_key(vae_digest: str, data: DataConfig, records: datasets.Dataset, text_digest: str | None) -> dict[str, Any]:
+    return {
+        "version": CACHE_VERSION,
+        "vae": vae_digest,
+        "resolution": data.resolution,
+        "transforms": {"resize": "shorter-side bicubic", "crop": "center", "random_flip": data.random_flip},
+        "dataset": dataset_digest(records),
+        "images": len(records),
+        "text_encoder": text_digest,  # None: the text encoder trains, captions are not cached
+    }
+
+
+def _key_name(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def build_latent_cache(
+    cache_dir: str | Path,
+    key: dict[str, Any],
+    vae,
+    records: datasets.Dataset,
+    data: DataConfig,
+    text: tuple[Any, Any] | None = None,
+    batch_size: int = 64,
+    shard_size: int = 2048,
+    show_progress: bool = True,
+) -> Path:
+    """Encode ``records`` into ``cache_dir/<key>/`` unless a complete cache with that key exists.
+    ``text``: (tokenizer, frozen text encoder) to cache caption states, or None."""
+    folder = Path(cache_dir) / _key_name(key)
+    if (folder / "complete.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "key.json").write_text(json.dumps(key, indent=2, sort_keys=True))
+    text_length = None
+    if text is not None:  # one padded length for every shard: the longest caption's (CLIP: always 77)
+        tokenizer, encoder = text
+        text_length = tokenize(tokenizer, encoder, list(records["text"]) + [""])["input_ids"].shape[1]
+
+    n_shards = (len(records) + shard_size - 1) // shard_size
+    todo = [k for k in range(n_shards) if not (folder / f"shard-{k:05d}.safetensors").is_file()]
+    bar = tqdm(total=len(records), initial=(n_shards - len(todo)) * shard_size if todo else len(records),
+               desc="encoding latents", disable=not show_progress, dynamic_ncols=True)  # fmt: skip
+    for k in todo:
+        rows = range(k * shard_size, min((k + 1) * shard_size, len(records)))
+        tensors: dict[str, list[torch.Tensor]] = {"moments": [], "moments_flipped": [], "index": [], "text_states": [], "text_mask": []}
+        for batch in eval_loader(records.select(rows), data, batch_size):
+            bar.update(len(batch["index"]) + len(batch["bad_files"]))
+            if not batch["index"]:
+                continue
+            x = batch["pixel_values"].to(vae.device, vae.dtype)  # (b, 3, R, R) in [-1, 1]
+            tensors["moments"].append(vae.encode(x).latent_dist.parameters.float().cpu())  # (b, 2C, h, w)
+            if data.random_flip:
+                tensors["moments_flipped"].append(vae.encode(x.flip(-1)).latent_dist.parameters.float().cpu())
+            tensors["index"].append(torch.tensor(batch["index"], dtype=torch.int64) + rows.start)
+            if text is not None:
+                emb = encode_text(tokenizer, encoder, batch["text"], pad_to=text_length)
+                tensors["text_states"].append(emb.states.float().cpu())
+                mask = emb.mask if emb.mask is not None else torch.ones(emb.states.shape[:2], dtype=torch.int64)
+                tensors["text_mask"].append(mask.cpu())
+        shard = {name: torch.cat(parts).contiguous() for name, parts in tensors.items() if parts}
+        tmp = folder / f".shard-{k:05d}.tmp"
+        if shard:
+            save_file(shard, str(tmp))
+        else:  # every image of the shard was unreadable: an empty marker, so it is not re-encoded
+            tmp.write_bytes(b"")
+        os.replace(tmp, folder / f"shard-{k:05d}.safetensors")  # a finished shard survives an interruption
+    bar.close()
+    (folder / "complete.json").write_text(json.dumps({"images": len(records), "shards": n_shards, "text_length": text_length}))
+    for other in Path(cache_dir).iterdir():  # caches of an older autoencoder / dataset / encoder
+        if other.is_dir() and other != folder and (other / "key.json").is_file():
+            shutil.rmtree(other, ignore_errors=True)
+    return folder
+
+
+def load_latent_cache(folder: str | Path, records: datasets.Dataset) -> LatentCache:
+    folder = Path(folder)
+    if not (folder / "complete.json").is_file():
+        raise ValueError(f"{folder} is not a complete latent cache")
+    shards = [load_file(str(p)) for p in sorted(folder.glob("shard-*.safetensors")) if p.stat().st_size > 0]
+    if not shards:
+        raise ValueError(f"the latent cache {folder} holds no image: none of the dataset's images could be read")
+    cat = {name: torch.cat([s[name] for s in shards]) for name in shards[0]}
+    index = cat["index"]
+    texts = records["text"]
+    captions = [texts[int(i)] for i in index]
+    return LatentCache(cat["moments"], cat.get("moments_flipped"), cat.get("text_states"), cat.get("text_mask"), captions, index, folder)
