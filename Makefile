@@ -39,9 +39,15 @@ $(DATA)/train/metadata.jsonl: | install
 
 data: install $(DATA)/train/metadata.jsonl
 
+LDM_CONFIG := configs/ldm/openmoji-32.yaml
+LDM_RUN    := runs/ldm-openmoji-32
+DEMO_PROMPTS := --prompt "red apple" --prompt "grinning face" --prompt "sun" --prompt "red heart" --prompt "rocket"
+
 demo: data
 	$(VENV)/bin/accelerate launch --num_processes 1 -m training.train_autoencoder --config $(AE_CONFIG)
 	$(PY) -m training.evaluate autoencoder --vae runs/autoencoder-openmoji-32-f4/vae --data $(DATA)/test
+	$(VENV)/bin/accelerate launch --num_processes 1 -m training.train_ldm --config $(LDM_CONFIG)
+	$(PY) -m ldm.generate --model $(LDM_RUN)/pipeline $(DEMO_PROMPTS) --num-images 6 --grid --out $(LDM_RUN)/demo-grid.png
 
 bench: data
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done

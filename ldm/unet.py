@@ -9,13 +9,20 @@ from diffusers import UNet2DConditionModel
 # Cross-attention in every block but the deepest down block and its mirror, as in Stable
 # Diffusion. `attention_head_dim` is, for historical reasons in diffusers, the number of heads.
 UNET_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(  # tests: ~0.4M parameters
+    "tiny": dict(  # tests: ~0.9M parameters
         block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         layers_per_block=1,
         attention_head_dim=4,
         norm_num_groups=8,
+    ),
+    "base": dict(  # ~18.5M parameters with a 384-wide text encoder: the CPU default for 8x8 latents
+        block_out_channels=(64, 128, 256),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=2,
+        attention_head_dim=8,
     ),
     "small": dict(  # ~35M parameters with a 384-wide text encoder
         block_out_channels=(128, 256, 256),
