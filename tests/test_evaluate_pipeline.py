@@ -45,7 +45,7 @@ def test_adherence_is_one_for_the_true_images_and_low_for_wrong_ones(openmoji_sm
         by_caption.update(zip(batch["text"], batch["pixel_values"]))
     for shuffle, check in ((False, lambda r: r["prompt_top1"] == 1.0 and r["fd_vgg"] < r["fd_vgg_floor_real_sample"] * 2),
                            (True, lambda r: r["prompt_top1"] <= 0.3)):  # fmt: skip
-        monkeypatch.setattr(ldm.pipeline.LatentDiffusionPipeline, "from_pretrained", classmethod(lambda cls, p: _Oracle(by_caption, shuffle)))
+        monkeypatch.setattr(ldm.pipeline.LatentDiffusionPipeline, "from_pretrained", classmethod(lambda cls, p, s=shuffle: _Oracle(by_caption, s)))
         result = evaluate_pipeline("oracle", openmoji_small, num_prompts=30, steps=1)
         assert result["prompts"] == 30 and result["prompt_top1_chance"] == 0.05
         assert check(result), result
