@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_pipeline
 from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-from autoencoder.hardware import amx_usable
+from autoencoder.hardware import fast_bf16
 from ldm import LatentDiffusionPipeline
 from ldm.pipeline import resolve_dtype
 from ldm.schedulers import SCHEDULERS
@@ -235,7 +235,7 @@ def test_loading_refuses_folders_that_would_run_code(saved, tmp_path):
 
 
 def test_auto_precision_and_a_decoder_that_cannot_overflow(saved):
-    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if amx_usable() else torch.float32)
+    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if fast_bf16("cpu") else torch.float32)
     with pytest.raises(ValueError, match="valid: auto"):
         resolve_dtype("int8", "cpu")
     half = LatentDiffusionPipeline.from_pretrained(saved, dtype="fp16")
