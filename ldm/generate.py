@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--init-image", type=Path, default=None, help="img2img: start from this image")
     p.add_argument("--strength", type=float, default=0.8, help="img2img: 1 ignores the image, towards 0 keeps it")
+    p.add_argument("--lora", type=Path, default=None, help="a folder with pytorch_lora_weights.safetensors (diffusers format)")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="how much of the LoRA to apply (0: none, 1: as trained)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 where it is faster")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slow first call)")
@@ -67,6 +69,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = LatentDiffusionPipeline.from_pretrained(args.model, dtype=args.dtype, device=device, compile=args.compile)
     pipe.set_scheduler(args.scheduler)
+    if args.lora is not None:
+        if not (args.lora / "pytorch_lora_weights.safetensors").is_file():
+            raise SystemExit(f"--lora {args.lora} has no pytorch_lora_weights.safetensors")
+        pipe.load_lora_weights(str(args.lora))
 
     n = len(args.prompt) * args.num_images
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(n)]
@@ -83,6 +89,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             generator=generators,
             image=init,
             strength=args.strength,
+            cross_attention_kwargs={"scale": args.lora_scale} if args.lora is not None else None,
             output_type="pil",
         ).images
     except ValueError as e:  # the pipeline's input checks: say what is wrong, without a traceback

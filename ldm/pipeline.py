@@ -21,7 +21,9 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -46,8 +48,8 @@ _TRUSTED_LIBRARIES = ("diffusers", "transformers")
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch.dtype:
-    """``"auto"``: bf16 where it is faster than fp32 (CUDA with bf16, a CPU with working AMX),
-    fp32 elsewhere (on AVX-512-BF16 without AMX, bf16 convolutions are slower than fp32)."""
+    """``"auto"``: bf16 where it is faster than fp32 (CUDA with bf16; a CPU whose bf16 convolution
+    measured faster, see :func:`autoencoder.hardware.cpu_bf16_speedup`), fp32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -76,9 +78,13 @@ def check_pipeline_folder(path: str | Path) -> dict:
     return index
 
 
-class LatentDiffusionPipeline(DiffusionPipeline):
+class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Text-conditioned latent diffusion: any transformers text encoder (CLIP, BERT-like), a
-    ``UNet2DConditionModel`` over the latents of an ``AutoencoderKL``, any diffusers scheduler."""
+    ``UNet2DConditionModel`` over the latents of an ``AutoencoderKL``, any diffusers scheduler.
+
+    LoRA: ``load_lora_weights(dir)`` reads diffusers' ``pytorch_lora_weights.safetensors`` (U-Net
+    and text-encoder adapters); ``cross_attention_kwargs={"scale": s}`` blends it at generation
+    time; ``fuse_lora()`` merges it into the weights."""
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
@@ -143,7 +149,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         - ``dtype="auto"`` is bf16 where bf16 is faster (see :func:`resolve_dtype`), else fp32. The
           text encoder and U-Net run in it; the autoencoder decodes in fp32 or bf16, never fp16
           (its activations overflow fp16's range).
-        - ``channels_last`` (default: on, except bf16 on a CPU without AMX where it measured slower).
+        - ``channels_last`` (default: on, except bf16 on a CPU where bf16 is not the fast path).
         - ``compile=True`` compiles the U-Net with torch.compile (the first call then takes a while).
         """
         device = torch.device(device) if device is not None else self.device
@@ -215,8 +221,15 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         self._check_inputs(prompts, num_inference_steps, height, width, num_images_per_prompt, output_type, strength, generator, batch)
         device, do_cfg = self._execution_device, guidance_scale > 1.0
 
-        # 1. Encode the prompts (and, for guidance, the negative/empty prompts in the same batch).
+        # 1. Encode the prompts (and, for guidance, the negative/empty prompts in the same batch);
+        #    a LoRA scale applies to text-encoder adapters too, as in Stable Diffusion.
+        lora_scale = (cross_attention_kwargs or {}).get("scale")
+        text_lora = lora_scale is not None and getattr(self.text_encoder, "peft_config", None)
+        if text_lora:
+            scale_lora_layers(self.text_encoder, lora_scale)
         text = encode_text(self.tokenizer, self.text_encoder, negatives + prompts if do_cfg else prompts)
+        if text_lora:
+            unscale_lora_layers(self.text_encoder, lora_scale)
         states = text.states.to(self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
         mask = text.mask.repeat_interleave(num_images_per_prompt, dim=0) if text.mask is not None else None
         # rows: [negative x (B*n), prompt x (B*n)] with guidance, [prompt x (B*n)] without

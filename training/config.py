@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 class MixedPrecision(str, enum.Enum):
     """Autocast precision; fp32 weights are always kept as the master copy.
 
-    ``auto`` is bf16 where bf16 is fast (CUDA with bf16, a CPU with working AMX), else fp32.
+    ``auto`` is bf16 where bf16 is fast (CUDA with bf16, a CPU whose bf16 convolution measured faster), else fp32.
     """
 
     auto = "auto"

@@ -40,6 +40,7 @@ class DataConfig:
     eval_split: str | None = "test"  # held-out split for metrics (None: no held-out metrics)
     image_column: str = "image"
     caption_column: str = "text"
+    caption: str | None = None  # one caption for every image (e.g. "a photo of sks dog"); overrides any other
     resolution: int = 32
     random_flip: bool = False  # off by default: flipping changes meaning ("left arrow")
     on_bad_image: OnBadImage = OnBadImage.skip
@@ -71,8 +72,12 @@ def has_split(path: str | Path, split: str | None) -> bool:
     return (path / split).is_dir()
 
 
-def load_records(path: str | Path, cfg: DataConfig, split: str | None = None) -> datasets.Dataset:
-    """A ``datasets.Dataset`` with columns ``image`` (path or encoded bytes) and ``text``."""
+def load_records(path: str | Path, cfg: DataConfig, split: str | None = None, captions: bool = False) -> datasets.Dataset:
+    """A ``datasets.Dataset`` with columns ``image`` (path or encoded bytes) and ``text``.
+
+    Captions come from ``data.caption`` (one for all), else metadata.jsonl's caption column, a
+    saved dataset's caption column, or a ``.txt`` file beside each image (same stem).
+    ``captions=True`` (text-to-image training): an image without a caption is an error."""
     split = split or cfg.split
     root = Path(path)
     if not root.exists():
@@ -80,7 +85,7 @@ def load_records(path: str | Path, cfg: DataConfig, split: str | None = None) ->
     if not root.is_dir():
         raise DataError(f"data.path '{root}' is a file; expected an image folder or a save_to_disk folder")
     if _is_saved_dataset(root):
-        ds = _load_saved(root, cfg, split)
+        ds = _load_saved(root, cfg, split, captions)
     else:
         folder = split_dir(root, split)
         if folder is None:
@@ -88,10 +93,20 @@ def load_records(path: str | Path, cfg: DataConfig, split: str | None = None) ->
         ds = _scan_imagefolder(folder, cfg, is_root=folder == root)
     if len(ds) == 0:
         raise DataError(f"dataset '{root}' (split '{split}') holds no images")
+    if cfg.caption is not None:
+        return ds.remove_columns("text").add_column("text", [cfg.caption] * len(ds))
+    if captions:
+        missing = [img for img, text in zip(ds["image"], ds["text"]) if not str(text).strip()]
+        if missing:
+            first = missing[0] if isinstance(missing[0], str) else describe(missing[0])
+            raise DataError(
+                f"{len(missing)} of {len(ds)} images in '{root}' have no caption (first: {first}); add a metadata.jsonl "
+                "with file_name + caption, a .txt file beside each image, or set data.caption for one caption for all"
+            )
     return ds
 
 
-def _load_saved(root: Path, cfg: DataConfig, split: str) -> datasets.Dataset:
+def _load_saved(root: Path, cfg: DataConfig, split: str, captions: bool = False) -> datasets.Dataset:
     ds = datasets.load_from_disk(str(root))
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
@@ -101,8 +116,11 @@ def _load_saved(root: Path, cfg: DataConfig, split: str) -> datasets.Dataset:
         raise DataError(f"data.image_column='{cfg.image_column}' is not a column of '{root}'; columns: {', '.join(ds.column_names)}")
     if isinstance(ds.features.get(cfg.image_column), datasets.Image):
         ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))  # we decode, and catch bad files
-    captions = ds[cfg.caption_column] if cfg.caption_column in ds.column_names else [""] * len(ds)
-    return datasets.Dataset.from_dict({"image": ds[cfg.image_column], "text": [str(c) for c in captions]})
+    if cfg.caption_column not in ds.column_names:
+        if captions and cfg.caption is None:
+            raise DataError(f"data.caption_column='{cfg.caption_column}' is not a column of '{root}'; columns: {', '.join(ds.column_names)}")
+        return datasets.Dataset.from_dict({"image": ds[cfg.image_column], "text": [""] * len(ds)})  # an autoencoder needs none
+    return datasets.Dataset.from_dict({"image": ds[cfg.image_column], "text": [str(c) for c in ds[cfg.caption_column]]})
 
 
 def _safe_join(folder: Path, name: Any, where: str) -> Path:
@@ -128,9 +146,10 @@ def _scan_imagefolder(folder: Path, cfg: DataConfig, is_root: bool = False) -> d
     metas = _files(folder, "metadata.jsonl", skip)
     paths: list[str] = []
     texts: list[str] = []
-    if not metas:  # captionless folder: every image, empty caption
+    if not metas:  # no metadata.jsonl: every image, captioned by a same-stem .txt file where there is one
         files = [p for p in _files(folder, "*", skip) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
-        return datasets.Dataset.from_dict({"image": [str(p) for p in files], "text": [""] * len(files)})
+        texts = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() if p.with_suffix(".txt").is_file() else "" for p in files]
+        return datasets.Dataset.from_dict({"image": [str(p) for p in files], "text": texts})
     for meta in metas:
         with open(meta, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -211,10 +230,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             if self.on_bad_image == OnBadImage.error:
                 raise DataError(f"cannot read image '{describe(row['image'])}': {err} (set data.on_bad_image=skip to skip such files)") from None
             return {"bad": describe(row["image"])}
+        upscaled = min(img.size) < self.resolution
         x = to_tensor(resize_center_crop(img, self.resolution))  # (3, R, R)
         if flip:
             x = x.flip(-1)
-        return {"pixel_values": x, "text": row["text"], "index": int(index)}
+        return {"pixel_values": x, "text": row["text"], "index": int(index), "upscaled": upscaled}
 
 
 def collate(items: list[dict]) -> dict:
@@ -229,6 +249,7 @@ def collate(items: list[dict]) -> dict:
         "text": [it["text"] for it in good],
         "index": [it["index"] for it in good],
         "bad_files": bad,
+        "upscaled": sum(it["upscaled"] for it in good),  # images smaller than the resolution
     }
 
 
@@ -243,16 +264,21 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, num_items: int, batch_size: int, seed: int, start: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True, random_flip: bool = False) -> None:
+                 world_size: int = 1, shuffle: bool = True, random_flip: bool = False, repeat_small: bool = False) -> None:
         self.n, self.batch_size, self.seed, self.start = num_items, batch_size, seed, start
         self.rank, self.world, self.shuffle, self.random_flip = rank, world_size, shuffle, random_flip
         self.global_batch = batch_size * world_size
+        # repeat_small: a dataset smaller than one global batch is drawn with replacement: each
+        # epoch visits ceil(global batch / n) permutations back to back.
+        self.repeats = 1
         if num_items < self.global_batch:
-            raise DataError(
-                f"the dataset has {num_items} images, fewer than one global batch "
-                f"({batch_size} x {world_size} processes); lower train.batch_size"
-            )
-        self.batches_per_epoch = num_items // self.global_batch
+            if not repeat_small:
+                raise DataError(
+                    f"the dataset has {num_items} images, fewer than one global batch "
+                    f"({batch_size} x {world_size} processes); lower train.batch_size"
+                )
+            self.repeats = -(-self.global_batch // num_items)
+        self.batches_per_epoch = num_items * self.repeats // self.global_batch
 
     def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
         b, epoch, perm, flips = self.start, -1, None, None
@@ -261,7 +287,8 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
             if e != epoch:
                 epoch = e
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
-                perm = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+                perm = torch.cat([torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+                                  for _ in range(self.repeats)])  # fmt: skip
                 flips = torch.rand(self.n, generator=g) < 0.5 if self.random_flip else torch.zeros(self.n, dtype=torch.bool)
             idx = perm[k * self.global_batch:(k + 1) * self.global_batch][self.rank::self.world]
             yield [(int(i), bool(flips[i])) for i in idx]

@@ -42,6 +42,7 @@ class LatentCache:
     captions: list[str]  # N captions, in row order
     source_index: torch.Tensor  # (N,) row of the dataset each entry came from (unreadable images are absent)
     path: Path
+    upscaled: int = 0  # images smaller than the resolution (upscaled to it)
 
     def __len__(self) -> int:
         return self.moments.shape[0]
@@ -124,11 +125,13 @@ def build_latent_cache(
     todo = [k for k in range(n_shards) if not (folder / f"shard-{k:05d}.safetensors").is_file()]
     bar = tqdm(total=len(records), initial=(n_shards - len(todo)) * shard_size if todo else len(records),
                desc="encoding latents", disable=not show_progress, dynamic_ncols=True)  # fmt: skip
+    upscaled = 0
     for k in todo:
         rows = range(k * shard_size, min((k + 1) * shard_size, len(records)))
         tensors: dict[str, list[torch.Tensor]] = {"moments": [], "moments_flipped": [], "index": [], "text_states": [], "text_mask": []}
         for batch in eval_loader(records.select(rows), data, batch_size):
             bar.update(len(batch["index"]) + len(batch["bad_files"]))
+            upscaled += batch["upscaled"]
             if not batch["index"]:
                 continue
             x = batch["pixel_values"].to(vae.device, vae.dtype)  # (b, 3, R, R) in [-1, 1]
@@ -149,7 +152,9 @@ def build_latent_cache(
             tmp.write_bytes(b"")
         os.replace(tmp, folder / f"shard-{k:05d}.safetensors")  # a finished shard survives an interruption
     bar.close()
-    (folder / "complete.json").write_text(json.dumps({"images": len(records), "shards": n_shards, "text_length": text_length}))
+    # (an encode resumed after an interruption counts the upscaled images of its own shards only)
+    summary = {"images": len(records), "shards": n_shards, "text_length": text_length, "upscaled": upscaled}
+    (folder / "complete.json").write_text(json.dumps(summary))
     for other in Path(cache_dir).iterdir():  # caches of an older autoencoder / dataset / encoder
         if other.is_dir() and other != folder and (other / "key.json").is_file():
             shutil.rmtree(other, ignore_errors=True)
@@ -167,4 +172,6 @@ def load_latent_cache(folder: str | Path, records: datasets.Dataset) -> LatentCa
     index = cat["index"]
     texts = records["text"]
     captions = [texts[int(i)] for i in index]
-    return LatentCache(cat["moments"], cat.get("moments_flipped"), cat.get("text_states"), cat.get("text_mask"), captions, index, folder)
+    upscaled = json.loads((folder / "complete.json").read_text()).get("upscaled", 0)
+    return LatentCache(cat["moments"], cat.get("moments_flipped"), cat.get("text_states"), cat.get("text_mask"), captions, index,
+                       folder, upscaled)  # fmt: skip

@@ -66,6 +66,8 @@ class TrainConfig:
     sample_every: int = 500
     scale_fit_batches: int = 40  # batches used to fit the latent scaling factor
     fit_shift: bool = False  # also fit a shift_factor (not read by diffusers' SD pipelines)
+    decoder_only: bool = False  # with model.init_from: train only the decoder; the encoder, the latent space and
+    # its scaling factor stay exactly as they were, so latent models trained on them stay valid
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,8 @@ def validate(cfg: AutoencoderJobConfig) -> None:
     if t.mixed_precision is MixedPrecision.fp16:
         raise ValueError("train.mixed_precision=fp16 is not supported by the autoencoder job: the adaptive GAN weight "
                          "takes unscaled gradients that underflow in fp16. Use bf16, fp32 or auto")
+    if t.decoder_only and not cfg.model.init_from:
+        raise ValueError("train.decoder_only=true needs model.init_from=VAE_DIR: it fine-tunes the decoder of a trained autoencoder")
     if t.cpu_threads is not None and t.cpu_threads < 1:
         raise ValueError(f"train.cpu_threads={t.cpu_threads} must be >= 1 (or null for all cores)")
     from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION
@@ -153,7 +157,11 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
     lpips = LPIPS.pretrained().to(accelerator.device)
     loss_fn = AutoencoderLoss(lpips, cfg.loss)
     betas = (cfg.train.adam_beta1, cfg.train.adam_beta2)
-    opt_ae = torch.optim.AdamW(vae.parameters(), lr=cfg.train.lr, betas=betas, weight_decay=cfg.train.weight_decay)
+    if cfg.train.decoder_only:  # encoder and quant_conv define the latent space: frozen
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    ae_params = [p for p in vae.parameters() if p.requires_grad]
+    opt_ae = torch.optim.AdamW(ae_params, lr=cfg.train.lr, betas=betas, weight_decay=cfg.train.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.train.disc_lr or cfg.train.lr, betas=betas, weight_decay=cfg.train.weight_decay)
     # The autoencoder's LR follows train.lr_schedule; the discriminator's stays constant, as in
     # the reference recipe. The scheduler is stepped once per optimizer step (not per process).
@@ -296,8 +304,11 @@ def _export(vae, records, held_out, lpips: LPIPS, cfg: AutoencoderJobConfig, out
     fit_loader = train_loader(records, cfg.data, fit_batch, seed=cfg.seed + 1)
     n_fit = min(cfg.train.scale_fit_batches, math.ceil(len(records) / fit_batch))  # about one pass at most
     fit_batches = (b["pixel_values"] for b, _ in zip(fit_loader, range(n_fit)) if b["pixel_values"].numel())
-    scale, shift = fit_latent_normalization(vae, fit_batches, fit_shift=cfg.train.fit_shift)
-    set_latent_normalization(vae, scale, shift)
+    if cfg.train.decoder_only:  # the latent space did not change: keep its normalisation
+        scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor")
+    else:
+        scale, shift = fit_latent_normalization(vae, fit_batches, fit_shift=cfg.train.fit_shift)
+        set_latent_normalization(vae, scale, shift)
     vae_dir = save_autoencoder(vae, out / "vae")
     metrics: dict = {"scaling_factor": scale, "shift_factor": shift, "steps": cfg.train.max_steps, "bad_images": bad_images}
     if held_out is not None:

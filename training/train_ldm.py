@@ -14,14 +14,17 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig, get_peft_model_state_dict
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
@@ -46,7 +49,19 @@ class LdmModelConfig:
     text_encoder: str = "minilm"  # minilm (pretrained, frozen) | clip-scratch (trained jointly) | a transformers folder (frozen)
     clip_preset: str = "small"  # clip-scratch size: a key of ldm.text.CLIP_TEXT_PRESETS
     unet: str = "small"  # a key of ldm.unet.UNET_PRESETS
-    prediction_type: str = "epsilon"  # epsilon | v_prediction
+    prediction_type: str = "epsilon"  # epsilon | v_prediction (with init_from: read from its scheduler)
+    init_from: str | None = None  # a pipeline folder (ours or Stable Diffusion layout) to fine-tune; then
+    # vae / text_encoder / unet / prediction_type come from it, as they are
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    method: str = "full"  # full | lora
+    train_text_encoder: bool = False  # full: train it too; lora: also put adapters on it
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])  # U-Net attention
+    text_lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
 
 
 @dataclass(frozen=True)
@@ -108,6 +123,7 @@ class LdmJobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: LdmModelConfig = field(default_factory=LdmModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     train: LdmTrainConfig = field(default_factory=LdmTrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -123,8 +139,8 @@ class Denoiser(torch.nn.Module):
         self.unet, self.text_encoder = unet, text_encoder
 
     def forward(self, x_t, t, states=None, mask=None, input_ids=None):
-        if input_ids is not None:
-            states = self.text_encoder(input_ids)[0]  # (B, L, D); CLIP: unmasked, as at generation
+        if input_ids is not None:  # (B, L, D); masked only for bidirectional encoders (CLIP: as at generation)
+            states = self.text_encoder(input_ids, attention_mask=mask)[0] if mask is not None else self.text_encoder(input_ids)[0]
         return self.unet(x_t, t, encoder_hidden_states=states, encoder_attention_mask=mask).sample
 
 
@@ -166,6 +182,16 @@ def validate(cfg: LdmJobConfig) -> None:
         raise ValueError(f"objective.min_snr_gamma={o.min_snr_gamma} must be > 0 (or null for plain MSE)")
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay={t.ema_decay} must be in (0, 1) (or null for no EMA)")
+    if cfg.finetune.method not in ("full", "lora"):
+        raise ValueError(f"finetune.method='{cfg.finetune.method}' is unknown; valid: full, lora")
+    if cfg.finetune.method == "lora" and not m.init_from:
+        raise ValueError("finetune.method=lora needs model.init_from=PIPELINE_DIR: adapters go on a trained model")
+    if cfg.finetune.lora_rank < 1:
+        raise ValueError(f"finetune.lora_rank={cfg.finetune.lora_rank} must be >= 1")
+    if m.init_from:
+        from ldm.pipeline import check_pipeline_folder
+
+        check_pipeline_folder(m.init_from)
     if cfg.sample.scheduler not in SCHEDULERS:
         raise ValueError(f"sample.scheduler='{cfg.sample.scheduler}' is unknown; valid: {', '.join(SCHEDULERS)}")
     from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION
@@ -222,22 +248,32 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     set_seed(cfg.seed)  # the same initial weights on every process
 
     # 1. Data and models, checked against each other before anything expensive.
-    records = load_records(cfg.data.path, cfg.data)
-    vae = load_autoencoder(cfg.model.vae).to(accelerator.device).eval().requires_grad_(False)
-    tokenizer, text_encoder, text_trains = load_text_encoder(cfg.model)
-    latent_size = cfg.data.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-    unet = build_unet(cfg.model.unet, latent_size, text_encoder.config.hidden_size, vae.config.latent_channels)
-    check_compatible(unet, vae, text_encoder, cfg.data.resolution, cfg.model.vae)
-    noise_scheduler = training_scheduler(cfg.model.prediction_type, cfg.objective.zero_terminal_snr)
+    records = load_records(cfg.data.path, cfg.data, captions=True)
+    models = load_models(cfg)
+    vae, tokenizer, text_encoder, unet = models.vae.to(accelerator.device), models.tokenizer, models.text_encoder, models.unet
+    check_compatible(unet, vae, text_encoder, cfg.data.resolution, models.vae_dir)
+    noise_scheduler = models.noise_scheduler
     abar = noise_scheduler.alphas_cumprod  # (1000,)
-    text_encoder.to(accelerator.device).requires_grad_(text_trains).train(text_trains)
+    text_trains = models.text_trains
+    text_encoder.to(accelerator.device).train(text_trains)
+    lora = cfg.finetune.method == "lora"
+    if lora:  # peft adapters on the attention projections; the base weights stay frozen
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=cfg.finetune.lora_rank, lora_alpha=cfg.finetune.lora_alpha, init_lora_weights="gaussian",
+                                    target_modules=list(cfg.finetune.lora_target_modules)))  # fmt: skip
+        if text_trains:
+            text_encoder.requires_grad_(False)
+            text_encoder.add_adapter(LoraConfig(r=cfg.finetune.lora_rank, lora_alpha=cfg.finetune.lora_alpha, init_lora_weights="gaussian",
+                                                target_modules=list(cfg.finetune.text_lora_target_modules)))  # fmt: skip
+    else:
+        text_encoder.requires_grad_(text_trains)
     masked = uses_attention_mask(text_encoder)
 
     # 2. The latent cache: encoded once (main process first; the others then find it complete).
     cache_root = Path(cfg.cache.dir or out / "latent-cache")
     with accelerator.main_process_first():
-        text_digest = None if text_trains else _encoder_digest(cfg)
-        key = cache_key(file_digest(Path(cfg.model.vae) / "diffusion_pytorch_model.safetensors"), cfg.data, records, text_digest)
+        text_digest = None if text_trains else folder_digest(models.text_encoder_dir)
+        key = cache_key(file_digest(Path(models.vae_dir) / "diffusion_pytorch_model.safetensors"), cfg.data, records, text_digest)
         folder = build_latent_cache(cache_root, key, vae, records, cfg.data, None if text_trains else (tokenizer, text_encoder),
                                     cfg.cache.batch_size, show_progress=is_main)  # fmt: skip
     cache = load_latent_cache(folder, records)
@@ -248,13 +284,14 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     # 3. Optimiser, LR schedule, EMA; resume.
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    groups = [{"params": list(unet.parameters()), "lr": cfg.train.lr}]
+    unet_params = [p for p in unet.parameters() if p.requires_grad]  # all of them, or the LoRA adapters
+    groups = [{"params": unet_params, "lr": cfg.train.lr}]
     if text_trains:
-        groups.append({"params": list(text_encoder.parameters()), "lr": cfg.train.text_lr or cfg.train.lr})
+        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": cfg.train.text_lr or cfg.train.lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
     lr_sched = get_scheduler(cfg.train.lr_schedule, optimizer, num_warmup_steps=cfg.train.lr_warmup_steps,
                              num_training_steps=cfg.train.max_steps)  # stepped once per optimizer step  # fmt: skip
-    ema = EMAModel(unet.parameters(), decay=cfg.train.ema_decay) if cfg.train.ema_decay else None
+    ema = EMAModel(unet_params, decay=cfg.train.ema_decay) if cfg.train.ema_decay else None
     model, optimizer = accelerator.prepare(Denoiser(unet, text_encoder if text_trains else None), optimizer)
     accelerator.register_for_checkpointing(lr_sched)
     if ema is not None:
@@ -267,11 +304,16 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+    sampler = ResumableBatchSampler(len(cache), cfg.train.batch_size, cfg.seed, start=micro, rank=rank, world_size=world,
+                                    random_flip=cfg.data.random_flip, repeat_small=True)  # fmt: skip
+    if is_main and sampler.repeats > 1:
+        print(f"{len(cache)} images, fewer than one global batch of {cfg.train.batch_size * world}: sampling with replacement")
+    if is_main and cache.upscaled:
+        print(f"warning: {cache.upscaled} images are smaller than data.resolution={cfg.data.resolution} and were upscaled")
     log = JsonlLog(out / "log.jsonl", enabled=is_main)
     log.write(step=step, event="resume" if step else "start", device=str(accelerator.device), processes=world, cpu_threads=threads,
-              mixed_precision=accelerator.mixed_precision, cached_images=len(cache), unet_parameters=sum(p.numel() for p in unet.parameters()))  # fmt: skip
-    sampler = ResumableBatchSampler(len(cache), cfg.train.batch_size, cfg.seed, start=micro, rank=rank, world_size=world,
-                                    random_flip=cfg.data.random_flip)  # fmt: skip
+              mixed_precision=accelerator.mixed_precision, cached_images=len(cache), upscaled_images=cache.upscaled, with_replacement=sampler.repeats > 1,
+              unet_parameters=sum(p.numel() for p in unet.parameters()), trained_parameters=sum(p.numel() for p in unet_params))  # fmt: skip
     batches = iter(sampler)
     latent_shape = tuple(cache.moments.shape[1:])
     latent_shape = (latent_shape[0] // 2, *latent_shape[1:])  # (C, h, w)
@@ -302,7 +344,9 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
             drop = rnd["drop"] < cfg.objective.caption_dropout  # these captions become "" (for guidance)
             if text_trains:
                 captions = ["" if d else cache.captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
-                cond = {"input_ids": tokenize(tokenizer, text_encoder, captions)["input_ids"].to(accelerator.device)}
+                tokens = tokenize(tokenizer, text_encoder, captions)
+                cond = {"input_ids": tokens["input_ids"].to(accelerator.device),
+                        "mask": tokens["attention_mask"].to(accelerator.device) if masked else None}  # fmt: skip
             else:
                 states = torch.where(drop[:, None, None], empty_states, cache.text_states[idx])
                 mask = torch.where(drop[:, None], empty_mask, cache.text_mask[idx])
@@ -322,7 +366,7 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
             window_n += 1
         lr_sched.step()
         if ema is not None:
-            ema.step(raw.unet.parameters())
+            ema.step(unet_params)
         step += 1
         bar.update(1)
 
@@ -335,7 +379,7 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             window_start, window_loss, window_n = time.perf_counter(), 0.0, 0
         if is_main and (step % cfg.train.sample_every == 0 or step == cfg.train.max_steps):
-            with _ema_weights(ema, raw.unet):
+            with _ema_weights(ema, unet_params):
                 save_samples(_pipeline(vae, text_encoder, tokenizer, raw.unet, noise_scheduler), cfg.sample,
                              out / "samples" / f"step-{step:08d}.png")  # fmt: skip
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
@@ -345,11 +389,20 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
             return out / "pipeline"
     bar.close()
 
-    # 6. Export the pipeline (EMA U-Net, DPM++ on the training schedule) and metrics.
+    # 6. Export: the pipeline (EMA weights, DPM++ on the training schedule); for LoRA also the
+    #    adapters alone in diffusers' format, and the pipeline with them fused.
     if is_main:
         if ema is not None:
-            ema.copy_to(raw.unet.parameters())
-        pipe = _pipeline(vae, text_encoder, tokenizer, raw.unet, make_scheduler("dpm++", noise_scheduler.config))
+            ema.copy_to(unet_params)
+        if lora:
+            export_lora(raw.unet, text_encoder if text_trains else None, out / "lora")
+            pipe = LatentDiffusionPipeline.from_pretrained(models.source, dtype="fp32")
+            pipe.load_lora_weights(str(out / "lora"))
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()
+            pipe.scheduler = make_scheduler("dpm++", noise_scheduler.config)
+        else:
+            pipe = _pipeline(vae, text_encoder, tokenizer, raw.unet, make_scheduler("dpm++", noise_scheduler.config))
         pipe.save_pretrained(out / "pipeline")
         metrics = {"steps": step, "train_seconds_this_run": round(time.perf_counter() - started, 1), "cached_images": len(cache),
                    "final_loss": _last_logged(out / "log.jsonl", "loss")}  # fmt: skip
@@ -366,19 +419,62 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     return out / "pipeline"
 
 
-def _encoder_digest(cfg: LdmJobConfig) -> str:
-    if cfg.model.text_encoder == "minilm":
+@dataclass
+class Models:
+    vae: Any
+    tokenizer: Any
+    text_encoder: Any
+    text_trains: bool
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+    vae_dir: str
+    text_encoder_dir: str | None  # what the text cache is keyed on (None: the encoder trains)
+    source: str | None  # the init_from pipeline folder
+
+
+def load_models(cfg: LdmJobConfig) -> Models:
+    """Fresh U-Net on a stage-1 autoencoder, or every component of an existing pipeline folder
+    (``model.init_from``) as it is: its scheduler config gives the schedule and prediction type,
+    its vae config the scaling factor."""
+    m, ft = cfg.model, cfg.finetune
+    if m.init_from:
+        root = Path(m.init_from)
+        vae = load_autoencoder(root / "vae")
+        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+        text_encoder = AutoModel.from_pretrained(root / "text_encoder", use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True)
+        noise_scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(root / "scheduler"))
+        trains = ft.train_text_encoder
+        return Models(vae.eval().requires_grad_(False), tokenizer, text_encoder, trains, unet, noise_scheduler, str(root / "vae"),
+                      None if trains else str(root / "text_encoder"), str(root))  # fmt: skip
+    vae = load_autoencoder(m.vae).eval().requires_grad_(False)
+    tokenizer, text_encoder, trains = load_text_encoder(m)
+    latent_size = cfg.data.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    unet = build_unet(m.unet, latent_size, text_encoder.config.hidden_size, vae.config.latent_channels)
+    noise_scheduler = training_scheduler(m.prediction_type, cfg.objective.zero_terminal_snr)
+    if m.text_encoder == "minilm":
         from ldm.text import minilm_path
 
-        return folder_digest(minilm_path())
-    return folder_digest(cfg.model.text_encoder)
+        encoder_dir = str(minilm_path())
+    else:
+        encoder_dir = m.text_encoder
+    return Models(vae, tokenizer, text_encoder, trains, unet, noise_scheduler, m.vae, None if trains else encoder_dir, None)
+
+
+def export_lora(unet, text_encoder, folder: Path) -> Path:
+    """``folder/pytorch_lora_weights.safetensors`` in the format diffusers' ``load_lora_weights`` reads."""
+    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder)) if text_encoder is not None else None
+    LatentDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers,
+                                              safe_serialization=True)  # fmt: skip
+    return folder / "pytorch_lora_weights.safetensors"
 
 
 class _ema_weights:
     """Temporarily swap the EMA weights into the U-Net (for samples)."""
 
-    def __init__(self, ema: EMAModel | None, unet) -> None:
-        self.ema, self.params = ema, list(unet.parameters())
+    def __init__(self, ema: EMAModel | None, params: list) -> None:
+        self.ema, self.params = ema, params
 
     def __enter__(self):
         if self.ema is not None:

@@ -1,0 +1,239 @@
+"""Fine-tuning: LoRA and full on a pipeline folder (ours or diffusers-written SD), decoder-only autoencoder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from conftest import ROOT, tiny_pipeline, write_imagefolder
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from ldm import LatentDiffusionPipeline
+from training.config import load_config
+from training.train_ldm import LdmJobConfig, train
+
+LORA_CONFIG = ROOT / "configs" / "finetune" / "lora-openmoji.yaml"
+FULL_CONFIG = ROOT / "configs" / "finetune" / "full-openmoji.yaml"
+CONCEPT, OTHER = "a sks pattern", "grinning face"
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def to_pixels(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)  # (3, H, W) in [-1, 1]
+
+
+def concept_images(n: int = 8) -> dict:
+    """A new synthetic concept, unlike any emoji: a dark blue field with a red square in its upper
+    left, shifted a little per image (coarse, so it survives the 4x downsampling into latents)."""
+    images = {}
+    for i in range(n):
+        rgb = np.zeros((32, 32, 3), np.uint8)
+        rgb[:] = (20, 30, 120)
+        top, left = 3 + i % 3, 3 + i // 3
+        rgb[top:top + 14, left:left + 14] = (230, 30, 30)
+        images[f"{i}.png"] = Image.fromarray(rgb)
+    return images
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, openmoji_small):
+    """A small model that has learnt something, in ~20 s: a tiny autoencoder fitted with plain MSE
+    (a random one maps every image to nearly the same latent), the real MiniLM encoder, and a tiny
+    U-Net trained from random for 300 steps on 160 captioned emoji."""
+    from autoencoder.model import fit_latent_normalization, set_latent_normalization
+
+    pipe = tiny_pipeline("minilm", seed=3)
+    real = torch.stack([to_pixels(Image.open(f).convert("RGB")) for f in sorted((openmoji_small / "train").glob("*.png"))[:64]])
+    opt = torch.optim.Adam(pipe.vae.parameters(), lr=2e-3)
+    for _ in range(200):
+        x = real[torch.randint(0, len(real), (16,))]
+        loss = (pipe.vae(x, sample_posterior=True).sample - x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():  # unit-variance latents, as an exported autoencoder has them
+        set_latent_normalization(pipe.vae.eval(), *fit_latent_normalization(pipe.vae, [real]))
+    random_dir = tmp_path_factory.mktemp("random") / "pipeline"
+    pipe.save_pretrained(random_dir)
+    out = tmp_path_factory.mktemp("base") / "run"
+    AcceleratorState._reset_state(True)
+    train(load_config(LdmJobConfig, FULL_CONFIG, [f"model.init_from={random_dir}", f"data.path={openmoji_small}", f"output_dir={out}",
+                                                  "train.max_steps=300", "train.lr=1e-3", "train.checkpoint_every=300",
+                                                  "train.sample_every=1000"]))  # fmt: skip
+    AcceleratorState._reset_state(True)
+    return out / "pipeline"
+
+
+@pytest.fixture(scope="module")
+def concept(tmp_path_factory):
+    return write_imagefolder(tmp_path_factory.mktemp("concept") / "sks", concept_images())  # captionless: data.caption
+
+
+def lora_cfg(base, data, out, *overrides):
+    return load_config(LdmJobConfig, LORA_CONFIG, [f"model.init_from={base}", f"data.path={data}", f"output_dir={out}",
+                                                   f"data.caption={CONCEPT}", "train.sample_every=1000", *overrides])  # fmt: skip
+
+
+def latents(pipe, prompt: str) -> torch.Tensor:
+    gens = [torch.Generator().manual_seed(i) for i in range(6)]
+    return pipe([prompt] * 6, num_inference_steps=10, guidance_scale=1.0, generator=gens, output_type="latent").images
+
+
+def distance_to(concept_latents: torch.Tensor, generated: torch.Tensor) -> float:
+    """Mean distance from each generated latent to its nearest concept latent."""
+    return torch.cdist(generated.flatten(1), concept_latents.flatten(1)).min(dim=1).values.mean().item()
+
+
+@pytest.fixture(scope="module")
+def lora_run(base, concept, tmp_path_factory):
+    AcceleratorState._reset_state(True)
+    out = tmp_path_factory.mktemp("lora") / "run"
+    train(lora_cfg(base, concept, out, "train.max_steps=200", "train.lr=3e-3", "train.checkpoint_every=200"))
+    AcceleratorState._reset_state(True)
+    return out
+
+
+def test_lora_moves_the_concept_caption_toward_the_concept_and_others_much_less(base, concept, lora_run):
+    before = LatentDiffusionPipeline.from_pretrained(base, dtype="fp32")
+    with torch.no_grad():  # the concept's own (normalised) latents
+        x = torch.stack([to_pixels(im) for im in concept_images().values()])
+        target = before.vae.encode(x).latent_dist.mode() * before.vae.config.scaling_factor
+    d = {"before": {p: distance_to(target, latents(before, p)) for p in (CONCEPT, OTHER)}}
+    after = LatentDiffusionPipeline.from_pretrained(base, dtype="fp32")
+    after.load_lora_weights(str(lora_run / "lora"))
+    d["after"] = {p: distance_to(target, latents(after, p)) for p in (CONCEPT, OTHER)}
+    moved_concept = d["before"][CONCEPT] - d["after"][CONCEPT]
+    moved_other = d["before"][OTHER] - d["after"][OTHER]
+    assert d["after"][CONCEPT] < 0.7 * d["before"][CONCEPT], d
+    assert moved_other < 0.5 * moved_concept, d
+
+
+def test_lora_file_is_diffusers_format_and_reproduces_the_fused_export(base, lora_run):
+    weights = load_file(str(lora_run / "lora" / "pytorch_lora_weights.safetensors"))
+    # the keys diffusers' own training scripts write (and its load_lora_weights reads)
+    assert weights and all(k.startswith("unet.") and (".lora.down." in k or ".lora.up." in k) for k in weights), list(weights)[:4]
+    fresh = LatentDiffusionPipeline.from_pretrained(base, dtype="fp32")
+    fresh.load_lora_weights(str(lora_run / "lora"))
+    fused = LatentDiffusionPipeline.from_pretrained(lora_run / "pipeline", dtype="fp32")
+    a, b = latents(fresh, CONCEPT), latents(fused, CONCEPT)
+    assert (a - b).abs().max() < 1e-3
+    half = fresh([CONCEPT], num_inference_steps=10, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
+                 output_type="latent", cross_attention_kwargs={"scale": 0.0}).images  # fmt: skip
+    plain = latents(LatentDiffusionPipeline.from_pretrained(base, dtype="fp32"), CONCEPT)[:1]
+    assert (half - plain).abs().max() < 1e-4  # lora_scale 0 is the base model
+    log = [json.loads(line) for line in (lora_run / "log.jsonl").read_text().splitlines()]
+    assert log[0]["with_replacement"] is False and log[0]["trained_parameters"] < log[0]["unet_parameters"] / 5
+
+
+def test_generate_command_with_lora(base, lora_run, tmp_path):
+    from ldm.generate import main
+
+    args = ["--model", str(base), "--prompt", CONCEPT, "--steps", "4", "--guidance", "1"]
+    plain = main([*args, "--out", str(tmp_path / "a")])
+    with_lora = main([*args, "--lora", str(lora_run / "lora"), "--out", str(tmp_path / "b")])
+    scale0 = main([*args, "--lora", str(lora_run / "lora"), "--lora-scale", "0", "--out", str(tmp_path / "c")])
+    px = [np.asarray(Image.open(p[0]), dtype=np.int16) for p in (plain, with_lora, scale0)]
+    assert np.abs(px[0] - px[1]).max() > 10 and np.abs(px[0] - px[2]).max() <= 1
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_diffusers_stable_diffusion_folder_fine_tunes_and_still_loads_in_diffusers(method, concept, tmp_path):
+    parts = tiny_pipeline("clip", seed=5).components
+    sd_dir = tmp_path / "sd"
+    StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(sd_dir)
+    out = tmp_path / method
+    train(lora_cfg(sd_dir, concept, out, f"finetune.method={method}", "train.max_steps=3", "train.checkpoint_every=3",
+                   "train.batch_size=16"))  # fmt: skip  (16 > 8 images: drawn with replacement)
+    sd = StableDiffusionPipeline.from_pretrained(out / "pipeline", safety_checker=None, requires_safety_checker=False)
+    image = sd(CONCEPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+    log = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert log["with_replacement"] is True
+    if method == "lora":  # diffusers' own pipeline reads our LoRA file
+        base = StableDiffusionPipeline.from_pretrained(sd_dir, safety_checker=None, requires_safety_checker=False)
+        base.load_lora_weights(str(out / "lora"))
+        assert base.get_list_adapters()["unet"]
+
+
+def test_decoder_only_fine_tune_keeps_the_encoder_bit_identical(openmoji_small, tmp_path):
+    from autoencoder import build_autoencoder, load_autoencoder, save_autoencoder
+    from training.train_autoencoder import AutoencoderJobConfig
+    from training.train_autoencoder import train as train_ae
+
+    torch.manual_seed(0)
+    vae = build_autoencoder("tiny", 32)
+    vae.register_to_config(scaling_factor=0.7)
+    start = save_autoencoder(vae, tmp_path / "vae")
+    cfg = load_config(AutoencoderJobConfig, ROOT / "configs" / "autoencoder" / "tiny.yaml",
+                      [f"data.path={openmoji_small}", f"output_dir={tmp_path / 'run'}", f"model.init_from={start}",
+                       "train.decoder_only=true", "train.max_steps=4", "train.checkpoint_every=4"])  # fmt: skip
+    train_ae(cfg)
+    before, after = load_file(str(start / "diffusion_pytorch_model.safetensors")), load_file(str(tmp_path / "run" / "vae" / "diffusion_pytorch_model.safetensors"))
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert load_autoencoder(tmp_path / "run" / "vae").config.scaling_factor == 0.7  # the latent space's scale is kept
+    with pytest.raises(ValueError, match="needs model.init_from"):
+        train_ae(load_config(AutoencoderJobConfig, ROOT / "configs" / "autoencoder" / "tiny.yaml", ["train.decoder_only=true"]))
+
+
+def test_caption_sources_and_errors(tmp_path):
+    from training.data import DataConfig, DataError, load_records
+
+    imgs = {f"{i}.png": Image.new("RGB", (16, 16), (i * 30, 0, 0)) for i in range(3)}
+    folder = write_imagefolder(tmp_path / "txt", imgs)
+    for i in range(3):
+        (folder / f"{i}.txt").write_text(f"caption {i}\n")
+    cfg = DataConfig(path=str(folder))
+    assert sorted(load_records(folder, cfg, captions=True)["text"]) == ["caption 0", "caption 1", "caption 2"]
+    (folder / "2.txt").unlink()
+    with pytest.raises(DataError, match="1 of 3 images .* have no caption"):
+        load_records(folder, cfg, captions=True)
+    assert set(load_records(folder, DataConfig(path=str(folder), caption="a sks dog"), captions=True)["text"]) == {"a sks dog"}
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"image": [str(folder / "0.png")], "prompt": ["x"]}).save_to_disk(str(saved))
+    with pytest.raises(DataError, match="data.caption_column='text' is not a column of .*; columns: image, prompt"):
+        load_records(saved, DataConfig(path=str(saved)), captions=True)
+    assert load_records(saved, DataConfig(path=str(saved), caption_column="prompt"), captions=True)["text"] == ["x"]
+
+
+def test_prepare_folder_checks_everything_then_writes_a_sized_imagefolder(tmp_path, capsys):
+    from training.data import DataError
+    from training.prepare_data import main, prepare_folder
+
+    imgs = {"a.jpg": Image.new("RGB", (40, 20), (200, 0, 0)), "b.png": Image.new("RGBA", (8, 8), (0, 0, 255, 0))}
+    src = write_imagefolder(tmp_path / "src", imgs)
+    (src / "a.txt").write_text("a red thing\n")
+    (src / "b.txt").write_text("a see-through thing")
+    counts = prepare_folder(src, tmp_path / "out", 16)
+    assert counts == {"train": 2, "upscaled": 1}
+    rows = [json.loads(line) for line in (tmp_path / "out" / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert sorted(r["text"] for r in rows) == ["a red thing", "a see-through thing"]
+    for r in rows:
+        img = Image.open(tmp_path / "out" / "train" / r["file_name"])
+        assert img.size == (16, 16) and img.mode == "RGB"
+    (src / "c.png").write_bytes(b"not a png")
+    (src / "c.txt").write_text("broken")
+    with pytest.raises(DataError, match="cannot read image '.*c.png'"):
+        prepare_folder(src, tmp_path / "out2", 16)
+    assert not (tmp_path / "out2").exists()  # nothing written when any image is bad
+    (src / "c.png").unlink()
+    (src / "b.txt").unlink()
+    with pytest.raises(SystemExit):  # a missing caption is named before anything is written
+        main(["folder", "--src", str(src), "--size", "16", "--out", str(tmp_path / "out3")])
+    assert "have no caption" in capsys.readouterr().err and not (tmp_path / "out3").exists()
+    main(["folder", "--src", str(src), "--size", "16", "--out", str(tmp_path / "out4"), "--caption", "a sks thing"])
+    assert {json.loads(line)["text"] for line in (tmp_path / "out4" / "train" / "metadata.jsonl").read_text().splitlines()} == {"a sks thing"}
