@@ -147,14 +147,17 @@ def test_generate_command_with_lora(base, lora_run, tmp_path):
     assert np.abs(px[0] - px[1]).max() > 10 and np.abs(px[0] - px[2]).max() <= 1
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_diffusers_stable_diffusion_folder_fine_tunes_and_still_loads_in_diffusers(method, concept, tmp_path):
+@pytest.mark.parametrize("method,text", [("full", False), ("lora", False), ("lora", True)])
+def test_diffusers_stable_diffusion_folder_fine_tunes_and_still_loads_in_diffusers(method, text, concept, tmp_path):
     parts = tiny_pipeline("clip", seed=5).components
     sd_dir = tmp_path / "sd"
     StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(sd_dir)
     out = tmp_path / method
-    train(lora_cfg(sd_dir, concept, out, f"finetune.method={method}", "train.max_steps=3", "train.checkpoint_every=3",
-                   "train.batch_size=16"))  # fmt: skip  (16 > 8 images: drawn with replacement)
+    train(lora_cfg(sd_dir, concept, out, f"finetune.method={method}", f"finetune.train_text_encoder={text}", "train.max_steps=3",
+                   "train.checkpoint_every=3", "train.batch_size=16"))  # fmt: skip  (16 > 8 images: drawn with replacement)
+    if text:  # adapters on the text encoder too, under diffusers' text_encoder prefix
+        keys = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors")).keys()
+        assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
     sd = StableDiffusionPipeline.from_pretrained(out / "pipeline", safety_checker=None, requires_safety_checker=False)
     image = sd(CONCEPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
@@ -163,7 +166,32 @@ def test_diffusers_stable_diffusion_folder_fine_tunes_and_still_loads_in_diffuse
     if method == "lora":  # diffusers' own pipeline reads our LoRA file
         base = StableDiffusionPipeline.from_pretrained(sd_dir, safety_checker=None, requires_safety_checker=False)
         base.load_lora_weights(str(out / "lora"))
-        assert base.get_list_adapters()["unet"]
+        adapters = base.get_list_adapters()
+        assert adapters["unet"] and bool(adapters.get("text_encoder")) == text
+        ours = LatentDiffusionPipeline.from_pretrained(sd_dir, dtype="fp32")
+        plain = latents(ours, CONCEPT)
+        ours.load_lora_weights(str(out / "lora"))
+        assert (latents(ours, CONCEPT) - plain).abs().max() > 1e-3  # the adapters act...
+        off = ours([CONCEPT] * 6, num_inference_steps=10, guidance_scale=1.0, generator=[torch.Generator().manual_seed(i) for i in range(6)],
+                   output_type="latent", cross_attention_kwargs={"scale": 0.0}).images  # fmt: skip
+        assert (off - plain).abs().max() < 1e-4  # ...and scale 0 switches them all off, text encoder included
+
+
+def test_lora_resume_equals_an_uninterrupted_run_and_small_images_are_counted(base, tmp_path):
+    """Killed after step 3 and relaunched: the same LoRA file, bit for bit, as a run that never
+    stopped. Images smaller than the resolution are upscaled and counted in the log."""
+    small = write_imagefolder(tmp_path / "small", {f"{i}.png": Image.new("RGB", (16, 16), (40 * i, 90, 200)) for i in range(4)})
+    common = ["train.max_steps=6", "train.checkpoint_every=3", "train.batch_size=4"]
+    train(lora_cfg(base, small, tmp_path / "full", *common))
+    AcceleratorState._reset_state(True)
+    train(lora_cfg(base, small, tmp_path / "resumed", *common), stop_after_steps=3)
+    assert not (tmp_path / "resumed" / "lora").exists()
+    AcceleratorState._reset_state(True)
+    train(lora_cfg(base, small, tmp_path / "resumed", *common))
+    a, b = (load_file(str(tmp_path / r / "lora" / "pytorch_lora_weights.safetensors")) for r in ("full", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    start = json.loads((tmp_path / "full" / "log.jsonl").read_text().splitlines()[0])
+    assert start["upscaled_images"] == 4 and start["with_replacement"] is False
 
 
 def test_decoder_only_fine_tune_keeps_the_encoder_bit_identical(openmoji_small, tmp_path):

@@ -263,8 +263,8 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
                                     target_modules=list(cfg.finetune.lora_target_modules)))  # fmt: skip
         if text_trains:
             text_encoder.requires_grad_(False)
-            text_encoder.add_adapter(LoraConfig(r=cfg.finetune.lora_rank, lora_alpha=cfg.finetune.lora_alpha, init_lora_weights="gaussian",
-                                                target_modules=list(cfg.finetune.text_lora_target_modules)))  # fmt: skip
+            add_text_lora(text_encoder, LoraConfig(r=cfg.finetune.lora_rank, lora_alpha=cfg.finetune.lora_alpha, init_lora_weights="gaussian",
+                                                   target_modules=list(cfg.finetune.text_lora_target_modules)))  # fmt: skip
     else:
         text_encoder.requires_grad_(text_trains)
     masked = uses_attention_mask(text_encoder)
@@ -459,6 +459,16 @@ def load_models(cfg: LdmJobConfig) -> Models:
     else:
         encoder_dir = m.text_encoder
     return Models(vae, tokenizer, text_encoder, trains, unet, noise_scheduler, m.vae, None if trains else encoder_dir, None)
+
+
+def add_text_lora(text_encoder, config: LoraConfig) -> None:
+    """LoRA adapters on a transformers text encoder, with peft itself: transformers 5's
+    ``add_adapter`` wants a peft release newer than the registries may have (0.22). Recorded in
+    ``peft_config`` as ``add_adapter`` does, so peft's state-dict helpers find the adapter."""
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, text_encoder, adapter_name="default")
+    text_encoder.peft_config = {"default": config}
 
 
 def export_lora(unet, text_encoder, folder: Path) -> Path:
