@@ -38,7 +38,7 @@ from training.checkpoint import resume_from_latest, save_checkpoint
 from training.config import MixedPrecision, parse_cli, save_config, to_dict
 from training.data import DataConfig, ResumableBatchSampler, load_records
 from training.latent_cache import build_latent_cache, cache_key, file_digest, folder_digest, load_latent_cache
-from training.utils import JsonlLog, save_grid, set_cpu_threads, write_json_atomic
+from training.utils import JsonlLog, save_grid, set_cpu_threads, training_attention, write_json_atomic
 
 DEFAULT_PROMPTS = ("red apple", "grinning face", "sun", "red heart", "pine tree", "dog face", "rocket", "snowflake")
 
@@ -352,7 +352,8 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
                 mask = torch.where(drop[:, None], empty_mask, cache.text_mask[idx])
                 cond = {"states": states.to(accelerator.device), "mask": mask.to(accelerator.device) if masked else None}
             with accelerator.accumulate(model), accelerator.autocast():
-                pred = model(x_t, t, **cond)
+                with training_attention(accelerator.device):
+                    pred = model(x_t, t, **cond)
                 per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
                 if cfg.objective.min_snr_gamma:
                     per_sample = per_sample * min_snr_weights(t, abar, cfg.objective.min_snr_gamma, cfg.model.prediction_type)
