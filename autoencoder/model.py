@@ -12,8 +12,9 @@ import math
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from diffusers import AutoencoderKL
@@ -74,12 +75,25 @@ def load_autoencoder(path: str | Path) -> AutoencoderKL:
 def save_autoencoder(vae: AutoencoderKL, path: str | Path) -> Path:
     """Save in the diffusers layout (config.json + safetensors), replacing ``path`` atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary folder
-    vae.save_pretrained(tmp, safe_serialization=True)
-    replace_dir(tmp, path)
+    with atomic_dir(path) as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
     return path
+
+
+@contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Write a folder atomically: yields a temporary folder beside ``target``, which replaces
+    ``target`` once the block finishes (:func:`replace_dir`) and is removed if the block raises."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, target)
 
 
 def replace_dir(src: Path, dst: Path) -> None:

