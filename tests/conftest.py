@@ -27,6 +27,24 @@ def openmoji_small(tmp_path_factory) -> Path:
     return out
 
 
+def fresh_state(job):
+    """``job`` (a training job's ``train``) run in a fresh accelerate state, and leaving one behind:
+    accelerate keeps one state per process, and each job must start as a new process would."""
+    import functools
+
+    from accelerate.state import AcceleratorState
+
+    @functools.wraps(job)
+    def run(*args, **kwargs):
+        AcceleratorState._reset_state(True)
+        try:
+            return job(*args, **kwargs)
+        finally:
+            AcceleratorState._reset_state(True)
+
+    return run
+
+
 def write_imagefolder(root: Path, images: dict, captions: dict | None = None) -> Path:
     """images: {file_name: PIL image or raw bytes}; captions: {file_name: text} -> metadata.jsonl."""
     root.mkdir(parents=True, exist_ok=True)

@@ -7,26 +7,20 @@ import json
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
-from conftest import ROOT, tiny_pipeline, write_imagefolder
+from conftest import ROOT, fresh_state, tiny_pipeline, write_imagefolder
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
 from ldm import LatentDiffusionPipeline
 from training.config import load_config
-from training.train_ldm import LdmJobConfig, train
+from training.train_ldm import LdmJobConfig
+from training.train_ldm import train as train_job
 
+train = fresh_state(train_job)
 LORA_CONFIG = ROOT / "configs" / "finetune" / "lora-openmoji.yaml"
 FULL_CONFIG = ROOT / "configs" / "finetune" / "full-openmoji.yaml"
 CONCEPT, OTHER = "a sks pattern", "grinning face"
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
 
 
 def to_pixels(img: Image.Image) -> torch.Tensor:
@@ -67,11 +61,9 @@ def base(tmp_path_factory, openmoji_small):
     random_dir = tmp_path_factory.mktemp("random") / "pipeline"
     pipe.save_pretrained(random_dir)
     out = tmp_path_factory.mktemp("base") / "run"
-    AcceleratorState._reset_state(True)
     train(load_config(LdmJobConfig, FULL_CONFIG, [f"model.init_from={random_dir}", f"data.path={openmoji_small}", f"output_dir={out}",
                                                   "train.max_steps=300", "train.lr=1e-3", "train.checkpoint_every=300",
                                                   "train.sample_every=1000"]))  # fmt: skip
-    AcceleratorState._reset_state(True)
     return out / "pipeline"
 
 
@@ -97,10 +89,8 @@ def distance_to(concept_latents: torch.Tensor, generated: torch.Tensor) -> float
 
 @pytest.fixture(scope="module")
 def lora_run(base, concept, tmp_path_factory):
-    AcceleratorState._reset_state(True)
     out = tmp_path_factory.mktemp("lora") / "run"
     train(lora_cfg(base, concept, out, "train.max_steps=200", "train.lr=3e-3", "train.checkpoint_every=200"))
-    AcceleratorState._reset_state(True)
     return out
 
 
@@ -183,10 +173,8 @@ def test_lora_resume_equals_an_uninterrupted_run_and_small_images_are_counted(ba
     small = write_imagefolder(tmp_path / "small", {f"{i}.png": Image.new("RGB", (16, 16), (40 * i, 90, 200)) for i in range(4)})
     common = ["train.max_steps=6", "train.checkpoint_every=3", "train.batch_size=4"]
     train(lora_cfg(base, small, tmp_path / "full", *common))
-    AcceleratorState._reset_state(True)
     train(lora_cfg(base, small, tmp_path / "resumed", *common), stop_after_steps=3)
     assert not (tmp_path / "resumed" / "lora").exists()
-    AcceleratorState._reset_state(True)
     train(lora_cfg(base, small, tmp_path / "resumed", *common))
     a, b = (load_file(str(tmp_path / r / "lora" / "pytorch_lora_weights.safetensors")) for r in ("full", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -197,7 +185,9 @@ def test_lora_resume_equals_an_uninterrupted_run_and_small_images_are_counted(ba
 def test_decoder_only_fine_tune_keeps_the_encoder_bit_identical(openmoji_small, tmp_path):
     from autoencoder import build_autoencoder, load_autoencoder, save_autoencoder
     from training.train_autoencoder import AutoencoderJobConfig
-    from training.train_autoencoder import train as train_ae
+    from training.train_autoencoder import train
+
+    train_ae = fresh_state(train)
 
     torch.manual_seed(0)
     vae = build_autoencoder("tiny", 32)

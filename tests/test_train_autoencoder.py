@@ -9,20 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from autoencoder import load_autoencoder
-from tests.conftest import ROOT, TINY_AE_CONFIG, write_imagefolder
+from tests.conftest import ROOT, TINY_AE_CONFIG, fresh_state, write_imagefolder
 from training.config import load_config
-from training.train_autoencoder import AutoencoderJobConfig, train
+from training.train_autoencoder import AutoencoderJobConfig
+from training.train_autoencoder import train as train_job
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+train = fresh_state(train_job)
 
 
 def tiny_cfg(data, out, *overrides):
@@ -32,10 +27,8 @@ def tiny_cfg(data, out, *overrides):
 @pytest.fixture(scope="module")
 def tiny_run(openmoji_small, tmp_path_factory):
     """One tiny stage-1 run shared by the read-only checks below."""
-    AcceleratorState._reset_state(True)
     out = tmp_path_factory.mktemp("ae") / "run"
     train(tiny_cfg(openmoji_small, out))
-    AcceleratorState._reset_state(True)
     return out
 
 
@@ -93,7 +86,6 @@ def test_resume_equals_an_uninterrupted_run(tiny_run, openmoji_small, tmp_path):
     straight, resumed = tiny_run, tmp_path / "resumed"
     train(tiny_cfg(openmoji_small, resumed), stop_after_steps=4)  # "killed" after the step-4 checkpoint
     assert not (resumed / "vae").exists()
-    AcceleratorState._reset_state(True)
     train(tiny_cfg(openmoji_small, resumed))  # the same command again resumes
     (vae_a, disc_a), (vae_b, disc_b) = _weights(straight), _weights(resumed)
     for a, b in ((vae_a, vae_b), (disc_a, disc_b)):

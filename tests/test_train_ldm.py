@@ -10,23 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from autoencoder.model import build_autoencoder, save_autoencoder
 from ldm import LatentDiffusionPipeline
-from tests.conftest import ROOT
+from tests.conftest import ROOT, fresh_state
 from training.config import load_config
-from training.train_ldm import LdmJobConfig, check_compatible, train
+from training.train_ldm import LdmJobConfig, check_compatible
+from training.train_ldm import train as train_job
 
+train = fresh_state(train_job)
 TINY_LDM_CONFIG = ROOT / "configs" / "ldm" / "tiny.yaml"
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +40,8 @@ def unet_weights(run: Path) -> dict:
 @pytest.fixture(scope="module")
 def clip_run(openmoji_small, tiny_vae, tmp_path_factory):
     """clip-scratch: the text encoder trains with the U-Net (nothing textual is cached)."""
-    AcceleratorState._reset_state(True)
     out = tmp_path_factory.mktemp("ldm") / "clip"
     train(cfg_for(openmoji_small, tiny_vae, out, "train.max_steps=10", "train.checkpoint_every=5", "train.sample_every=5"))
-    AcceleratorState._reset_state(True)
     return out
 
 
@@ -86,10 +78,8 @@ def test_resume_equals_an_uninterrupted_run_with_a_frozen_cached_encoder(openmoj
     common = ["model.text_encoder=minilm", "train.max_steps=6", "train.checkpoint_every=3", "train.sample_every=100",
               f"cache.dir={tmp_path / 'cache'}"]  # fmt: skip
     train(cfg_for(openmoji_small, tiny_vae, tmp_path / "full", *common))
-    AcceleratorState._reset_state(True)
     train(cfg_for(openmoji_small, tiny_vae, tmp_path / "resumed", *common), stop_after_steps=3)
     assert not (tmp_path / "resumed" / "pipeline").exists()
-    AcceleratorState._reset_state(True)
     train(cfg_for(openmoji_small, tiny_vae, tmp_path / "resumed", *common))
     full, resumed = unet_weights(tmp_path / "full"), unet_weights(tmp_path / "resumed")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
@@ -112,20 +102,17 @@ def test_latent_cache_is_reused_rebuilt_on_a_new_key_and_never_runs_in_the_step(
     calls = []
     original = AutoencoderKL.encode
     monkeypatch.setattr(AutoencoderKL, "encode", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
-    AcceleratorState._reset_state(True)
     train(cfg_for(openmoji_small, tiny_vae, tmp_path / "b", *args))
     assert calls == [] and (first / "shard-00000.safetensors").stat().st_mtime_ns == stamp
 
     # an interrupted encode resumes: only the missing shard is encoded again
     (first / "complete.json").unlink()
-    AcceleratorState._reset_state(True)
     train(cfg_for(openmoji_small, tiny_vae, tmp_path / "c", *args))
     assert calls == [] and (first / "complete.json").is_file()
 
     # another autoencoder: a new key, a rebuilt cache, the stale one removed
     torch.manual_seed(1)
     other_vae = save_autoencoder(build_autoencoder("tiny", 32), tmp_path / "vae2")
-    AcceleratorState._reset_state(True)
     train(cfg_for(openmoji_small, other_vae, tmp_path / "d", *args))
     (second,) = [p for p in cache.iterdir() if p.is_dir()]
     assert second != first and len(calls) > 0
