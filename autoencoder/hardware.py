@@ -107,7 +107,7 @@ def cpu_bf16_speedup() -> float:
     """How many times faster a bf16 convolution runs than fp32 on this CPU (measured once per boot).
 
     It depends on more than the flags: with AMX ~3.5x; on AVX512-BF16 without AMX it was measured
-    at ~0.67x on a Xeon VM (AMX trapping, capped) and ~1.9x on an AMD EPYC VM. 0.0: no bf16 units."""
+    at ~0.67x on a Xeon VM (AMX trapping, capped) and 2.4x on an AMD EPYC VM. 0.0: no bf16 units."""
     flags = _cpu_flags()
     if platform.system() != "Linux" or not flags & {"amx_bf16", "avx512_bf16"}:
         return 0.0

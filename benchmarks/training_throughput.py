@@ -90,7 +90,7 @@ def per_step_encode_recipe(vae_dir: Path, steps: int, batch: int, warmup: int) -
         optimizer.zero_grad(set_to_none=True)
         if step >= warmup:
             times.append(time.perf_counter() - start)
-    return {"images_per_s": batch * len(times) / sum(times), "mixed_precision": "no (fp32)"}
+    return {"images_per_s": batch * len(times) / sum(times), "mixed_precision": "no (fp32)", "unet": cfg.model.unet}
 
 
 def main() -> None:
@@ -107,7 +107,7 @@ def main() -> None:
         results = {"baseline": per_step_encode_recipe(vae_dir, args.steps, args.batch, args.warmup),
                    "ours": ours(vae_dir, Path(tmp), args.steps, args.batch, args.warmup)}  # fmt: skip
     results["ratio"] = results["ours"]["images_per_s"] / results["baseline"]["images_per_s"]
-    print(f"\nU-Net '{load_config(LdmJobConfig, CONFIG, []).model.unet}', batch {args.batch}, 32x32 images -> 4x8x8 latents, MiniLM captions")
+    print(f"\nU-Net '{results['baseline']['unet']}', batch {args.batch}, 32x32 images -> 4x8x8 latents, MiniLM captions")
     print(f"per-step-encode fp32 recipe : {results['baseline']['images_per_s']:7.1f} images/s")
     print(f"train_ldm ({results['ours']['mixed_precision']:>4})          : {results['ours']['images_per_s']:7.1f} images/s")
     print(f"ratio: {results['ratio']:.2f}x")
