@@ -258,13 +258,14 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     text_encoder.to(accelerator.device).train(text_trains)
     lora = cfg.finetune.method == "lora"
     if lora:  # peft adapters on the attention projections; the base weights stay frozen
+        ft = cfg.finetune
+        adapters = lambda targets: LoraConfig(r=ft.lora_rank, lora_alpha=ft.lora_alpha, init_lora_weights="gaussian",  # noqa: E731
+                                              target_modules=list(targets))  # fmt: skip
         unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=cfg.finetune.lora_rank, lora_alpha=cfg.finetune.lora_alpha, init_lora_weights="gaussian",
-                                    target_modules=list(cfg.finetune.lora_target_modules)))  # fmt: skip
+        unet.add_adapter(adapters(ft.lora_target_modules))
         if text_trains:
             text_encoder.requires_grad_(False)
-            add_text_lora(text_encoder, LoraConfig(r=cfg.finetune.lora_rank, lora_alpha=cfg.finetune.lora_alpha, init_lora_weights="gaussian",
-                                                   target_modules=list(cfg.finetune.text_lora_target_modules)))  # fmt: skip
+            add_text_lora(text_encoder, adapters(ft.text_lora_target_modules))
     else:
         text_encoder.requires_grad_(text_trains)
     masked = uses_attention_mask(text_encoder)
