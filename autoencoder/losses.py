@@ -24,6 +24,7 @@ from .perceptual import LPIPS
 @dataclass(frozen=True)
 class LossConfig:
     l1_weight: float = 1.0
+    mse_weight: float = 0.0  # squared error, per pixel (the plain-VAE reconstruction term)
     perceptual_weight: float = 1.0
     kl_weight: float = 1e-6
     disc_start: int = 0  # optimizer step at which the GAN terms switch on
@@ -69,6 +70,8 @@ class AutoencoderLoss(nn.Module):
         x, x_hat = x.float(), x_hat.float()
         l1 = (x - x_hat).abs()  # (B, 3, H, W)
         rec_map = cfg.l1_weight * l1
+        if cfg.mse_weight > 0:
+            rec_map = rec_map + cfg.mse_weight * (x - x_hat) ** 2
         p = torch.zeros(B, device=x.device)
         if cfg.perceptual_weight > 0:
             p = self.lpips(x, x_hat).float()  # (B,), differentiable in x_hat

@@ -34,6 +34,19 @@ def _posterior(mean, logvar):
     return DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
 
 
+def test_plain_vae_loss_is_squared_error_plus_kl():
+    """The MSE + KL baseline of benchmarks/autoencoder_recipe.py: no L1, no LPIPS, no GAN."""
+    cfg = LossConfig(l1_weight=0.0, mse_weight=1.0, perceptual_weight=0.0, kl_weight=1e-3, disc_weight=0.0)
+    loss_fn = AutoencoderLoss(LPIPS(), cfg)
+    torch.manual_seed(0)
+    x, x_hat = torch.rand(2, 3, 8, 8) * 2 - 1, torch.rand(2, 3, 8, 8) * 2 - 1
+    mean, logvar = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2) * 0.1
+    loss, logs = loss_fn.generator_loss(x, x_hat, _posterior(mean, logvar), step=100, discriminator=PatchDiscriminator(num_layers=1))
+    kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum() / 2
+    assert torch.isclose(loss, ((x - x_hat) ** 2).sum() / 2 + 1e-3 * kl, rtol=1e-5)
+    assert "g_loss" not in logs and logs["lpips"] == 0
+
+
 def test_generator_loss_terms_and_gan_switch():
     torch.manual_seed(0)
     lpips = LPIPS()  # weights do not matter for the bookkeeping checked here

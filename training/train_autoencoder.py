@@ -161,8 +161,8 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
     ae_params = [p for p in vae.parameters() if p.requires_grad]
-    opt_ae = torch.optim.AdamW(ae_params, lr=cfg.train.lr, betas=betas, weight_decay=cfg.train.weight_decay)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.train.disc_lr or cfg.train.lr, betas=betas, weight_decay=cfg.train.weight_decay)
+    opt_ae = torch.optim.AdamW(ae_params, lr=cfg.train.lr, betas=betas, weight_decay=cfg.train.weight_decay, fused=True)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.train.disc_lr or cfg.train.lr, betas=betas, weight_decay=cfg.train.weight_decay, fused=True)
     # The autoencoder's LR follows train.lr_schedule; the discriminator's stays constant, as in
     # the reference recipe. The scheduler is stepped once per optimizer step (not per process).
     sched_ae = get_scheduler(cfg.train.lr_schedule, opt_ae, num_warmup_steps=cfg.train.lr_warmup_steps,
