@@ -49,8 +49,9 @@ demo: data
 	$(VENV)/bin/accelerate launch --num_processes 1 -m training.train_ldm --config $(LDM_CONFIG)
 	$(PY) -m ldm.generate --model $(LDM_RUN)/pipeline $(DEMO_PROMPTS) --num-images 6 --grid --out $(LDM_RUN)/demo-grid.png
 
+# Side-by-side benchmarks (never part of `make test`): writes benchmarks/RESULTS.md, ~15-20 min.
 bench: data
-	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -44,6 +45,7 @@ def run(out: Path, steps: int, overrides: list[str]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=900, help="our recipe's steps (the config's 2,200 take ~5 min)")
+    p.add_argument("--keep-vae", type=Path, default=None, help="copy our recipe's exported vae/ folder here (make bench's stage-2 benchmark uses it)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     if not (DATA / "train" / "metadata.jsonl").is_file():
@@ -51,6 +53,8 @@ def main() -> None:
     disc_start = round(args.steps * 1700 / 2200)  # the config's GAN start, as a fraction of the run
     with tempfile.TemporaryDirectory() as tmp:
         ours = run(Path(tmp) / "ours", args.steps, [f"loss.disc_start={disc_start}"])
+        if args.keep_vae:
+            shutil.copytree(Path(tmp) / "ours" / "vae", args.keep_vae, dirs_exist_ok=True)
         probe = run(Path(tmp) / "probe", 40, BASELINE)
         base_steps = round(ours["train_seconds"] / probe["seconds_per_step"])
         baseline = run(Path(tmp) / "baseline", base_steps, BASELINE)

@@ -4,8 +4,9 @@ every step, fp32 U-Net, no cache), with the same U-Net, data, text encoder, batc
 
     .venv/bin/python benchmarks/training_throughput.py [--steps 200] [--every 50] [--batch 64] [--json out.json]
 
-Needs ``data/openmoji-32`` (``make data``). Uses the default run's autoencoder if it exists, else a
-freshly initialised one of the same preset. Reports
+Needs ``data/openmoji-32`` (``make data``). The autoencoder is --vae (``make bench`` passes the one
+benchmarks/autoencoder_recipe.py trained), else the default run's if it exists, else a freshly
+initialised one of the same preset (throughput does not depend on its weights; the loss curve does). Reports
 - the steady-state images/s of both (median over logged windows / steps after the first) and their ratio;
 - where the recipe's step goes (image decoding, autoencoder encode, text encoder, U-Net step);
 - time to a fixed loss: every --every steps both U-Nets (train_ldm: its raw, non-EMA weights from the
@@ -46,9 +47,10 @@ CONFIG = ROOT / "configs" / "ldm" / "openmoji-32.yaml"
 DEFAULT_VAE = ROOT / "runs" / "autoencoder-openmoji-32-f4" / "vae"
 
 
-def autoencoder_dir(tmp: Path) -> Path:
-    if (DEFAULT_VAE / "config.json").is_file():
-        return DEFAULT_VAE
+def autoencoder_dir(tmp: Path, given: Path | None) -> Path:
+    for folder in (given, DEFAULT_VAE):
+        if folder is not None and (folder / "config.json").is_file():
+            return folder
     torch.manual_seed(0)
     return save_autoencoder(build_autoencoder("f4-small", 32), tmp / "vae")
 
@@ -153,13 +155,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--every", type=int, default=50, help="score both U-Nets every this many steps")
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--vae", type=Path, default=None, help="a trained vae/ folder (default: the default run's, if any)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     if not (DATA / "train" / "metadata.jsonl").is_file():
         sys.exit(f"{DATA} is missing: run `make data` first")
     cfg = load_config(LdmJobConfig, CONFIG, [])
     with tempfile.TemporaryDirectory() as tmp:
-        vae_dir = autoencoder_dir(Path(tmp))
+        vae_dir = autoencoder_dir(Path(tmp), args.vae)
         vae = load_autoencoder(vae_dir).eval()
         tokenizer, text_encoder = load_minilm()
         probe = Probe(vae, tokenizer, text_encoder.eval(), cfg)
@@ -176,6 +179,7 @@ def main() -> None:
     results["target_loss"] = target
     results["seconds_to_target"] = {"baseline": time_to(base["curve"], target), "ours": time_to(mine["curve"], target)}
     results["time_ratio"] = results["seconds_to_target"]["baseline"] / results["seconds_to_target"]["ours"]
+    results["vae"] = str(vae_dir)
     print(f"\nU-Net '{base['unet']}', batch {args.batch}, 32x32 images -> 4x8x8 latents, MiniLM captions")
     print(f"per-step-encode fp32 recipe : {base['images_per_s']:7.1f} images/s   step: " +
           ", ".join(f"{k} {v:.0%}" for k, v in base["step_split"].items()))  # fmt: skip
