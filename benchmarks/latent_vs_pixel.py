@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,10 +22,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from autoencoder.model import build_autoencoder  # noqa: E402
 from ldm.pipeline import resolve_dtype  # noqa: E402
 from ldm.unet import build_unet  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 STEPS, IMAGES, TEXT = 25, 4, (77, 384)  # CLIP-length captions of a 384-wide text encoder
 
@@ -36,17 +36,6 @@ def flops(fn) -> int:
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
-
-
-def median_seconds(fn, repeats: int) -> float:
-    with torch.no_grad():
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -16,7 +16,6 @@ import argparse
 import functools
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generation_speed import build_model  # noqa: E402
 from ldm.pipeline import LatentDiffusionPipeline  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 CATEGORIES = {  # profiler op name -> category (self time)
     "convolution": ("convolution", "conv"),
@@ -51,18 +51,6 @@ def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
         a @ b
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
-
-
-def forward_seconds(fn, repeats: int = 15) -> float:
-    with torch.no_grad():
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def category(name: str) -> str:
@@ -105,7 +93,7 @@ def main() -> None:
     for name, options in variants.items():
         pipe = LatentDiffusionPipeline.from_pretrained(folder, **options)  # the pipeline's own set-up of its U-Net
         run = functools.partial(pipe.unet, x.to(pipe.unet.dtype), t, encoder_hidden_states=states.to(pipe.unet.dtype), return_dict=False)
-        seconds = forward_seconds(run)
+        seconds = median_seconds(run, repeats=15, warmup=3)
         rate = res["gflop_per_forward"] / seconds
         res["forward"][name] = {"ms": round(seconds * 1e3, 1), "gflops": round(rate, 1),
                                 "of_bf16_matmul": round(rate / res["matmul_gflops"]["bf16"], 3),
