@@ -24,6 +24,7 @@ from typing import Any
 
 import datasets
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -125,8 +126,8 @@ def build_latent_cache(
     todo = [k for k in range(n_shards) if not (folder / f"shard-{k:05d}.safetensors").is_file()]
     bar = tqdm(total=len(records), initial=(n_shards - len(todo)) * shard_size if todo else len(records),
                desc="encoding latents", disable=not show_progress, dynamic_ncols=True)  # fmt: skip
-    upscaled = 0
     for k in todo:
+        upscaled = 0  # this shard's images smaller than the resolution, kept in its metadata
         rows = range(k * shard_size, min((k + 1) * shard_size, len(records)))
         tensors: dict[str, list[torch.Tensor]] = {"moments": [], "moments_flipped": [], "index": [], "text_states": [], "text_mask": []}
         for batch in eval_loader(records.select(rows), data, batch_size):
@@ -147,18 +148,25 @@ def build_latent_cache(
         shard = {name: torch.cat(parts).contiguous() for name, parts in tensors.items() if parts}
         tmp = folder / f".shard-{k:05d}.tmp"
         if shard:
-            save_file(shard, str(tmp))
+            save_file(shard, str(tmp), metadata={"upscaled": str(upscaled)})
         else:  # every image of the shard was unreadable: an empty marker, so it is not re-encoded
             tmp.write_bytes(b"")
         os.replace(tmp, folder / f"shard-{k:05d}.safetensors")  # a finished shard survives an interruption
     bar.close()
-    # (an encode resumed after an interruption counts the upscaled images of its own shards only)
+    upscaled = sum(_shard_upscaled(p) for p in folder.glob("shard-*.safetensors"))  # shards of an earlier, interrupted encode too
     summary = {"images": len(records), "shards": n_shards, "text_length": text_length, "upscaled": upscaled}
     (folder / "complete.json").write_text(json.dumps(summary))
     for other in Path(cache_dir).iterdir():  # caches of an older autoencoder / dataset / encoder
         if other.is_dir() and other != folder and (other / "key.json").is_file():
             shutil.rmtree(other, ignore_errors=True)
     return folder
+
+
+def _shard_upscaled(path: Path) -> int:
+    if path.stat().st_size == 0:  # the marker of a shard without a readable image
+        return 0
+    with safe_open(str(path), "pt") as f:
+        return int((f.metadata() or {}).get("upscaled", 0))
 
 
 def load_latent_cache(folder: str | Path, records: datasets.Dataset) -> LatentCache:
