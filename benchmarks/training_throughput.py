@@ -100,14 +100,13 @@ def ours(vae_dir: Path, tmp: Path, steps: int, batch: int, every: int, probe: Pr
     return {"images_per_s": statistics.median(rates), "mixed_precision": log[0]["mixed_precision"], "curve": curve}
 
 
-def per_step_encode_recipe(vae_dir: Path, steps: int, batch: int, every: int, probe: Probe, unet_factory) -> dict:
+def per_step_encode_recipe(cfg: LdmJobConfig, vae_dir: Path, steps: int, batch: int, every: int, probe: Probe, unet_factory) -> dict:
     """The usual loop: decode + encode images, run the text encoder, fp32 throughout, every step."""
     start = time.time()
     torch.manual_seed(0)
     vae = load_autoencoder(vae_dir).eval().requires_grad_(False)
     tokenizer, text_encoder = load_minilm()
     text_encoder.eval().requires_grad_(False)
-    cfg = load_config(LdmJobConfig, CONFIG, [])
     unet = unet_factory().train()
     scheduler = training_scheduler("epsilon")
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -158,6 +157,8 @@ def main() -> None:
     p.add_argument("--vae", type=Path, default=None, help="a trained vae/ folder (default: the default run's, if any)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
+    if args.steps <= 10 or args.every > args.steps:
+        sys.exit(f"--steps {args.steps} --every {args.every}: need --steps > 10 (the first 10 steps are warm-up) and --every <= --steps")
     if not (DATA / "train" / "metadata.jsonl").is_file():
         sys.exit(f"{DATA} is missing: run `make data` first")
     cfg = load_config(LdmJobConfig, CONFIG, [])
@@ -171,7 +172,7 @@ def main() -> None:
             torch.manual_seed(0)
             return build_unet(cfg.model.unet, 32 // 4, text_encoder.config.hidden_size, vae.config.latent_channels)
 
-        results = {"baseline": per_step_encode_recipe(vae_dir, args.steps, args.batch, args.every, probe, unet_factory),
+        results = {"baseline": per_step_encode_recipe(cfg, vae_dir, args.steps, args.batch, args.every, probe, unet_factory),
                    "ours": ours(vae_dir, Path(tmp), args.steps, args.batch, args.every, probe, unet_factory)}  # fmt: skip
     base, mine = results["baseline"], results["ours"]
     results["ratio"] = mine["images_per_s"] / base["images_per_s"]

@@ -160,7 +160,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         self.vae.to(memory_format=memory_format)
         if compile:
             # On a CPU, "freezing" folds the (frozen) weights into the graph so oneDNN can prepack
-            # them: 85 -> 77 ms per U-Net forward in the generation benchmark.
+            # them: ~10% off a U-Net forward in the generation benchmark (94 -> 86 ms, benchmarks/NOTES.md).
             self.unet.compile(options={"freezing": True} if device.type == "cpu" else None)
         return self
 
