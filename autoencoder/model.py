@@ -37,11 +37,14 @@ AUTOENCODER_PRESETS: dict[str, dict] = {
 }
 
 
-def build_autoencoder(preset: str, resolution: int) -> AutoencoderKL:
-    """A freshly initialised ``AutoencoderKL`` from a named preset."""
+def build_autoencoder(preset: str, resolution: int, **overrides) -> AutoencoderKL:
+    """A freshly initialised ``AutoencoderKL`` from a named preset; ``overrides`` (e.g.
+    ``latent_channels=8``) replace the preset's values."""
     if preset not in AUTOENCODER_PRESETS:
         raise ValueError(f"model.preset='{preset}' is unknown; valid presets: {', '.join(AUTOENCODER_PRESETS)}")
-    spec = dict(AUTOENCODER_PRESETS[preset])
+    spec = dict(AUTOENCODER_PRESETS[preset]) | {k: v for k, v in overrides.items() if v is not None}
+    if min(spec["block_out_channels"]) % spec["norm_num_groups"]:
+        raise ValueError(f"model.norm_num_groups={spec['norm_num_groups']} does not divide the preset's channel widths {spec['block_out_channels']}")
     n = len(spec["block_out_channels"])
     factor = 2 ** (n - 1)
     if resolution % factor:

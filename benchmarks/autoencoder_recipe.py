@@ -1,10 +1,11 @@
-"""Autoencoder training: this project's recipe (L1 + LPIPS + KL + patch GAN) vs a plain-VAE baseline
-(MSE + KL: no LPIPS, no GAN) with the same network, data, batch and LR, at equal wall-clock time.
+"""Autoencoder training: this project's recipe (the default config's: L1 + LPIPS 0.1 + KL, the GAN as the
+config sets it) vs a plain-VAE baseline (MSE + KL: no LPIPS, no GAN) with the same network, data,
+batch and LR, at equal wall-clock time.
 
     .venv/bin/python benchmarks/autoencoder_recipe.py [--steps 900] [--json out.json]
 
 Needs ``data/openmoji-32`` (``make data``). Our recipe runs ``configs/autoencoder/openmoji-32-f4.yaml``
-shortened to --steps (the GAN starting at the same fraction of the run as in the config); its training
+shortened to --steps (a GAN, if the config has one, starting at the same fraction of the run); its training
 time, read from its log, is the budget. A 40-step probe of the baseline measures its seconds per step,
 and the baseline then runs as many steps as fit in the same budget. Both are scored by their own
 export on the held-out split (201 images): PSNR and LPIPS (VGG, lower is better).
@@ -50,7 +51,11 @@ def main() -> None:
     args = p.parse_args()
     if not (DATA / "train" / "metadata.jsonl").is_file():
         sys.exit(f"{DATA} is missing: run `make data` first")
-    disc_start = round(args.steps * 1700 / 2200)  # the config's GAN start, as a fraction of the run
+    import yaml
+
+    loss = yaml.safe_load(CONFIG.read_text())["loss"]
+    max_steps = yaml.safe_load(CONFIG.read_text())["train"]["max_steps"]
+    disc_start = round(args.steps * loss.get("disc_start", 0) / max_steps)  # the config's GAN start, as a fraction of the run
     with tempfile.TemporaryDirectory() as tmp:
         ours = run(Path(tmp) / "ours", args.steps, [f"loss.disc_start={disc_start}"])
         if args.keep_vae:
@@ -60,7 +65,7 @@ def main() -> None:
         baseline = run(Path(tmp) / "baseline", base_steps, BASELINE)
     results = {"ours": ours, "baseline": baseline, "lpips_ratio": baseline["lpips"] / ours["lpips"]}
     print(f"\n{'recipe':<36}{'steps':>7}{'train s':>9}{'PSNR dB':>9}{'LPIPS':>8}")
-    for name, r in (("L1 + LPIPS + KL + GAN (ours)", ours), ("MSE + KL (plain VAE)", baseline)):
+    for name, r in (("ours (default config)", ours), ("MSE + KL (plain VAE)", baseline)):
         print(f"{name:<36}{r['steps']:>7}{r['train_seconds']:>9.0f}{r['psnr']:>9.2f}{r['lpips']:>8.4f}")
     print(f"LPIPS: ours {ours['lpips']:.4f} vs baseline {baseline['lpips']:.4f} ({results['lpips_ratio']:.2f}x lower)")
     if args.json:

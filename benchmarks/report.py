@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 BENCHMARKS = [  # (script, arguments, title); {tmp} is a scratch folder shared by the run
     ("generation_speed.py", ["--compile"], "1. Generation: this pipeline vs diffusers' StableDiffusionPipeline (fp32)"),
-    ("autoencoder_recipe.py", ["--keep-vae", "{tmp}/vae"], "3. Autoencoder training: L1 + LPIPS + KL + GAN vs MSE + KL at equal time"),
+    ("autoencoder_recipe.py", ["--keep-vae", "{tmp}/vae"], "3. Autoencoder training: the default recipe vs MSE + KL at equal time"),
     ("training_throughput.py", ["--vae", "{tmp}/vae"], "2. Latent-model training: train_ldm vs the per-step-encode fp32 recipe"),
     ("latent_vs_pixel.py", [], "4. Latent vs pixel space: one 64x64 image"),
     ("unet_hardware.py", [], "5. Hardware use: U-Net FLOP/s vs the matrix-product rate"),
@@ -92,6 +92,19 @@ def render(record: dict) -> str:
              *[f"| {t} | {m} | {w} | {'yes' if ok else '**no**: see the notes below'} |" for t, m, w, ok in targets(results)], ""]  # fmt: skip
     for b in sorted(record["benchmarks"].values(), key=lambda b: b["title"]):
         lines += [f"## {b['title']}", "", f"`{b['command']}` ({b['minutes']:.1f} min)", "", "```", b["text"], "```", ""]
+    ablations = HERE / "AUTOENCODER_ABLATIONS.json"
+    if ablations.is_file():  # written by autoencoder_ablations.py --save (about an hour: not part of make bench)
+        sys.path.insert(0, str(HERE))
+        from autoencoder_ablations import table
+
+        ab = json.loads(ablations.read_text())
+        lines += ["## Stage-1 ablations at equal wall-clock (issue 12)", "",
+                  f"`.venv/bin/python benchmarks/autoencoder_ablations.py --budget {ab['budget_seconds']:.0f}` then `--save`; "
+                  f"on {ab['machine']['CPU']} ({ab['machine']['cores']} cores, bf16 conv probe {ab['machine']['bf16 conv speed-up (probe)']}), "
+                  f"{ab['machine']['date']}. Each variant trains for the same seconds; PCA is fitted on the variant's own training "
+                  "split (OpenMoji, or OpenMoji + the generic set), bicubic is area-down to 9x9x3 and back. Colour error: mean "
+                  "absolute difference of 8x8-block means, 0-255 levels. See NOTES.md for what each row moved.", "",
+                  table(ab["rows"]), ""]  # fmt: skip
     notes = HERE / "NOTES.md"
     if notes.is_file():
         lines += [notes.read_text()]

@@ -137,6 +137,57 @@ def test_generate_command_with_lora(base, lora_run, tmp_path):
     assert np.abs(px[0] - px[1]).max() > 10 and np.abs(px[0] - px[2]).max() <= 1
 
 
+def test_autoencoder_check_warns_on_images_it_cannot_represent_and_stays_silent_on_its_own(base, concept, openmoji_small, lora_run,
+                                                                                             capsys):  # fmt: skip
+    """The base model's autoencoder was fitted on emoji: it beats bicubic resizing on them, and loses
+    to it on the concept (flat blue and red fields that resizing keeps almost exactly)."""
+    import shlex
+
+    from autoencoder import load_autoencoder
+    from training.data import load_records
+    from training.train_autoencoder import AutoencoderJobConfig
+    from training.train_autoencoder import validate as validate_autoencoder
+    from training.train_ldm import check_autoencoder_fit
+
+    vae = load_autoencoder(base / "vae")
+    own = load_config(LdmJobConfig, FULL_CONFIG, [f"model.init_from={base}", f"data.path={openmoji_small}", "output_dir=runs/emoji"])
+    fit = check_autoencoder_fit(vae, load_records(openmoji_small, own.data, captions=True), own, str(base / "vae"))
+    out = capsys.readouterr().out
+    assert fit["images"] == 64 and fit["vae_psnr"] > fit["reference_psnr"] and not fit["worse_than_reference"]
+    assert "autoencoder check" in out and "warning" not in out
+    mine = lora_cfg(base, concept, "runs/sks")
+    fit = check_autoencoder_fit(vae, load_records(concept, mine.data, captions=True), mine, str(base / "vae"))
+    out = capsys.readouterr().out
+    assert fit["images"] == 8 and fit["worse_than_reference"] and f"({fit['vae_psnr']} vs {fit['reference_psnr']} dB)" in out
+    # the command it prints is a valid stage-1 job that fine-tunes this autoencoder, encoder included, on these images
+    words = shlex.split(next(line for line in out.splitlines() if "training.train_autoencoder" in line))
+    ae_cfg = load_config(AutoencoderJobConfig, ROOT / words[words.index("--config") + 1], words[words.index("--config") + 2:])
+    validate_autoencoder(ae_cfg)
+    assert (ae_cfg.model.init_from, ae_cfg.data.path, ae_cfg.train.decoder_only) == (str(base / "vae"), str(concept), False)
+    assert f"model.replace_vae={ae_cfg.output_dir}/vae" in out  # a pipeline fine-tune then swaps in the new autoencoder
+    # the job itself ran the check before training and logged it
+    logged = [json.loads(line) for line in (lora_run / "log.jsonl").read_text().splitlines() if "autoencoder_check" in line]
+    assert len(logged) == 1 and logged[0]["worse_than_reference"] is True and logged[0]["vae_psnr"] == fit["vae_psnr"]
+
+
+def test_replace_vae_fine_tunes_the_pipeline_onto_another_autoencoder(base, concept, tmp_path):
+    from autoencoder import build_autoencoder, save_autoencoder
+
+    torch.manual_seed(1)
+    other = build_autoencoder("tiny", 32)
+    other.register_to_config(scaling_factor=0.5)
+    save_autoencoder(other, tmp_path / "vae")
+    out = tmp_path / "run"
+    train(load_config(LdmJobConfig, FULL_CONFIG, [f"model.init_from={base}", f"data.path={concept}", f"data.caption={CONCEPT}",
+                                                  f"model.replace_vae={tmp_path / 'vae'}", f"output_dir={out}", "train.max_steps=2",
+                                                  "train.checkpoint_every=2", "train.sample_every=1000"]))  # fmt: skip
+    exported = load_file(str(out / "pipeline" / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(exported[k], v) for k, v in other.state_dict().items())
+    assert json.loads((out / "pipeline" / "vae" / "config.json").read_text())["scaling_factor"] == 0.5
+    with pytest.raises(ValueError, match="model.replace_vae is for fine-tuning a pipeline"):
+        train(load_config(LdmJobConfig, FULL_CONFIG, ["model.init_from=null", f"model.replace_vae={tmp_path / 'vae'}"]))
+
+
 @pytest.mark.parametrize("method,text", [("full", False), ("lora", False), ("lora", True)])
 def test_diffusers_stable_diffusion_folder_fine_tunes_and_still_loads_in_diffusers(method, text, concept, tmp_path):
     parts = tiny_pipeline("clip", seed=5).components

@@ -84,14 +84,16 @@ def test_resume_equals_an_uninterrupted_run_with_a_frozen_cached_encoder(openmoj
     full, resumed = unet_weights(tmp_path / "full"), unet_weights(tmp_path / "resumed")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
-    assert [r["event"] for r in log if "event" in r] == ["start", "resume"]
+    # every launch checks the autoencoder on the data first, then starts or resumes
+    assert [r["event"] for r in log if "event" in r] == ["start", "autoencoder_check", "resume", "autoencoder_check"]
 
 
 def test_latent_cache_is_reused_rebuilt_on_a_new_key_and_never_runs_in_the_step(openmoji_small, tiny_vae, tmp_path, monkeypatch):
     from diffusers import AutoencoderKL
 
     cache = tmp_path / "cache"
-    args = ["train.max_steps=2", "train.checkpoint_every=2", "train.sample_every=100", f"cache.dir={cache}"]
+    # model.check_images=0: the up-front autoencoder check encodes images by design; here only the cache may
+    args = ["train.max_steps=2", "train.checkpoint_every=2", "train.sample_every=100", f"cache.dir={cache}", "model.check_images=0"]
     train(cfg_for(openmoji_small, tiny_vae, tmp_path / "a", *args))
     (first,) = [p for p in cache.iterdir() if p.is_dir()]
     key = json.loads((first / "key.json").read_text())

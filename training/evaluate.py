@@ -1,10 +1,14 @@
 """Evaluate trained models and print the figures as JSON.
 
-    python -m training.evaluate autoencoder --vae DIR --data DIR [--out FILE]
+    python -m training.evaluate autoencoder --vae DIR --data DIR [--ood DIR ...] [--out FILE]
     python -m training.evaluate pipeline --model DIR --data DIR [--num-prompts N] [--steps S] [--guidance G] [--seed S]
 
-``autoencoder``: PSNR (dB), SSIM and LPIPS-VGG of reconstructions (posterior mean) of every
-image in an imagefolder (or save_to_disk folder), at the autoencoder's own resolution.
+``autoencoder``: PSNR (dB), SSIM, LPIPS-VGG and colour error (mean absolute difference of the
+8x8-pixel block averages, in 0-255 levels) of reconstructions (posterior mean) of every image in
+an imagefolder (or save_to_disk folder), at the autoencoder's own resolution; the same figures
+for two simple codes of the latent's size (``references``: bicubic down to k x k x 3 values and
+back, and PCA fitted on the training split); and all of it again for each ``--ood`` folder
+(images of other kinds, under ``ood``).
 
 ``pipeline``: for N captions of DIR (spread over it), one generated image each, then
 (a) FD-VGG: the Frechet distance between generated and real images in the feature space of the
@@ -24,31 +28,109 @@ from pathlib import Path
 
 import torch
 
-from autoencoder import load_autoencoder
-from autoencoder.metrics import reconstruct, reconstruction_metrics
+from diffusers import AutoencoderKL
+
+from autoencoder import downsampling_factor, load_autoencoder
+from autoencoder.metrics import Code, autoencoder_code, compare_codes, reconstruct
 from autoencoder.perceptual import LPIPS
+from autoencoder.references import MAX_PCA_DIM, PCACode, bicubic_code, bicubic_side
 from training.data import DataConfig, eval_loader, load_records, spread_indices
 from training.utils import save_grid, write_json_atomic
 
 
+def load_images(records, cfg: DataConfig, max_images: int | None = None, batch_size: int = 256) -> torch.Tensor:
+    """Every readable image of ``records`` (or ``max_images`` spread over them): (N, 3, R, R) in [-1, 1]."""
+    if max_images and len(records) > max_images:
+        records = records.select(spread_indices(len(records), max_images))
+    parts = [b["pixel_values"] for b in eval_loader(records, cfg, batch_size) if b["pixel_values"].numel()]
+    if not parts:
+        raise ValueError(f"no readable images in '{cfg.path}'")
+    return torch.cat(parts)
+
+
+def latent_values(vae: AutoencoderKL, resolution: int) -> int:
+    """How many numbers the latent of one ``resolution`` x ``resolution`` image holds."""
+    side = resolution // downsampling_factor(vae)
+    return int(vae.config.latent_channels) * side * side
+
+
+def reference_codes(num_values: int, train_images: torch.Tensor | None) -> dict[str, Code]:
+    """The simple codes of ``num_values`` numbers an autoencoder is read against: bicubic always,
+    PCA when training images are given and small enough (up to 64x64)."""
+    k = bicubic_side(num_values)
+    codes: dict[str, Code] = {f"bicubic_{k}x{k}": lambda x: bicubic_code(x, num_values)}
+    if train_images is not None and train_images[0].numel() <= MAX_PCA_DIM:
+        codes[f"pca_{num_values}"] = PCACode.fit(train_images, num_values)
+    return codes
+
+
+def autoencoder_report(vae: AutoencoderKL, held_out: dict[str, torch.Tensor], train_images: torch.Tensor | None = None,
+                       lpips: LPIPS | None = None, batch_size: int = 64) -> dict:
+    """Reconstruction figures of ``vae`` on each named image set, beside references of its latent size.
+
+    ``held_out``: {name: (N, 3, R, R) images in [-1, 1]}; the first is the in-domain held-out
+    split, whose figures go at the top level; every other set goes under ``ood``. Each set gets
+    PSNR / SSIM / LPIPS / colour error, and the same for the bicubic and PCA codes (PCA fitted on
+    ``train_images``) under ``references``."""
+    lpips = (lpips or LPIPS.pretrained()).float().cpu()
+    resolution = next(iter(held_out.values())).shape[-1]
+    n = latent_values(vae, resolution)
+    codes = {"vae": autoencoder_code(vae), **reference_codes(n, train_images)}
+    report: dict = {"latent_values": n, "resolution": resolution}
+    for i, (name, images) in enumerate(held_out.items()):
+        figures = compare_codes(codes, images.split(batch_size), lpips)
+        entry = figures.pop("vae") | {"references": figures}
+        if i == 0:
+            report |= {"split": name, **entry}
+        else:
+            report.setdefault("ood", {})[name] = entry
+    return report
+
+
+def ood_sets(paths: list[str] | tuple[str, ...], resolution: int, max_images: int | None = None) -> dict[str, torch.Tensor]:
+    """{folder name: images} for out-of-domain imagefolders (``--ood``, ``eval.ood``)."""
+    sets = {}
+    for path in paths:
+        cfg = DataConfig(path=str(path), resolution=resolution, eval_split=None)
+        name = Path(path).name
+        if name in sets:
+            raise ValueError(f"two out-of-domain folders are named '{name}'; give them different names")
+        sets[name] = load_images(load_records(path, cfg), cfg, max_images)
+    return sets
+
+
 def evaluate_autoencoder(vae_dir: str | Path, data_dir: str | Path, resolution: int | None = None,
                          batch_size: int = 64, image_column: str = "image", max_images: int | None = None,
-                         grid: str | Path | None = None, grid_images: int = 12) -> dict:
-    """Reconstruction metrics of ``vae_dir`` on every image of ``data_dir``; ``grid`` also saves
-    a PNG of ``grid_images`` inputs (top row) over their reconstructions (bottom row)."""
+                         grid: str | Path | None = None, grid_images: int = 12, train_data: str | Path | None = None,
+                         ood: list[str] | tuple[str, ...] = (), pca_fit_images: int = 4096) -> dict:  # fmt: skip
+    """Reconstruction figures of ``vae_dir`` on every image of ``data_dir`` and of each ``ood`` folder,
+    beside the bicubic reference and a PCA fitted on ``train_data`` (default: the ``train/`` folder
+    beside ``data_dir``, if there is one). ``grid`` also saves a PNG of ``grid_images`` inputs
+    (top row) over their reconstructions (bottom row)."""
     vae = load_autoencoder(vae_dir).eval()
     resolution = resolution or int(vae.config.sample_size)
     cfg = DataConfig(path=str(data_dir), resolution=resolution, image_column=image_column)
     records = load_records(data_dir, cfg)
     if max_images:
         records = records.select(range(min(max_images, len(records))))
-    batches = (b["pixel_values"] for b in eval_loader(records, cfg, batch_size) if b["pixel_values"].numel())
+    if train_data is None and Path(data_dir).name != "train" and (Path(data_dir).parent / "train").is_dir():
+        train_data = Path(data_dir).parent / "train"
+    train_images = None
+    if train_data is not None:
+        train_cfg = DataConfig(path=str(train_data), resolution=resolution, image_column=image_column)
+        train_images = load_images(load_records(train_data, train_cfg), train_cfg, pca_fit_images)
     with torch.inference_mode():
-        metrics = reconstruction_metrics(vae, batches, LPIPS.pretrained())
+        sets = {Path(data_dir).name: load_images(records, cfg)} | ood_sets(ood, resolution, max_images)
+        metrics = autoencoder_report(vae, sets, train_images, batch_size=batch_size)
         if grid:
             x = next(iter(eval_loader(records.select(spread_indices(len(records), grid_images)), cfg, grid_images)))["pixel_values"]
-            save_grid([x, reconstruct(vae, x)], grid, scale=3)
-    return {"vae": str(vae_dir), "data": str(data_dir), "resolution": resolution, **metrics}
+            rows = [x, reconstruct(vae, x)]
+            for images in list(sets.values())[1:]:
+                y = images[spread_indices(len(images), grid_images)]
+                rows += [y, reconstruct(vae, y)]
+            save_grid(rows, grid, scale=3)
+    return {"vae": str(vae_dir), "data": str(data_dir), "train_data": None if train_data is None else str(train_data),
+            **metrics}  # fmt: skip
 
 
 def vgg_features(lpips: LPIPS, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -143,7 +225,11 @@ def main(argv: list[str] | None = None) -> None:
     ae.add_argument("--image-column", default="image")
     ae.add_argument("--max-images", type=int, default=None)
     ae.add_argument("--out", type=Path, default=None, help="also write the JSON here")
-    ae.add_argument("--grid", type=Path, default=None, help="also save inputs over reconstructions as a PNG")
+    ae.add_argument("--grid", type=Path, default=None, help="also save inputs over reconstructions as a PNG (one row pair per image set)")
+    ae.add_argument("--train-data", type=Path, default=None,
+                    help="images to fit the PCA reference on (default: the train/ folder beside --data)")
+    ae.add_argument("--ood", type=Path, nargs="*", default=[],
+                    help="out-of-domain imagefolders, each reported under ood.<folder name> (e.g. data/ood-32/photos)")
     pl = sub.add_parser("pipeline", help="FD-VGG and prompt adherence of a pipeline folder on a captioned dataset")
     pl.add_argument("--model", required=True, type=Path, help="a pipeline folder")
     pl.add_argument("--data", required=True, type=Path, help="a captioned imagefolder, e.g. data/openmoji-32/train")
@@ -156,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.what == "autoencoder":
             result = evaluate_autoencoder(args.vae, args.data, args.resolution, args.batch_size, args.image_column, args.max_images,
-                                          args.grid)  # fmt: skip
+                                          args.grid, train_data=args.train_data, ood=[str(p) for p in args.ood])  # fmt: skip
         else:
             result = evaluate_pipeline(args.model, args.data, args.num_prompts, args.steps, args.guidance, args.seed)
     except (ValueError, FileNotFoundError) as err:

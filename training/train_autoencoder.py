@@ -11,15 +11,17 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from autoencoder import (
@@ -31,11 +33,12 @@ from autoencoder import (
 )
 from autoencoder.discriminator import PatchDiscriminator
 from autoencoder.losses import AutoencoderLoss, LossConfig
-from autoencoder.metrics import psnr, reconstruct, reconstruction_metrics
+from autoencoder.metrics import psnr, reconstruct
 from autoencoder.perceptual import LPIPS
 from training.checkpoint import resume_from_latest, save_checkpoint
-from training.config import MixedPrecision, parse_cli, save_config, to_dict
+from training.config import ConfigError, MixedPrecision, parse_cli, save_config, to_dict
 from training.data import DataConfig, DataError, eval_loader, has_split, load_records, spread_indices, train_loader
+from training.evaluate import autoencoder_report, load_images, ood_sets
 from training.utils import JsonlLog, save_grid, set_cpu_threads, write_json_atomic
 
 
@@ -43,6 +46,8 @@ from training.utils import JsonlLog, save_grid, set_cpu_threads, write_json_atom
 class ModelConfig:
     preset: str = "f4-small"  # a key of autoencoder.AUTOENCODER_PRESETS
     init_from: str | None = None  # a saved vae/ folder to start from instead of a fresh preset
+    latent_channels: int | None = None  # None: the preset's (4)
+    norm_num_groups: int | None = None  # None: the preset's (GroupNorm groups in every block)
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class TrainConfig:
     sample_every: int = 500
     scale_fit_batches: int = 40  # batches used to fit the latent scaling factor
     fit_shift: bool = False  # also fit a shift_factor (not read by diffusers' SD pipelines)
+    ema_decay: float | None = None  # EMA of the autoencoder's weights (e.g. 0.999); the export is the EMA copy. None: off
     decoder_only: bool = False  # with model.init_from: train only the decoder; the encoder, the latent space and
     # its scaling factor stay exactly as they were, so latent models trained on them stay valid
 
@@ -73,7 +79,9 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = 64
-    max_images: int | None = None  # cap the held-out images used for metrics.json
+    max_images: int | None = None  # cap the held-out images used for metrics.json (per set)
+    ood: list[str] = field(default_factory=list)  # out-of-domain imagefolders also measured in metrics.json (under ood.<name>)
+    pca_fit_images: int = 4096  # training images (spread over the split) the PCA reference is fitted on
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,9 @@ class AutoencoderJobConfig:
     output_dir: str = "runs/autoencoder"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
+    # more imagefolders whose train split is trained on beside data.path's (e.g. data/generic-32:
+    # photo crops and drawn shapes, so the latent space holds any colour and shape, not only data.path's)
+    extra_data: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -110,19 +121,25 @@ def validate(cfg: AutoencoderJobConfig) -> None:
                        ("train.log_every", t.log_every), ("train.sample_every", t.sample_every),
                        ("train.scale_fit_batches", t.scale_fit_batches), ("data.resolution", cfg.data.resolution)):
         if value < 1:
-            raise ValueError(f"{key}={value} must be >= 1")
+            raise ConfigError(f"{key}={value} must be >= 1")
     if t.mixed_precision is MixedPrecision.fp16:
-        raise ValueError("train.mixed_precision=fp16 is not supported by the autoencoder job: the adaptive GAN weight "
+        raise ConfigError("train.mixed_precision=fp16 is not supported by the autoencoder job: the adaptive GAN weight "
                          "takes unscaled gradients that underflow in fp16. Use bf16, fp32 or auto")
+    if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay={t.ema_decay} must be in (0, 1) (or null for no EMA)")
     if t.decoder_only and not cfg.model.init_from:
-        raise ValueError("train.decoder_only=true needs model.init_from=VAE_DIR: it fine-tunes the decoder of a trained autoencoder")
+        raise ConfigError("train.decoder_only=true needs model.init_from=VAE_DIR: it fine-tunes the decoder of a trained autoencoder")
+    for key, paths in (("extra_data", cfg.extra_data), ("eval.ood", cfg.eval.ood)):
+        for path in paths:
+            if not Path(path).is_dir():
+                raise DataError(f"{key}: '{path}' is not a folder (make data builds data/generic-32 and data/ood-32/*)")
     if t.cpu_threads is not None and t.cpu_threads < 1:
-        raise ValueError(f"train.cpu_threads={t.cpu_threads} must be >= 1 (or null for all cores)")
+        raise ConfigError(f"train.cpu_threads={t.cpu_threads} must be >= 1 (or null for all cores)")
     from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION
 
     names = [s.value for s in TYPE_TO_SCHEDULER_FUNCTION]
     if t.lr_schedule not in names:
-        raise ValueError(f"train.lr_schedule='{t.lr_schedule}' is unknown; valid: {', '.join(names)}")
+        raise ConfigError(f"train.lr_schedule='{t.lr_schedule}' is unknown; valid: {', '.join(names)}")
 
 
 def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> Path:
@@ -147,12 +164,15 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
 
     # 1. Data, checked before anything expensive.
     records = load_records(cfg.data.path, cfg.data)
+    if cfg.extra_data:
+        records = datasets.concatenate_datasets([records, *(load_records(p, replace(cfg.data, path=p)) for p in cfg.extra_data)])
     held_out = load_records(cfg.data.path, cfg.data, cfg.data.eval_split) if has_split(cfg.data.path, cfg.data.eval_split) else None
     # 2. Networks and the loss (LPIPS weights are pretrained VGG16, frozen).
     if cfg.model.init_from:
         vae = load_autoencoder(cfg.model.init_from)
     else:
-        vae = build_autoencoder(cfg.model.preset, cfg.data.resolution)
+        vae = build_autoencoder(cfg.model.preset, cfg.data.resolution, latent_channels=cfg.model.latent_channels,
+                                norm_num_groups=cfg.model.norm_num_groups)
     disc = PatchDiscriminator(channels=cfg.loss.disc_channels, num_layers=cfg.loss.disc_layers)
     lpips = LPIPS.pretrained().to(accelerator.device)
     loss_fn = AutoencoderLoss(lpips, cfg.loss)
@@ -172,6 +192,9 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
         net.to(memory_format=memory_format)
     model, disc, opt_ae, opt_d = accelerator.prepare(Reconstruction(vae), disc, opt_ae, opt_d)
     accelerator.register_for_checkpointing(sched_ae)
+    ema = EMAModel(ae_params, decay=cfg.train.ema_decay, foreach=True) if cfg.train.ema_decay else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
     raw_vae, raw_disc = accelerator.unwrap_model(model).vae, accelerator.unwrap_model(disc)
     last_layer = raw_vae.decoder.conv_out.weight  # where the adaptive GAN weight is measured
     set_seed(cfg.seed + accelerator.process_index)  # same init everywhere; own posterior noise per rank
@@ -244,6 +267,8 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
                 window[k] = window.get(k, 0.0) + v
             window["n"] = window.get("n", 0) + 1
         sched_ae.step()
+        if ema is not None:
+            ema.step(ae_params)
         step += 1
         bar.update(1)
 
@@ -271,6 +296,8 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
 
     # 6. Export: fit the latent scale, save vae/ in the diffusers layout, held-out metrics.
     if is_main:
+        if ema is not None:
+            ema.copy_to(ae_params)
         _export(raw_vae, records, held_out, lpips, cfg, out, bad_images)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -311,11 +338,14 @@ def _export(vae, records, held_out, lpips: LPIPS, cfg: AutoencoderJobConfig, out
         set_latent_normalization(vae, scale, shift)
     vae_dir = save_autoencoder(vae, out / "vae")
     metrics: dict = {"scaling_factor": scale, "shift_factor": shift, "steps": cfg.train.max_steps, "bad_images": bad_images}
-    if held_out is not None:
+    if held_out is not None:  # in domain first, then every eval.ood folder; each beside bicubic and PCA
         if cfg.eval.max_images:
             held_out = held_out.select(range(min(cfg.eval.max_images, len(held_out))))
-        batches = (b["pixel_values"] for b in eval_loader(held_out, cfg.data, cfg.eval.batch_size) if b["pixel_values"].numel())
-        metrics |= {"split": cfg.data.eval_split, **reconstruction_metrics(vae, batches, lpips.float())}
+        sets = {cfg.data.eval_split: load_images(held_out, cfg.data)}
+        sets |= ood_sets(cfg.eval.ood, cfg.data.resolution, cfg.eval.max_images)
+        train_images = load_images(records, cfg.data, cfg.eval.pca_fit_images)
+        with torch.no_grad():
+            metrics |= autoencoder_report(vae, sets, train_images, lpips, cfg.eval.batch_size)
     metrics["config"] = to_dict(cfg)
     write_json_atomic(out / "metrics.json", metrics)
     print(f"saved {vae_dir}; metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
@@ -324,7 +354,10 @@ def _export(vae, records, held_out, lpips: LPIPS, cfg: AutoencoderJobConfig, out
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(AutoencoderJobConfig, argv, description=__doc__)
-    train(cfg)
+    try:
+        train(cfg)
+    except (ConfigError, DataError) as err:  # bad input, found before any long work: one line, no traceback
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ from ldm.schedulers import SCHEDULERS, make_scheduler
 from ldm.text import CLIP_TEXT_PRESETS, build_clip_text_encoder, clip_tokenizer, encode_text, load_minilm, tokenize, uses_attention_mask
 from ldm.unet import UNET_PRESETS, build_unet, unet_downsampling
 from training.checkpoint import resume_from_latest, save_checkpoint
-from training.config import MixedPrecision, parse_cli, save_config, to_dict
-from training.data import DataConfig, ResumableBatchSampler, load_records
+from training.config import ConfigError, MixedPrecision, parse_cli, save_config, to_dict
+from training.data import DataConfig, DataError, ResumableBatchSampler, load_records
 from training.latent_cache import build_latent_cache, cache_key, file_digest, folder_digest, load_latent_cache
 from training.utils import JsonlLog, save_grid, set_cpu_threads, training_attention, write_json_atomic
 
@@ -52,6 +52,9 @@ class LdmModelConfig:
     prediction_type: str = "epsilon"  # epsilon | v_prediction (with init_from: read from its scheduler)
     init_from: str | None = None  # a pipeline folder (ours or Stable Diffusion layout) to fine-tune; then
     # vae / text_encoder / unet / prediction_type come from it, as they are
+    replace_vae: str | None = None  # with init_from: this vae/ folder instead of the pipeline's (e.g. the pipeline's
+    # autoencoder fine-tuned on your images); the U-Net then adapts to it, and the exported pipeline carries it
+    check_images: int = 64  # the autoencoder is first measured on this many of your images, beside bicubic resizing (0: skip)
 
 
 @dataclass(frozen=True)
@@ -166,57 +169,96 @@ def validate(cfg: LdmJobConfig) -> None:
                        ("train.sample_every", t.sample_every), ("data.resolution", cfg.data.resolution),
                        ("sample.steps", cfg.sample.steps), ("sample.images_per_prompt", cfg.sample.images_per_prompt)):  # fmt: skip
         if value < 1:
-            raise ValueError(f"{key}={value} must be >= 1")
+            raise ConfigError(f"{key}={value} must be >= 1")
     if m.prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"model.prediction_type='{m.prediction_type}' is unknown; valid: {', '.join(PREDICTION_TYPES)}")
+        raise ConfigError(f"model.prediction_type='{m.prediction_type}' is unknown; valid: {', '.join(PREDICTION_TYPES)}")
     if m.unet not in UNET_PRESETS:
-        raise ValueError(f"model.unet='{m.unet}' is unknown; valid: {', '.join(UNET_PRESETS)}")
+        raise ConfigError(f"model.unet='{m.unet}' is unknown; valid: {', '.join(UNET_PRESETS)}")
     if m.text_encoder == "clip-scratch" and m.clip_preset not in CLIP_TEXT_PRESETS:
-        raise ValueError(f"model.clip_preset='{m.clip_preset}' is unknown; valid: {', '.join(CLIP_TEXT_PRESETS)}")
+        raise ConfigError(f"model.clip_preset='{m.clip_preset}' is unknown; valid: {', '.join(CLIP_TEXT_PRESETS)}")
     if o.zero_terminal_snr and m.prediction_type != "v_prediction":
-        raise ValueError("objective.zero_terminal_snr=true needs model.prediction_type=v_prediction: at SNR 0 the noise "
+        raise ConfigError("objective.zero_terminal_snr=true needs model.prediction_type=v_prediction: at SNR 0 the noise "
                          "is the input, so there is nothing to learn for an epsilon target")  # fmt: skip
     if not 0.0 <= o.caption_dropout < 1.0:
-        raise ValueError(f"objective.caption_dropout={o.caption_dropout} must be in [0, 1)")
+        raise ConfigError(f"objective.caption_dropout={o.caption_dropout} must be in [0, 1)")
     if o.min_snr_gamma is not None and o.min_snr_gamma <= 0:
-        raise ValueError(f"objective.min_snr_gamma={o.min_snr_gamma} must be > 0 (or null for plain MSE)")
+        raise ConfigError(f"objective.min_snr_gamma={o.min_snr_gamma} must be > 0 (or null for plain MSE)")
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
-        raise ValueError(f"train.ema_decay={t.ema_decay} must be in (0, 1) (or null for no EMA)")
+        raise ConfigError(f"train.ema_decay={t.ema_decay} must be in (0, 1) (or null for no EMA)")
     if cfg.finetune.method not in ("full", "lora"):
-        raise ValueError(f"finetune.method='{cfg.finetune.method}' is unknown; valid: full, lora")
+        raise ConfigError(f"finetune.method='{cfg.finetune.method}' is unknown; valid: full, lora")
     if cfg.finetune.method == "lora" and not m.init_from:
-        raise ValueError("finetune.method=lora needs model.init_from=PIPELINE_DIR: adapters go on a trained model")
+        raise ConfigError("finetune.method=lora needs model.init_from=PIPELINE_DIR: adapters go on a trained model")
     if cfg.finetune.lora_rank < 1:
-        raise ValueError(f"finetune.lora_rank={cfg.finetune.lora_rank} must be >= 1")
+        raise ConfigError(f"finetune.lora_rank={cfg.finetune.lora_rank} must be >= 1")
     if m.init_from:
         from ldm.pipeline import check_pipeline_folder
 
         check_pipeline_folder(m.init_from)
+    elif m.replace_vae:
+        raise ConfigError("model.replace_vae is for fine-tuning a pipeline (model.init_from=PIPELINE_DIR); "
+                         "for a new U-Net, set model.vae")  # fmt: skip
     if cfg.sample.scheduler not in SCHEDULERS:
-        raise ValueError(f"sample.scheduler='{cfg.sample.scheduler}' is unknown; valid: {', '.join(SCHEDULERS)}")
+        raise ConfigError(f"sample.scheduler='{cfg.sample.scheduler}' is unknown; valid: {', '.join(SCHEDULERS)}")
     from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION
 
     names = [s.value for s in TYPE_TO_SCHEDULER_FUNCTION]
     if t.lr_schedule not in names:
-        raise ValueError(f"train.lr_schedule='{t.lr_schedule}' is unknown; valid: {', '.join(names)}")
+        raise ConfigError(f"train.lr_schedule='{t.lr_schedule}' is unknown; valid: {', '.join(names)}")
 
 
 def check_compatible(unet, vae, text_encoder, resolution: int, vae_path: str) -> None:
     """The errors that would otherwise surface as a shape mismatch deep inside the first step."""
     latent_channels = vae.config.latent_channels
     if unet.config.in_channels != latent_channels:
-        raise ValueError(f"the U-Net takes {unet.config.in_channels} input channels but the autoencoder {vae_path} "
+        raise ConfigError(f"the U-Net takes {unet.config.in_channels} input channels but the autoencoder {vae_path} "
                          f"makes {latent_channels}-channel latents")  # fmt: skip
     hidden = text_encoder.config.hidden_size
     if unet.config.cross_attention_dim != hidden:
-        raise ValueError(f"the U-Net's cross_attention_dim is {unet.config.cross_attention_dim} but the text encoder's "
+        raise ConfigError(f"the U-Net's cross_attention_dim is {unet.config.cross_attention_dim} but the text encoder's "
                          f"hidden size is {hidden}")  # fmt: skip
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     total = f * unet_downsampling(unet)
     if resolution % total:
-        raise ValueError(f"data.resolution={resolution} is not divisible by {total} (autoencoder x{f} times U-Net "
+        raise ConfigError(f"data.resolution={resolution} is not divisible by {total} (autoencoder x{f} times U-Net "
                          f"x{total // f}); valid: multiples of {total}, e.g. {max(total, resolution // total * total)}")  # fmt: skip
 
+
+
+def check_autoencoder_fit(vae, records, cfg: LdmJobConfig, vae_dir: str) -> dict:
+    """Reconstruct ``model.check_images`` of the training images through the frozen autoencoder and
+    through plain bicubic resizing to as many numbers as its latent holds. A U-Net can only learn
+    what the autoencoder can represent: if it is worse than resizing, warn with both figures and
+    the command that fine-tunes the autoencoder on these images. Returns the figures (for log.jsonl)."""
+    from dataclasses import replace
+
+    from autoencoder.metrics import autoencoder_code, compare_codes
+    from training.evaluate import latent_values, load_images, reference_codes
+
+    images = load_images(records, replace(cfg.data, random_flip=False), cfg.model.check_images)
+    n = latent_values(vae, cfg.data.resolution)
+    bicubic_name, bicubic = next(iter(reference_codes(n, None).items()))
+    with torch.no_grad():
+        figures = compare_codes({"vae": autoencoder_code(vae), bicubic_name: bicubic}, images.split(64), lpips=None)
+    ours, ref = figures["vae"], figures[bicubic_name]
+    fit = {"images": ours["num_images"], "latent_values": n, "vae_psnr": round(ours["psnr"], 2),
+           "vae_colour_error": round(ours["colour_error"], 2), "reference": bicubic_name,
+           "reference_psnr": round(ref["psnr"], 2), "reference_colour_error": round(ref["colour_error"], 2)}  # fmt: skip
+    fit["worse_than_reference"] = ours["psnr"] < ref["psnr"]
+    print(f"autoencoder check on {fit['images']} of your images: {vae_dir} PSNR {fit['vae_psnr']} dB, colour error "
+          f"{fit['vae_colour_error']} (0-255 levels); bicubic to the latent's {n} values: {fit['reference_psnr']} dB, "
+          f"colour error {fit['reference_colour_error']}")  # fmt: skip
+    if fit["worse_than_reference"]:
+        name = Path(cfg.output_dir).name
+        swap = f"model.replace_vae=runs/{name}-autoencoder/vae" if cfg.model.init_from else f"model.vae=runs/{name}-autoencoder/vae"
+        print(f"warning: the autoencoder {vae_dir} reconstructs your images worse than plain resizing to its latent size "
+              f"({fit['vae_psnr']} vs {fit['reference_psnr']} dB): it cannot represent them, and no U-Net training fixes that. "
+              f"Fine-tune the autoencoder (encoder and decoder) on these images first:\n"
+              f"  accelerate launch -m training.train_autoencoder --config configs/autoencoder/finetune.yaml "
+              f"model.init_from={vae_dir} data.path={cfg.data.path} data.resolution={cfg.data.resolution} "
+              f"output_dir=runs/{name}-autoencoder\n"
+              f"then run this job again with {swap}")  # fmt: skip
+    return fit
 
 def step_randomness(seed: int, micro_batch: int, global_batch: int, latent_shape: tuple, rank: int, world: int) -> dict:
     """Every random draw of one micro-batch, made for the whole global batch from (seed, micro-batch)
@@ -252,6 +294,9 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     models = load_models(cfg)
     vae, tokenizer, text_encoder, unet = models.vae.to(accelerator.device), models.tokenizer, models.text_encoder, models.unet
     check_compatible(unet, vae, text_encoder, cfg.data.resolution, models.vae_dir)
+    fit = None
+    if is_main and cfg.model.check_images:  # can the frozen autoencoder represent these images at all?
+        fit = check_autoencoder_fit(vae, records, cfg, models.vae_dir)
     noise_scheduler = models.noise_scheduler
     abar = noise_scheduler.alphas_cumprod  # (1000,)
     text_trains = models.text_trains
@@ -317,6 +362,8 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     log.write(step=step, event="resume" if step else "start", device=str(accelerator.device), processes=world, cpu_threads=threads,
               mixed_precision=accelerator.mixed_precision, cached_images=len(cache), upscaled_images=cache.upscaled, with_replacement=sampler.repeats > 1,
               unet_parameters=sum(p.numel() for p in unet.parameters()), trained_parameters=sum(p.numel() for p in unet_params))  # fmt: skip
+    if fit is not None:
+        log.write(step=step, event="autoencoder_check", **fit)
     batches = iter(sampler)
     latent_shape = tuple(cache.moments.shape[1:])
     latent_shape = (latent_shape[0] // 2, *latent_shape[1:])  # (C, h, w)
@@ -401,6 +448,8 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
         if lora:
             export_lora(raw.unet, text_encoder if text_trains else None, out / "lora")
             pipe = LatentDiffusionPipeline.from_pretrained(models.source, dtype="fp32")
+            if cfg.model.replace_vae:
+                pipe.vae = vae
             pipe.load_lora_weights(str(out / "lora"))
             pipe.fuse_lora()
             pipe.unload_lora_weights()
@@ -443,13 +492,14 @@ def load_models(cfg: LdmJobConfig) -> Models:
     m, ft = cfg.model, cfg.finetune
     if m.init_from:
         root = Path(m.init_from)
-        vae = load_autoencoder(root / "vae")
+        vae_dir = Path(m.replace_vae) if m.replace_vae else root / "vae"
+        vae = load_autoencoder(vae_dir)
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
         text_encoder = AutoModel.from_pretrained(root / "text_encoder", use_safetensors=True)
         unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True)
         noise_scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(root / "scheduler"))
         trains = ft.train_text_encoder
-        return Models(vae.eval().requires_grad_(False), tokenizer, text_encoder, trains, unet, noise_scheduler, str(root / "vae"),
+        return Models(vae.eval().requires_grad_(False), tokenizer, text_encoder, trains, unet, noise_scheduler, str(vae_dir),
                       None if trains else str(root / "text_encoder"), str(root))  # fmt: skip
     vae = load_autoencoder(m.vae).eval().requires_grad_(False)
     tokenizer, text_encoder, trains = load_text_encoder(m)
@@ -532,7 +582,10 @@ def _last_logged(path: Path, key: str):
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(LdmJobConfig, argv, description=__doc__)
-    train(cfg)
+    try:
+        train(cfg)
+    except (ConfigError, DataError) as err:  # bad input, found before any long work: one line, no traceback
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":
