@@ -70,8 +70,3 @@ def autoencoder_code(vae: AutoencoderKL) -> Code:
     """The autoencoder as a code: fp32 ``decode(mode(encode(x)))`` on the autoencoder's device."""
     return lambda x: reconstruct(vae, x.to(vae.device, vae.dtype)).float().cpu()
 
-
-@torch.no_grad()
-def reconstruction_metrics(vae: AutoencoderKL, batches: Iterable[torch.Tensor], lpips: LPIPS) -> dict[str, float]:
-    """Mean PSNR / SSIM / LPIPS / colour error of ``decode(mode(encode(x)))`` over images in [-1, 1]."""
-    return compare_codes({"vae": autoencoder_code(vae)}, (x.cpu() for x in batches), lpips.float().cpu())["vae"]

@@ -17,6 +17,11 @@ import torch.nn.functional as F
 MAX_PCA_DIM = 3 * 64 * 64  # above this (images over 64x64) the PCA reference is skipped: its fit grows as D^2
 
 
+def pca_fits(resolution: int, channels: int = 3) -> bool:
+    """Whether the PCA reference is computed for images of this size (up to 64x64 RGB)."""
+    return channels * resolution * resolution <= MAX_PCA_DIM
+
+
 def bicubic_side(num_values: int, channels: int = 3) -> int:
     """The largest ``k`` with ``k * k * channels <= num_values``."""
     k = math.isqrt(num_values // channels)

@@ -33,7 +33,7 @@ from diffusers import AutoencoderKL
 from autoencoder import downsampling_factor, load_autoencoder
 from autoencoder.metrics import Code, autoencoder_code, compare_codes, reconstruct
 from autoencoder.perceptual import LPIPS
-from autoencoder.references import MAX_PCA_DIM, PCACode, bicubic_code, bicubic_side
+from autoencoder.references import PCACode, bicubic_code, bicubic_side, pca_fits
 from training.data import DataConfig, eval_loader, load_records, spread_indices
 from training.utils import save_grid, write_json_atomic
 
@@ -56,10 +56,10 @@ def latent_values(vae: AutoencoderKL, resolution: int) -> int:
 
 def reference_codes(num_values: int, train_images: torch.Tensor | None) -> dict[str, Code]:
     """The simple codes of ``num_values`` numbers an autoencoder is read against: bicubic always,
-    PCA when training images are given and small enough (up to 64x64)."""
+    PCA when training images are given (load them only where :func:`pca_fits`)."""
     k = bicubic_side(num_values)
     codes: dict[str, Code] = {f"bicubic_{k}x{k}": lambda x: bicubic_code(x, num_values)}
-    if train_images is not None and train_images[0].numel() <= MAX_PCA_DIM:
+    if train_images is not None:
         codes[f"pca_{num_values}"] = PCACode.fit(train_images, num_values)
     return codes
 
@@ -116,18 +116,17 @@ def evaluate_autoencoder(vae_dir: str | Path, data_dir: str | Path, resolution: 
     if train_data is None and Path(data_dir).name != "train" and (Path(data_dir).parent / "train").is_dir():
         train_data = Path(data_dir).parent / "train"
     train_images = None
-    if train_data is not None:
+    if train_data is not None and pca_fits(resolution):
         train_cfg = DataConfig(path=str(train_data), resolution=resolution, image_column=image_column)
         train_images = load_images(load_records(train_data, train_cfg), train_cfg, pca_fit_images)
     with torch.inference_mode():
         sets = {Path(data_dir).name: load_images(records, cfg)} | ood_sets(ood, resolution, max_images)
         metrics = autoencoder_report(vae, sets, train_images, batch_size=batch_size)
-        if grid:
-            x = next(iter(eval_loader(records.select(spread_indices(len(records), grid_images)), cfg, grid_images)))["pixel_values"]
-            rows = [x, reconstruct(vae, x)]
-            for images in list(sets.values())[1:]:
-                y = images[spread_indices(len(images), grid_images)]
-                rows += [y, reconstruct(vae, y)]
+        if grid:  # per set: grid_images spread over it, over their reconstructions
+            rows = []
+            for images in sets.values():
+                x = images[spread_indices(len(images), grid_images)]
+                rows += [x, reconstruct(vae, x)]
             save_grid(rows, grid, scale=3)
     return {"vae": str(vae_dir), "data": str(data_dir), "train_data": None if train_data is None else str(train_data),
             **metrics}  # fmt: skip

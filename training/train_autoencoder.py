@@ -35,11 +35,12 @@ from autoencoder.discriminator import PatchDiscriminator
 from autoencoder.losses import AutoencoderLoss, LossConfig
 from autoencoder.metrics import psnr, reconstruct
 from autoencoder.perceptual import LPIPS
+from autoencoder.references import pca_fits
 from training.checkpoint import resume_from_latest, save_checkpoint
 from training.config import ConfigError, MixedPrecision, parse_cli, save_config, to_dict
 from training.data import DataConfig, DataError, eval_loader, has_split, load_records, spread_indices, train_loader
 from training.evaluate import autoencoder_report, load_images, ood_sets
-from training.utils import JsonlLog, save_grid, set_cpu_threads, write_json_atomic
+from training.utils import JsonlLog, run_job, save_grid, set_cpu_threads, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -343,7 +344,7 @@ def _export(vae, records, held_out, lpips: LPIPS, cfg: AutoencoderJobConfig, out
             held_out = held_out.select(range(min(cfg.eval.max_images, len(held_out))))
         sets = {cfg.data.eval_split: load_images(held_out, cfg.data)}
         sets |= ood_sets(cfg.eval.ood, cfg.data.resolution, cfg.eval.max_images)
-        train_images = load_images(records, cfg.data, cfg.eval.pca_fit_images)
+        train_images = load_images(records, cfg.data, cfg.eval.pca_fit_images) if pca_fits(cfg.data.resolution) else None
         with torch.no_grad():
             metrics |= autoencoder_report(vae, sets, train_images, lpips, cfg.eval.batch_size)
     metrics["config"] = to_dict(cfg)
@@ -353,11 +354,7 @@ def _export(vae, records, held_out, lpips: LPIPS, cfg: AutoencoderJobConfig, out
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_cli(AutoencoderJobConfig, argv, description=__doc__)
-    try:
-        train(cfg)
-    except (ConfigError, DataError) as err:  # bad input, found before any long work: one line, no traceback
-        raise SystemExit(f"error: {err}") from None
+    run_job(train, parse_cli(AutoencoderJobConfig, argv, description=__doc__))
 
 
 if __name__ == "__main__":

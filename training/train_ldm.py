@@ -36,9 +36,9 @@ from ldm.text import CLIP_TEXT_PRESETS, build_clip_text_encoder, clip_tokenizer,
 from ldm.unet import UNET_PRESETS, build_unet, unet_downsampling
 from training.checkpoint import resume_from_latest, save_checkpoint
 from training.config import ConfigError, MixedPrecision, parse_cli, save_config, to_dict
-from training.data import DataConfig, DataError, ResumableBatchSampler, load_records
+from training.data import DataConfig, ResumableBatchSampler, load_records
 from training.latent_cache import build_latent_cache, cache_key, file_digest, folder_digest, load_latent_cache
-from training.utils import JsonlLog, save_grid, set_cpu_threads, training_attention, write_json_atomic
+from training.utils import JsonlLog, run_job, save_grid, set_cpu_threads, training_attention, write_json_atomic
 
 DEFAULT_PROMPTS = ("red apple", "grinning face", "sun", "red heart", "pine tree", "dog face", "rocket", "snowflake")
 
@@ -581,11 +581,7 @@ def _last_logged(path: Path, key: str):
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_cli(LdmJobConfig, argv, description=__doc__)
-    try:
-        train(cfg)
-    except (ConfigError, DataError) as err:  # bad input, found before any long work: one line, no traceback
-        raise SystemExit(f"error: {err}") from None
+    run_job(train, parse_cli(LdmJobConfig, argv, description=__doc__))
 
 
 if __name__ == "__main__":

@@ -81,3 +81,15 @@ def set_cpu_threads(requested: int | None, local_processes: int) -> int:
         requested = max(1, cores // max(1, local_processes))
     torch.set_num_threads(requested)
     return requested
+
+
+def run_job(job, cfg) -> None:
+    """A training job's command-line entry: bad input (a ``ConfigError`` or ``DataError``, raised
+    before any long work) ends the command with one ``error: ...`` line instead of a traceback."""
+    from training.config import ConfigError
+    from training.data import DataError
+
+    try:
+        job(cfg)
+    except (ConfigError, DataError) as err:
+        raise SystemExit(f"error: {err}") from None
