@@ -1,6 +1,6 @@
 """The first-stage training loss of the latent-diffusion paper (Rombach et al. 2022, app. G):
 
-    L_AE = sum_pixels(|x - x_hat| + w_p * LPIPS(x, x_hat)) / B          (reconstruction)
+    L_AE = sum_pixels(|x - x_hat| + w_p * LPIPS(x, x_hat)) / B          (reconstruction; LPIPS once step >= perceptual_start)
          + w_kl * KL(q(z|x) || N(0, I))                                   (KL, per image, summed)
          + lambda * w_d * [-D(x_hat)]            once step >= disc_start  (hinge generator)
     lambda = ||grad_L L_rec|| / (||grad_L L_G|| + 1e-4)   at L = the decoder's last layer
@@ -26,6 +26,7 @@ class LossConfig:
     l1_weight: float = 1.0
     mse_weight: float = 0.0  # squared error, per pixel (the plain-VAE reconstruction term)
     perceptual_weight: float = 1.0
+    perceptual_start: int = 0  # optimizer step at which the LPIPS term switches on (before it: L1 only, ~1.7x cheaper steps)
     kl_weight: float = 1e-6
     disc_start: int = 0  # optimizer step at which the GAN terms switch on
     disc_weight: float = 0.5
@@ -73,7 +74,7 @@ class AutoencoderLoss(nn.Module):
         if cfg.mse_weight > 0:
             rec_map = rec_map + cfg.mse_weight * (x - x_hat) ** 2
         p = torch.zeros(B, device=x.device)
-        if cfg.perceptual_weight > 0:
+        if cfg.perceptual_weight > 0 and step >= cfg.perceptual_start:
             p = self.lpips(x, x_hat).float()  # (B,), differentiable in x_hat
             rec_map = rec_map + cfg.perceptual_weight * p.view(B, 1, 1, 1)
         rec_loss = rec_map.sum() / B

@@ -3,15 +3,18 @@
     .venv/bin/python benchmarks/autoencoder_ablations.py [--budget 180] [--only NAME ...] [--table]
 
 Each variant is ``configs/autoencoder/openmoji-32-f4.yaml`` plus overrides. A 40-step probe of the
-variant (in its own process, as the run) measures its seconds per step, with the GAN on from step
-20 where the variant has one; the run then gets as many steps as fit in ``--budget`` seconds of
-training (the GAN starting at the config's fraction of the run, 1700/2200). Every run is scored by
+variant (in its own process, as the run) measures its seconds per step, with the GAN (or, for a
+``loss.perceptual_start`` given as a fraction of the run, the LPIPS term) on from step 20; the run
+then gets as many steps as fit in ``--budget`` seconds of training (the GAN starting at the
+config's fraction of the run, 1700/2200). Every run is scored by
 its own export (``metrics.json``): the OpenMoji held-out split and the two out-of-domain sets of
 ``make data`` (``data/ood-32/photos``, ``data/ood-32/glyphs``), each beside bicubic resizing and a
 PCA of the latent's size fitted on the run's own training split. Rows are appended to
 ``runs/ablations/results.jsonl`` as each run ends (an interrupted sweep keeps its rows; a variant
 run again replaces its row); ``--save`` writes them with the machine to
-``benchmarks/AUTOENCODER_ABLATIONS.json``, which ``benchmarks/report.py`` renders into RESULTS.md.
+``benchmarks/AUTOENCODER_ABLATIONS.json`` as one sweep (the sweeps of other days and machines stay
+there, each with its own machine: rows are compared only within a sweep), which
+``benchmarks/report.py`` renders into RESULTS.md.
 A full sweep takes about 4 minutes per variant (probe, run, export and evaluation).
 """
 
@@ -48,6 +51,11 @@ VARIANTS: dict[str, list[str]] = {  # name: overrides on top of BASE
     "no GAN, LPIPS 0.1, 8 latent channels": [*NO_GAN, "model.latent_channels=8"],
     "no GAN, LPIPS 0.1, batch 32, LR 2e-3": [*NO_GAN, "train.batch_size=32", "train.lr=2e-3"],
     "no GAN, LPIPS 0.1, + 1200 generic (25%)": [*NO_GAN, "extra_data=[data/generic-32-1200]"],
+    # second sweep, from the new default (no GAN, LPIPS 0.1, + generic data): optimiser and LPIPS schedule
+    "default recipe": [*NO_GAN, *MIX],
+    "default, Adam betas (0.9, 0.999)": [*NO_GAN, *MIX, "train.adam_beta1=0.9", "train.adam_beta2=0.999"],
+    "default, LR 2e-3": [*NO_GAN, *MIX, "train.lr=2e-3"],
+    "default, LPIPS from 60% (L1 only before)": [*NO_GAN, *MIX, "loss.perceptual_start=0.6"],
 }
 
 
@@ -56,34 +64,40 @@ def job(out: Path, overrides: list[str]) -> list[str]:
             f"eval.ood=[{','.join(OOD)}]", "train.sample_every=1000000", *overrides]  # fmt: skip
 
 
-def seconds_per_step(log: Path) -> dict[str, float]:
-    """Median seconds per step before and after the GAN switched on, from log.jsonl's times."""
+def seconds_per_step(log: Path, key: str = "g_loss") -> dict[str, float]:
+    """Median seconds per step before and after the term logged as ``key`` switched on (the GAN:
+    ``g_loss`` appears; LPIPS: ``lpips`` becomes non-zero), from log.jsonl's times."""
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     rows = [r for r in rows if "images_per_s" in r]
-    pairs = [((b["time"] - a["time"]) / (b["step"] - a["step"]), "g_loss" in b) for a, b in zip(rows, rows[1:])]
+    pairs = [((b["time"] - a["time"]) / (b["step"] - a["step"]), bool(b.get(key))) for a, b in zip(rows, rows[1:])]
     out = {}
-    for gan in (False, True):
-        values = sorted(v for v, g in pairs if g == gan)
+    for on in (False, True):
+        values = sorted(v for v, g in pairs if g == on)
         if values:
-            out["gan" if gan else "plain"] = values[len(values) // 2]
+            out["on" if on else "off"] = values[len(values) // 2]
     return out
 
 
 def run_variant(name: str, overrides: list[str], budget: float) -> dict:
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
     gan = not any(o == "loss.disc_weight=0" for o in overrides)
+    # loss.perceptual_start=FRACTION (< 1): LPIPS switches on at that fraction of the run's steps
+    lpips_from = next((float(o.split("=")[1]) for o in overrides if o.startswith("loss.perceptual_start=")), None)
+    overrides = [o for o in overrides if not o.startswith("loss.perceptual_start=")]
     probe_dir = OUT / f"{slug}-probe"
     subprocess.run(["rm", "-rf", str(probe_dir)], check=True)
-    subprocess.run(job(probe_dir, [*overrides, "train.max_steps=40", "train.log_every=5", "loss.disc_start=20", "train.checkpoint_every=1000",
-                                   "train.lr_warmup_steps=4", "eval.max_images=1"]), cwd=ROOT, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
-    speed = seconds_per_step(probe_dir / "log.jsonl")
-    gan_fraction = (2200 - 1700) / 2200 if gan else 0.0
-    per_step = (1 - gan_fraction) * speed["plain"] + gan_fraction * speed.get("gan", speed["plain"])
+    probe = [*overrides, "train.max_steps=40", "train.log_every=5", "loss.disc_start=20", "train.checkpoint_every=1000",
+             "train.lr_warmup_steps=4", "eval.max_images=1", *(["loss.perceptual_start=20"] if lpips_from else [])]  # fmt: skip
+    subprocess.run(job(probe_dir, probe), cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    speed = seconds_per_step(probe_dir / "log.jsonl", "lpips" if lpips_from else "g_loss")
+    on_fraction = 1 - lpips_from if lpips_from else (2200 - 1700) / 2200 if gan else 0.0
+    per_step = (1 - on_fraction) * speed["off"] + on_fraction * speed.get("on", speed["off"])
     steps = int(budget / per_step)
     out = OUT / slug
     subprocess.run(["rm", "-rf", str(out)], check=True)
     cmd = job(out, [*overrides, f"train.max_steps={steps}", f"loss.disc_start={round(steps * 1700 / 2200)}",
-                    f"train.checkpoint_every={steps}", "train.log_every=50"])  # fmt: skip
+                    f"train.checkpoint_every={steps}", "train.log_every=50",
+                    *([f"loss.perceptual_start={round(steps * lpips_from)}"] if lpips_from else [])])  # fmt: skip
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     trained = [r for r in log if "images_per_s" in r]
@@ -115,12 +129,38 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SAVED = ROOT / "benchmarks" / "AUTOENCODER_ABLATIONS.json"
+
+
+def load_sweeps() -> list[dict]:
+    """The saved sweeps, oldest first (a file with one top-level sweep is read as a list of one)."""
+    if not SAVED.is_file():
+        return []
+    record = json.loads(SAVED.read_text())
+    return record["sweeps"] if "sweeps" in record else [record]
+
+
+def save_sweep(sweep: dict) -> None:
+    """Add ``sweep`` to the saved ones; a re-save (same day, CPU and variants) replaces its earlier copy."""
+    key = lambda s: (s["machine"]["date"], s["machine"]["CPU"], sorted(r["name"] for r in s["rows"]))  # noqa: E731
+    sweeps = [s for s in load_sweeps() if key(s) != key(sweep)] + [sweep]
+    SAVED.write_text(json.dumps({"sweeps": sweeps}, indent=2))
+
+
+def machine_record() -> dict:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from report import machine
+
+    return machine()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=float, default=150.0, help="training seconds per variant")
     p.add_argument("--only", nargs="*", default=None, help="variant names (default: all)")
     p.add_argument("--table", action="store_true", help="print the table of runs/ablations/results.jsonl and stop")
-    p.add_argument("--save", action="store_true", help="write runs/ablations/results.jsonl to benchmarks/AUTOENCODER_ABLATIONS.json and stop")
+    p.add_argument("--save", action="store_true", help="write runs/ablations/results.jsonl (the --only rows) to benchmarks/AUTOENCODER_ABLATIONS.json "
+                   "as this machine's sweep of today, and stop")
     args = p.parse_args()
     results = OUT / "results.jsonl"
     if args.table or args.save:
@@ -128,12 +168,10 @@ def main() -> None:
         for line in results.read_text().splitlines():  # a variant run again replaces its row, in its first place
             row = json.loads(line)
             rows[row["name"]] = row
+        if args.only is not None:  # one sweep's rows (results.jsonl also keeps the rows of earlier sweeps)
+            rows = {k: v for k, v in rows.items() if k in args.only}
         if args.save:
-            sys.path.insert(0, str(ROOT / "benchmarks"))
-            from report import machine
-
-            record = {"machine": machine(), "budget_seconds": args.budget, "rows": list(rows.values())}
-            (ROOT / "benchmarks" / "AUTOENCODER_ABLATIONS.json").write_text(json.dumps(record, indent=2))
+            save_sweep({"machine": machine_record(), "budget_seconds": args.budget, "rows": list(rows.values())})
         print(table(list(rows.values())))
         return
     for d in ["data/openmoji-32/train", "data/generic-32/train", *OOD]:

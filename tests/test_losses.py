@@ -1,3 +1,4 @@
+import pytest
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
@@ -81,3 +82,19 @@ def test_patch_discriminator_scores_patches():
     d_loss, logs = AutoencoderLoss(LPIPS(), LossConfig()).discriminator_loss(d, torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32))
     d_loss.backward()
     assert all(p.grad is not None for p in d.parameters())
+
+
+def test_perceptual_term_switches_on_at_perceptual_start():
+    """Before loss.perceptual_start the loss is L1 + KL only (LPIPS not even computed); from it on, LPIPS joins."""
+    torch.manual_seed(0)
+    lpips = LPIPS()
+    cfg = LossConfig(l1_weight=1.0, perceptual_weight=0.5, kl_weight=0.0, perceptual_start=5, disc_weight=0.0)
+    loss_fn = AutoencoderLoss(lpips, cfg)
+    x, x_hat = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
+    post = _posterior(torch.zeros(2, 4, 4, 4), torch.zeros(2, 4, 4, 4))
+    l1 = (x - x_hat).abs().sum() / 2
+    before, logs = loss_fn.generator_loss(x, x_hat, post, step=4)
+    assert torch.isclose(before, l1) and logs["lpips"] == 0
+    after, logs = loss_fn.generator_loss(x, x_hat, post, step=5)
+    p = lpips(x, x_hat)
+    assert torch.isclose(after, l1 + 0.5 * p.sum() * 3 * 16 * 16 / 2, rtol=1e-5) and logs["lpips"] == pytest.approx(p.mean().item())
