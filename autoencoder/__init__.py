@@ -1,11 +1,5 @@
 """Stage 1: the autoencoder that maps images to a smooth latent space and back."""
 
-from .hardware import configure_cpu
-
-configure_cpu()  # before any kernel is built: some VMs advertise AMX that traps
-
-# ruff: noqa: E402
-
 from .model import (
     AUTOENCODER_PRESETS,
     build_autoencoder,

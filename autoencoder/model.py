@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 from diffusers import AutoencoderKL
+
+from runtime.files import atomic_dir
 
 # Small explicit presets. f = 2 ** (len(block_out_channels) - 1) is the spatial downsampling.
 AUTOENCODER_PRESETS: dict[str, dict] = {
@@ -81,35 +79,6 @@ def save_autoencoder(vae: AutoencoderKL, path: str | Path) -> Path:
     with atomic_dir(path) as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
     return path
-
-
-@contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Write a folder atomically: yields a temporary folder beside ``target``, which replaces
-    ``target`` once the block finishes (:func:`replace_dir`) and is removed if the block raises."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, target)
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished folder into place; the previous one is removed only after the swap
-    (used for exports and checkpoints alike)."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}-old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- latent normalisation -------------------------------------------------------------------

@@ -16,7 +16,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-import autoencoder  # noqa: F401  (CPU set-up)
+import runtime
 from autoencoder.metrics import psnr
 from training.data import DataConfig, eval_loader, load_records
 
@@ -27,6 +27,7 @@ def load(path: str, split: str, resolution: int) -> torch.Tensor:
 
 
 def main() -> None:
+    runtime.configure()  # before any kernel is built
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/openmoji-32")
     parser.add_argument("--resolution", type=int, default=32)

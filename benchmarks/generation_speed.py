@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusers import DDPMScheduler, StableDiffusionPipeline  # noqa: E402
 
-from autoencoder.hardware import amx_usable  # noqa: E402
+from runtime.hardware import amx_usable  # noqa: E402
+import runtime  # noqa: E402
 from autoencoder.model import build_autoencoder, fit_latent_normalization, set_latent_normalization  # noqa: E402
 from ldm.pipeline import LatentDiffusionPipeline  # noqa: E402
 from ldm.schedulers import make_scheduler  # noqa: E402
@@ -74,6 +75,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def main() -> None:
+    runtime.configure()  # before any kernel is built
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--steps", type=int, default=25)

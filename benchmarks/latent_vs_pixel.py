@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import runtime  # noqa: E402
 from autoencoder.model import build_autoencoder  # noqa: E402
 from ldm.pipeline import resolve_dtype  # noqa: E402
 from ldm.unet import build_unet  # noqa: E402
@@ -39,6 +40,7 @@ def flops(fn) -> int:
 
 
 def main() -> None:
+    runtime.configure()  # before any kernel is built
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()

@@ -41,7 +41,7 @@ def machine() -> dict[str, str]:
     import diffusers
     import torch
 
-    from autoencoder.hardware import cpu_bf16_speedup
+    from runtime import cpu_bf16_speedup
 
     cpu = platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").is_file():
@@ -92,18 +92,20 @@ def render(record: dict) -> str:
              *[f"| {t} | {m} | {w} | {'yes' if ok else '**no**: see the notes below'} |" for t, m, w, ok in targets(results)], ""]  # fmt: skip
     for b in sorted(record["benchmarks"].values(), key=lambda b: b["title"]):
         lines += [f"## {b['title']}", "", f"`{b['command']}` ({b['minutes']:.1f} min)", "", "```", b["text"], "```", ""]
-    ablations = HERE / "AUTOENCODER_ABLATIONS.json"
-    if ablations.is_file():  # written by autoencoder_ablations.py --save (about an hour: not part of make bench)
-        sys.path.insert(0, str(HERE))
-        from autoencoder_ablations import table
+    sys.path.insert(0, str(HERE))
+    from autoencoder_ablations import load_sweeps, table
 
-        ab = json.loads(ablations.read_text())
+    sweeps = load_sweeps()  # written by autoencoder_ablations.py --save (about an hour: not part of make bench)
+    if sweeps:
         lines += ["## Stage-1 ablations at equal wall-clock (issue 12)", "",
-                  f"`.venv/bin/python benchmarks/autoencoder_ablations.py --budget {ab['budget_seconds']:.0f}` then `--save`; "
-                  f"on {ab['machine']['CPU']} ({ab['machine']['cores']} cores, bf16 conv probe {ab['machine']['bf16 conv speed-up (probe)']}), "
-                  f"{ab['machine']['date']}. Each variant trains for the same seconds; PCA is fitted on the variant's own training "
-                  "split (OpenMoji, or OpenMoji + the generic set), bicubic is area-down to 9x9x3 and back. Colour error: mean "
-                  "absolute difference of 8x8-block means, 0-255 levels. See NOTES.md for what each row moved.", "",
+                  "Each variant trains for the same seconds; PCA is fitted on the variant's own training split (OpenMoji, or "
+                  "OpenMoji + the generic set), bicubic is area-down to 9x9x3 and back. Colour error: mean absolute difference "
+                  "of 8x8-block means, 0-255 levels. Compare rows only within one sweep (one machine, one day). See NOTES.md "
+                  "for what each row moved.", ""]  # fmt: skip
+    for i, ab in enumerate(sweeps, 1):
+        m = ab["machine"]
+        lines += [f"### Sweep {i}: {m['CPU']} ({m['cores']} cores, bf16 conv probe {m['bf16 conv speed-up (probe)']}), {m['date']}", "",
+                  f"`.venv/bin/python benchmarks/autoencoder_ablations.py --budget {ab['budget_seconds']:.0f} --only ...` then `--save`", "",
                   table(ab["rows"]), ""]  # fmt: skip
     notes = HERE / "NOTES.md"
     if notes.is_file():

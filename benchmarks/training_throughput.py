@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import runtime  # noqa: E402
 from autoencoder import build_autoencoder, load_autoencoder, save_autoencoder  # noqa: E402
 from ldm.diffusion import training_scheduler  # noqa: E402
 from ldm.text import load_minilm, tokenize  # noqa: E402
@@ -40,7 +41,8 @@ from ldm.unet import build_unet  # noqa: E402
 from training.checkpoint import checkpoints  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.data import load_records, train_loader  # noqa: E402
-from training.train_ldm import LdmJobConfig, train  # noqa: E402
+from training.ldm_config import LdmJobConfig  # noqa: E402
+from training.train_ldm import train  # noqa: E402
 
 DATA = ROOT / "data" / "openmoji-32"
 CONFIG = ROOT / "configs" / "ldm" / "openmoji-32.yaml"
@@ -150,6 +152,7 @@ def time_to(curve: list[dict], target: float) -> float | None:
 
 
 def main() -> None:
+    runtime.configure()  # before any kernel is built
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--every", type=int, default=50, help="score both U-Nets every this many steps")

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generation_speed import build_model  # noqa: E402
+import runtime  # noqa: E402
 from ldm.pipeline import LatentDiffusionPipeline  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
@@ -73,6 +74,7 @@ def profile_split(fn) -> dict[str, float]:
 
 
 def main() -> None:
+    runtime.configure()  # before any kernel is built
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--no-compile", action="store_true", help="skip the compiled variant (~20 s of compilation)")
     p.add_argument("--json", type=Path, default=None)

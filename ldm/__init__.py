@@ -4,10 +4,6 @@
 the diffusion math does not import the pipeline machinery.
 """
 
-from autoencoder.hardware import configure_cpu
-
-configure_cpu()  # before any kernel is built: some VMs advertise AMX that traps
-
 _LAZY = {"LatentDiffusionPipeline": "ldm.pipeline"}
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+import runtime
+
 from .schedulers import SCHEDULERS
 
 
@@ -58,6 +60,7 @@ def grid(images: list[Image.Image], columns: int) -> Image.Image:
 
 def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
+    runtime.configure()
     from .pipeline import LatentDiffusionPipeline  # after argument errors: the import takes seconds
 
     if args.out.suffix.lower() == ".png" and not args.grid:

@@ -26,9 +26,11 @@ from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from autoencoder.hardware import fast_bf16
-from autoencoder.images import to_rgb
-from autoencoder.model import atomic_dir, denormalize_latents, downsampling_factor, normalize_latents
+from autoencoder.model import denormalize_latents, downsampling_factor, normalize_latents
+import runtime
+from runtime import fast_bf16
+from runtime.files import atomic_dir
+from runtime.images import to_rgb
 
 from .schedulers import make_scheduler, step_kwargs
 from .text import encode_text, uses_attention_mask
@@ -48,7 +50,7 @@ _TRUSTED_LIBRARIES = ("diffusers", "transformers")
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch.dtype:
     """``"auto"``: bf16 where it is faster than fp32 (CUDA with bf16; a CPU whose bf16 convolution
-    measured faster, see :func:`autoencoder.hardware.cpu_bf16_speedup`), fp32 elsewhere."""
+    measured faster, see :func:`runtime.hardware.cpu_bf16_speedup`), fp32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -113,6 +115,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
     ) -> LatentDiffusionPipeline:
         """Load a local pipeline folder (ours or a Stable-Diffusion one), safetensors only, no code
         from the folder, then :meth:`prepare_for_inference` with ``dtype``/``device``/``compile``."""
+        runtime.configure()  # before any kernel is built: some VMs advertise AMX that traps
         if kwargs.get("custom_pipeline") or kwargs.get("trust_remote_code"):
             raise ValueError("custom_pipeline / trust_remote_code run code from the folder; not supported")
         if "torch_dtype" in kwargs:  # the diffusers spelling

@@ -11,7 +11,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import autoencoder  # noqa: E402,F401  (configures the CPU before any kernel is built)
+import runtime  # noqa: E402
+
+runtime.configure()  # before any kernel is built: some VMs advertise AMX that traps
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_AE_CONFIG = ROOT / "configs" / "autoencoder" / "tiny.yaml"

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from ldm import LatentDiffusionPipeline
 from training.config import load_config
-from training.train_ldm import LdmJobConfig
+from training.ldm_config import LdmJobConfig
 from training.train_ldm import train as train_job
 
 train = fresh_state(train_job)
@@ -147,7 +147,7 @@ def test_autoencoder_check_warns_on_images_it_cannot_represent_and_stays_silent_
     from training.data import load_records
     from training.train_autoencoder import AutoencoderJobConfig
     from training.train_autoencoder import validate as validate_autoencoder
-    from training.train_ldm import check_autoencoder_fit
+    from training.evaluate import check_autoencoder_fit
 
     vae = load_autoencoder(base / "vae")
     own = load_config(LdmJobConfig, FULL_CONFIG, [f"model.init_from={base}", f"data.path={openmoji_small}", "output_dir=runs/emoji"])

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_pipeline
 from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-from autoencoder.hardware import fast_bf16
+from runtime import fast_bf16
 from ldm import LatentDiffusionPipeline
 from ldm.pipeline import resolve_dtype
 from ldm.schedulers import SCHEDULERS

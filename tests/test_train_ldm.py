@@ -16,7 +16,8 @@ from autoencoder.model import build_autoencoder, save_autoencoder
 from ldm import LatentDiffusionPipeline
 from tests.conftest import ROOT, fresh_state
 from training.config import load_config
-from training.train_ldm import LdmJobConfig, check_compatible
+from training.ldm_config import LdmJobConfig
+from training.ldm_models import check_compatible
 from training.train_ldm import train as train_job
 
 train = fresh_state(train_job)

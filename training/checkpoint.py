@@ -15,7 +15,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from autoencoder.model import replace_dir
+from runtime.files import replace_dir
 
 _NAME = re.compile(r"^step-(\d+)$")
 

@@ -37,7 +37,7 @@ class MixedPrecision(str, enum.Enum):
     def accelerate_name(self, device: str) -> str:
         """The ``Accelerator(mixed_precision=...)`` value for this choice on ``device``."""
         if self is MixedPrecision.auto:
-            from autoencoder.hardware import fast_bf16
+            from runtime import fast_bf16
 
             return "bf16" if fast_bf16(device) else "no"
         return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.value]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from autoencoder.images import to_rgb
+from runtime.images import to_rgb
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 

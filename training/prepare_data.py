@@ -43,7 +43,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from autoencoder.model import atomic_dir
+import runtime
+from runtime.files import atomic_dir
 
 HELDOUT_PERCENT = 5
 RENDER_SIZE = 160  # draw large, then downsample with a good filter
@@ -244,7 +245,7 @@ def _write_set(folder: Path, items: list[tuple[Image.Image, str]]) -> None:
 
 
 def _photos(names: tuple[str, ...], package: str, *parts: str) -> list[Image.Image]:
-    from autoencoder.images import to_rgb
+    from runtime.images import to_rgb
 
     return [to_rgb(Image.open(package_file(package, *parts, name))) for name in names]
 
@@ -291,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--src", type=Path, default=None, help="folder: your images (metadata.jsonl, .txt captions, or --caption)")
     parser.add_argument("--caption", default=None, help="folder: one caption for every image, e.g. 'a photo of sks dog'")
     args = parser.parse_args(argv)
+    runtime.configure()
     if args.size < 8:
         parser.error(f"--size {args.size} is too small; use 8 or more")
     if args.dataset == "folder":

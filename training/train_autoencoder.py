@@ -9,14 +9,12 @@ At the end: ``output_dir/vae/`` (diffusers layout, fitted scaling_factor) and ``
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import datasets
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -36,11 +34,13 @@ from autoencoder.losses import AutoencoderLoss, LossConfig
 from autoencoder.metrics import psnr, reconstruct
 from autoencoder.perceptual import LPIPS
 from autoencoder.references import pca_fits
-from training.checkpoint import resume_from_latest, save_checkpoint
-from training.config import ConfigError, MixedPrecision, parse_cli, save_config, to_dict
+from training.checkpoint import save_checkpoint
+from training.config import ConfigError, MixedPrecision, parse_cli, to_dict
 from training.data import DataConfig, DataError, eval_loader, has_split, load_records, spread_indices, train_loader
 from training.evaluate import autoencoder_report, load_images, ood_sets
-from training.utils import JsonlLog, run_job, save_grid, set_cpu_threads, write_json_atomic
+from training.runs import RunConfig, data_layout, due, resume_or_start, start_accelerator, validate_run
+from runtime.files import write_json_atomic
+from training.utils import JsonlLog, run_job, save_grid
 
 
 @dataclass(frozen=True)
@@ -52,27 +52,13 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    batch_size: int = 32  # per process, per micro-batch
-    grad_accum_steps: int = 1
-    max_steps: int = 2000  # optimizer steps
-    lr: float = 4e-4
+class TrainConfig(RunConfig):
     disc_lr: float | None = None  # constant discriminator LR; None: the same as lr
     adam_beta1: float = 0.5  # the reference recipe's betas for both optimizers
     adam_beta2: float = 0.9
-    weight_decay: float = 0.0
-    lr_schedule: str = "cosine"  # any diffusers.optimization schedule name
-    lr_warmup_steps: int = 100
-    mixed_precision: MixedPrecision = MixedPrecision.auto  # auto | fp32 | bf16 (fp16 is refused: see validate)
     channels_last: bool = True  # NHWC convolutions: ~10% faster on these CPUs
-    cpu_threads: int | None = None  # None: the machine's cores / processes on it (overrides OMP_NUM_THREADS=1 from accelerate launch)
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 20
-    sample_every: int = 500
     scale_fit_batches: int = 40  # batches used to fit the latent scaling factor
     fit_shift: bool = False  # also fit a shift_factor (not read by diffusers' SD pipelines)
-    ema_decay: float | None = None  # EMA of the autoencoder's weights (e.g. 0.999); the export is the EMA copy. None: off
     decoder_only: bool = False  # with model.init_from: train only the decoder; the encoder, the latent space and
     # its scaling factor stay exactly as they were, so latent models trained on them stay valid
 
@@ -115,32 +101,17 @@ class Reconstruction(torch.nn.Module):
 
 
 def validate(cfg: AutoencoderJobConfig) -> None:
-    """Cheap checks that would otherwise fail late."""
+    """The rules of the config alone, no file read (the folders it names are checked by the job)."""
     t = cfg.train
-    for key, value in (("train.batch_size", t.batch_size), ("train.max_steps", t.max_steps),
-                       ("train.grad_accum_steps", t.grad_accum_steps), ("train.checkpoint_every", t.checkpoint_every),
-                       ("train.log_every", t.log_every), ("train.sample_every", t.sample_every),
-                       ("train.scale_fit_batches", t.scale_fit_batches), ("data.resolution", cfg.data.resolution)):
+    validate_run(t)
+    for key, value in (("train.scale_fit_batches", t.scale_fit_batches), ("data.resolution", cfg.data.resolution)):
         if value < 1:
             raise ConfigError(f"{key}={value} must be >= 1")
     if t.mixed_precision is MixedPrecision.fp16:
         raise ConfigError("train.mixed_precision=fp16 is not supported by the autoencoder job: the adaptive GAN weight "
                          "takes unscaled gradients that underflow in fp16. Use bf16, fp32 or auto")
-    if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay={t.ema_decay} must be in (0, 1) (or null for no EMA)")
     if t.decoder_only and not cfg.model.init_from:
         raise ConfigError("train.decoder_only=true needs model.init_from=VAE_DIR: it fine-tunes the decoder of a trained autoencoder")
-    for key, paths in (("extra_data", cfg.extra_data), ("eval.ood", cfg.eval.ood)):
-        for path in paths:
-            if not Path(path).is_dir():
-                raise DataError(f"{key}: '{path}' is not a folder (make data builds data/generic-32 and data/ood-32/*)")
-    if t.cpu_threads is not None and t.cpu_threads < 1:
-        raise ConfigError(f"train.cpu_threads={t.cpu_threads} must be >= 1 (or null for all cores)")
-    from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION
-
-    names = [s.value for s in TYPE_TO_SCHEDULER_FUNCTION]
-    if t.lr_schedule not in names:
-        raise ConfigError(f"train.lr_schedule='{t.lr_schedule}' is unknown; valid: {', '.join(names)}")
 
 
 def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> Path:
@@ -150,18 +121,13 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
     there (used by the resume tests).
     """
     validate(cfg)
+    for key, paths in (("extra_data", cfg.extra_data), ("eval.ood", cfg.eval.ood)):
+        for path in paths:
+            if not Path(path).is_dir():
+                raise DataError(f"{key}: '{path}' is not a folder (make data builds data/generic-32 and data/ood-32/*)")
     out = Path(cfg.output_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision.accelerate_name(device),
-        gradient_accumulation_steps=cfg.train.grad_accum_steps,
-        cpu=device == "cpu",
-    )
+    accelerator, threads = start_accelerator(cfg.train, cfg.seed)  # the same initial weights on every process
     is_main = accelerator.is_main_process
-    threads = torch.get_num_threads()
-    if device == "cpu":
-        threads = set_cpu_threads(cfg.train.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
-    set_seed(cfg.seed)  # same initial weights on every process
 
     # 1. Data, checked before anything expensive.
     records = load_records(cfg.data.path, cfg.data)
@@ -201,16 +167,10 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
     set_seed(cfg.seed + accelerator.process_index)  # same init everywhere; own posterior noise per rank
 
     # 3. Resume: models, optimizers, scheduler, RNG states; data position from trainer_state.
-    layout = {"batch_size": cfg.train.batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
-              "num_processes": accelerator.num_processes, "seed": cfg.seed}
-    state = resume_from_latest(accelerator, out, layout) or {"step": 0, "micro_batches": 0, "bad_images": 0}
+    layout = data_layout(cfg.train, accelerator, cfg.seed)
+    state = resume_or_start(accelerator, out, cfg, layout, {"step": 0, "micro_batches": 0, "bad_images": 0})
     step, micro = state["step"], state["micro_batches"]
     bad_images = state["bad_images"] if is_main else 0  # per-process count; summed when reported
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        if step:
-            print(f"resuming from step {step} in {out}/checkpoints")
     log = JsonlLog(out / "log.jsonl", enabled=is_main)
     log.write(step=step, event="resume" if step else "start", device=str(accelerator.device), processes=accelerator.num_processes,
               cpu_threads=threads, mixed_precision=accelerator.mixed_precision, train_images=len(records))
@@ -274,17 +234,17 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
         bar.update(1)
 
         # 5. Logs, sample grids, checkpoints.
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+        if due(step, cfg.train.log_every, cfg.train.max_steps):
             elapsed = time.perf_counter() - window_start
             n = window.pop("n")
             means = {k: round(v / n, 6) for k, v in window.items()}
             log.write(step=step, lr=lr, images_per_s=round(window_images / elapsed, 2), bad_images=total_bad(), **means)
             bar.set_postfix(l1=f"{means['l1']:.4f}", lpips=f"{means['lpips']:.3f}")
             window_start, window_images, window = time.perf_counter(), 0, {}
-        if is_main and (step % cfg.train.sample_every == 0 or step == cfg.train.max_steps):
+        if is_main and due(step, cfg.train.sample_every, cfg.train.max_steps):
             val_psnr = _save_reconstructions(raw_vae, preview, out / "samples" / f"step-{step:08d}.png")
             log.write(step=step, val_psnr=round(val_psnr, 3), val_images=preview.shape[0])
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
+        if due(step, cfg.train.checkpoint_every, cfg.train.max_steps):
             save_checkpoint(accelerator, out, step, {"micro_batches": micro, "bad_images": total_bad(), **layout},
                             cfg.train.keep_checkpoints)
         if stop_after_steps is not None and step >= stop_after_steps:

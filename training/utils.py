@@ -1,38 +1,15 @@
-"""Small helpers shared by the training jobs: run logs, image grids, atomic JSON."""
+"""Small helpers shared by the training jobs: run logs, image grids, CPU threads, one-line errors."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-
-
-def training_attention(device: str | torch.device) -> contextlib.AbstractContextManager:
-    """On a CPU, attention for training through PyTorch's math path (matmul + softmax, whose
-    backward is plain matmuls). Measured on a bf16 AMD EPYC VM, base U-Net, batch 64: the CPU
-    flash-attention backward took 38% of a bf16 step; with the math path the step went 0.43 -> 0.34 s
-    (fp32: 0.50 -> 0.48 s). Generation keeps the flash kernel (there it is the faster one).
-    Elsewhere (CUDA) PyTorch's own choice stands."""
-    if torch.device(device).type != "cpu":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(SDPBackend.MATH)
-
-
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(data, f, indent=2)
-    os.replace(f.name, path)
 
 
 class JsonlLog:

@@ -1,0 +1,43 @@
+"""The stage-2 training loss as one object: (x_0, eps, t) -> per-sample loss.
+
+    x_t    = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps                  (eps + offset noise, if any)
+    target = eps                                  (prediction_type "epsilon")
+           | sqrt(abar_t) eps - sqrt(1 - abar_t) x_0    ("v_prediction")
+    loss_i = w_i * mean over (C, h, w) of (model(x_t, t) - target)^2,
+    w_i    = min-SNR-gamma weight in the target's own space (1 when min_snr_gamma is None)
+
+The formulas themselves live in ``ldm.diffusion``; this is where a training job picks them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from ldm.diffusion import PREDICTION_TYPES, add_noise, min_snr_weights, offset_noise, v_target
+
+
+class DenoisingObjective:
+    def __init__(self, scheduler: DDPMScheduler, min_snr_gamma: float | None = None, offset_noise: float = 0.0) -> None:
+        self.alphas_cumprod = scheduler.alphas_cumprod  # (T,)
+        self.prediction_type = scheduler.config.prediction_type
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type '{self.prediction_type}' is unknown; valid: {', '.join(PREDICTION_TYPES)}")
+        self.min_snr_gamma, self.offset_noise = min_snr_gamma, offset_noise
+
+    def noisy_input_and_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
+                               offset_draws: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(x_t, target), both (B, C, h, w). ``offset_draws``: (B, C) standard normal draws (offset noise)."""
+        if self.offset_noise:
+            eps = offset_noise(eps, self.offset_noise, offset_draws)
+        x_t = add_noise(x0, eps, t, self.alphas_cumprod)
+        target = eps if self.prediction_type == "epsilon" else v_target(x0, eps, t, self.alphas_cumprod)
+        return x_t, target
+
+    def per_sample_loss(self, prediction: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """(B,): the (min-SNR weighted) mean squared error of each sample."""
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.ndim)))
+        if self.min_snr_gamma:
+            loss = loss * min_snr_weights(t, self.alphas_cumprod, self.min_snr_gamma, self.prediction_type)
+        return loss

@@ -1,0 +1,176 @@
+"""The stage-2 job's config schema (``training.train_ldm``) and its rules.
+
+Every key is a field here; a key that would be ignored in the combination given is an error that
+names the conflict (for example a ``model.unet`` preset next to ``model.init_from``, whose U-Net
+is used as it is).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ldm.diffusion import PREDICTION_TYPES
+from ldm.schedulers import SCHEDULERS
+from ldm.text import CLIP_TEXT_PRESETS
+from ldm.unet import UNET_PRESETS
+from training.config import ConfigError
+from training.data import DataConfig
+from training.runs import RunConfig, validate_run
+
+DEFAULT_PROMPTS = ("red apple", "grinning face", "sun", "red heart", "pine tree", "dog face", "rocket", "snowflake")
+FINETUNE_METHODS = ("none", "full", "lora")
+
+
+@dataclass(frozen=True)
+class LdmModelConfig:
+    vae: str = "runs/autoencoder-openmoji-32-f4/vae"  # a stage-1 vae/ folder (frozen)
+    text_encoder: str = "minilm"  # minilm (pretrained, frozen) | clip-scratch (trained jointly) | a transformers folder (frozen)
+    clip_preset: str = "small"  # clip-scratch size: a key of ldm.text.CLIP_TEXT_PRESETS
+    unet: str = "small"  # a key of ldm.unet.UNET_PRESETS
+    prediction_type: str = "epsilon"  # epsilon | v_prediction
+    init_from: str | None = None  # a pipeline folder (ours or Stable Diffusion layout) to fine-tune (finetune.method full
+    # or lora); its vae / text_encoder / unet / scheduler are used as they are, so the keys above must stay unset
+    replace_vae: str | None = None  # with init_from: this vae/ folder instead of the pipeline's (e.g. the pipeline's
+    # autoencoder fine-tuned on your images); the U-Net then adapts to it, and the exported pipeline carries it
+    check_images: int = 64  # the autoencoder is first measured on this many of your images, beside bicubic resizing (0: skip)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    method: str = "none"  # none (a new U-Net) | full (every weight of model.init_from's U-Net) | lora (adapters on it)
+    train_text_encoder: bool = False  # full: train it too; lora: also put adapters on it
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])  # U-Net attention
+    text_lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    min_snr_gamma: float | None = 5.0  # None: plain MSE
+    offset_noise: float = 0.0  # e.g. 0.05; 0: off
+    zero_terminal_snr: bool = False  # needs prediction_type=v_prediction (a new U-Net only: init_from brings its schedule)
+    caption_dropout: float = 0.1  # fraction of captions replaced by "" (for classifier-free guidance)
+
+
+@dataclass(frozen=True)
+class LdmTrainConfig(RunConfig):
+    batch_size: int = 64  # per process, per micro-batch
+    max_steps: int = 4000
+    lr: float = 3e-4
+    text_lr: float | None = None  # for a text encoder that trains (clip-scratch, or finetune.train_text_encoder); None: lr
+    lr_schedule: str = "constant_with_warmup"
+    lr_warmup_steps: int = 200
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    ema_decay: float | None = 0.999  # None: no EMA (the exported U-Net is then the trained one)
+    log_every: int = 50
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    images_per_prompt: int = 4
+    steps: int = 25
+    guidance: float = 3.0
+    scheduler: str = "dpm++"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    dir: str | None = None  # None: output_dir/latent-cache
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class LdmEvalConfig:
+    num_prompts: int = 100  # prompt adherence / FD-VGG at the end on this many training captions (0: skip)
+    steps: int = 25
+    guidance: float = 3.0
+
+
+@dataclass(frozen=True)
+class LdmJobConfig:
+    output_dir: str = "runs/ldm"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: LdmModelConfig = field(default_factory=LdmModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    train: LdmTrainConfig = field(default_factory=LdmTrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    eval: LdmEvalConfig = field(default_factory=LdmEvalConfig)
+
+
+def text_encoder_trains(cfg: LdmJobConfig) -> bool:
+    """clip-scratch trains with the U-Net; a pretrained encoder only with finetune.train_text_encoder."""
+    return cfg.finetune.train_text_encoder if cfg.model.init_from else cfg.model.text_encoder == "clip-scratch"
+
+
+def _changed(section, keys: tuple[str, ...]) -> list[str]:
+    """The ``keys`` of a config section that differ from the schema's defaults."""
+    default = type(section)()
+    return [k for k in keys if getattr(section, k) != getattr(default, k)]
+
+
+def validate(cfg: LdmJobConfig) -> None:
+    """The rules of the config alone, no file read (the folders it names are checked by the job, and
+    the models' compatibility once they are built)."""
+    t, o, m, ft = cfg.train, cfg.objective, cfg.model, cfg.finetune
+    validate_run(t)
+    for key, value in (("data.resolution", cfg.data.resolution), ("sample.steps", cfg.sample.steps),
+                       ("sample.images_per_prompt", cfg.sample.images_per_prompt)):  # fmt: skip
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1")
+    if m.prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(f"model.prediction_type='{m.prediction_type}' is unknown; valid: {', '.join(PREDICTION_TYPES)}")
+    if m.unet not in UNET_PRESETS:
+        raise ConfigError(f"model.unet='{m.unet}' is unknown; valid: {', '.join(UNET_PRESETS)}")
+    if m.text_encoder == "clip-scratch" and m.clip_preset not in CLIP_TEXT_PRESETS:
+        raise ConfigError(f"model.clip_preset='{m.clip_preset}' is unknown; valid: {', '.join(CLIP_TEXT_PRESETS)}")
+    if o.zero_terminal_snr and m.prediction_type != "v_prediction":
+        raise ConfigError("objective.zero_terminal_snr=true needs model.prediction_type=v_prediction: at SNR 0 the noise "
+                         "is the input, so there is nothing to learn for an epsilon target")  # fmt: skip
+    if not 0.0 <= o.caption_dropout < 1.0:
+        raise ConfigError(f"objective.caption_dropout={o.caption_dropout} must be in [0, 1)")
+    if o.min_snr_gamma is not None and o.min_snr_gamma <= 0:
+        raise ConfigError(f"objective.min_snr_gamma={o.min_snr_gamma} must be > 0 (or null for plain MSE)")
+    if ft.method not in FINETUNE_METHODS:
+        raise ConfigError(f"finetune.method='{ft.method}' is unknown; valid: {', '.join(FINETUNE_METHODS)}")
+    if ft.lora_rank < 1:
+        raise ConfigError(f"finetune.lora_rank={ft.lora_rank} must be >= 1")
+    if m.replace_vae and not m.init_from:
+        raise ConfigError("model.replace_vae is for fine-tuning a pipeline (model.init_from=PIPELINE_DIR); "
+                         "for a new U-Net, set model.vae")  # fmt: skip
+    _check_finetune_conflicts(cfg)
+    if t.text_lr is not None and not text_encoder_trains(cfg):
+        raise ConfigError(f"train.text_lr={t.text_lr} would be ignored: no text encoder trains here (it trains with "
+                          "model.text_encoder=clip-scratch, or finetune.train_text_encoder=true with model.init_from)")
+    if cfg.sample.scheduler not in SCHEDULERS:
+        raise ConfigError(f"sample.scheduler='{cfg.sample.scheduler}' is unknown; valid: {', '.join(SCHEDULERS)}")
+
+
+def _check_finetune_conflicts(cfg: LdmJobConfig) -> None:
+    """finetune.method and model.init_from go together; keys the chosen path would ignore are errors."""
+    m, ft = cfg.model, cfg.finetune
+    if m.init_from and ft.method == "none":
+        raise ConfigError(f"model.init_from={m.init_from} needs finetune.method=full (train every U-Net weight) or "
+                          "finetune.method=lora (adapters); finetune.method=none trains a new U-Net")
+    if not m.init_from and ft.method != "none":
+        raise ConfigError(f"finetune.method={ft.method} needs model.init_from=PIPELINE_DIR: it fine-tunes a trained model "
+                          "(for a new U-Net: finetune.method=none)")
+    if m.init_from:
+        ignored = _changed(m, ("vae", "text_encoder", "clip_preset", "unet", "prediction_type"))
+        ignored += [f"objective.{k}" for k in _changed(cfg.objective, ("zero_terminal_snr",))]
+        if ignored:
+            keys = ", ".join(k if "." in k else f"model.{k}" for k in ignored)
+            raise ConfigError(f"{keys} would be ignored: with model.init_from={m.init_from} the pipeline's own autoencoder, "
+                              "text encoder, U-Net and noise schedule are used as they are (to swap the autoencoder: model.replace_vae)")
+    else:
+        ignored = [f"finetune.{k}" for k in _changed(ft, ("train_text_encoder",))]
+        if ignored:
+            raise ConfigError(f"{', '.join(ignored)} would be ignored: it applies when fine-tuning (model.init_from with "
+                              "finetune.method=full or lora); a new model trains model.text_encoder=clip-scratch and freezes the others")
