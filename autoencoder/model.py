@@ -1,18 +1,11 @@
-"""Build, load and save the first-stage autoencoder (diffusers ``AutoencoderKL``).
-
-This module owns latent normalisation: the fitted ``scaling_factor`` (and optional
-``shift_factor``) live in the saved ``vae/config.json`` and nowhere else. Every other part of
-the project goes through :func:`normalize_latents` / :func:`denormalize_latents`.
-"""
+"""Build, load and save the first-stage autoencoder (diffusers ``AutoencoderKL``). What its
+latents mean (moments, scale, shift, downsampling) is :mod:`autoencoder.latents`."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from typing import Iterable
 
-import torch
 from diffusers import AutoencoderKL
 
 from runtime.files import atomic_dir
@@ -57,10 +50,6 @@ def build_autoencoder(preset: str, resolution: int, **overrides) -> AutoencoderK
     )
 
 
-def downsampling_factor(vae: AutoencoderKL) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
 def load_autoencoder(path: str | Path) -> AutoencoderKL:
     """Load a saved ``vae/`` folder, with a clear error if the folder is not an autoencoder."""
     path = Path(path)
@@ -79,46 +68,3 @@ def save_autoencoder(vae: AutoencoderKL, path: str | Path) -> Path:
     with atomic_dir(path) as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
     return path
-
-
-# ---- latent normalisation -------------------------------------------------------------------
-
-
-def normalize_latents(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
-    """Raw posterior sample -> the unit-variance latent a diffusion model sees."""
-    shift = vae.config.get("shift_factor") or 0.0
-    return (z - shift) * vae.config.scaling_factor
-
-
-def denormalize_latents(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
-    shift = vae.config.get("shift_factor") or 0.0
-    return z / vae.config.scaling_factor + shift
-
-
-@torch.no_grad()
-def fit_latent_normalization(
-    vae: AutoencoderKL, batches: Iterable[torch.Tensor], fit_shift: bool = False
-) -> tuple[float, float | None]:
-    """Fit ``scaling_factor`` (and ``shift_factor`` if asked) over posterior samples.
-
-    As for Stable Diffusion: ``scaling_factor = 1 / std(z)``, so normalised latents have unit
-    standard deviation. Without a shift, the std is taken about zero-centred data the way
-    SD did (torch.std subtracts the mean) and the mean is assumed near 0; with ``fit_shift``
-    the mean is removed explicitly (the SD3 / FLUX convention).
-    Streaming sums in float64, so any number of batches fits in memory.
-    """
-    n, s1, s2 = 0, 0.0, 0.0
-    for x in batches:
-        z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.sample().double()  # (B, C, h, w)
-        n += z.numel()
-        s1 += z.sum().item()
-        s2 += (z * z).sum().item()
-    if n == 0:
-        raise ValueError("no batches to fit the latent scale on")
-    mean = s1 / n
-    std = math.sqrt(max(s2 / n - mean * mean, 1e-12))
-    return 1.0 / std, (mean if fit_shift else None)
-
-
-def set_latent_normalization(vae: AutoencoderKL, scale: float, shift: float | None) -> None:
-    vae.register_to_config(scaling_factor=float(scale), shift_factor=None if shift is None else float(shift))

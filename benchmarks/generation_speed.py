@@ -28,7 +28,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline  # noqa: E402
 
 from runtime.hardware import amx_usable  # noqa: E402
 import runtime  # noqa: E402
-from autoencoder.model import build_autoencoder, fit_latent_normalization, set_latent_normalization  # noqa: E402
+from autoencoder import build_autoencoder, fit_latent_normalization, set_latent_normalization  # noqa: E402
 from ldm.pipeline import LatentDiffusionPipeline  # noqa: E402
 from ldm.schedulers import make_scheduler  # noqa: E402
 from ldm.text import build_clip_text_encoder, clip_tokenizer  # noqa: E402

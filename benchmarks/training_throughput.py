@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import runtime  # noqa: E402
-from autoencoder import build_autoencoder, load_autoencoder, save_autoencoder  # noqa: E402
+from autoencoder import build_autoencoder, encode_latents, load_autoencoder, save_autoencoder  # noqa: E402
 from ldm.diffusion import training_scheduler  # noqa: E402
 from ldm.text import load_minilm, tokenize  # noqa: E402
 from ldm.unet import build_unet  # noqa: E402
@@ -66,7 +66,7 @@ class Probe:
         batch = next(iter(loader))
         g = torch.Generator().manual_seed(123)
         with torch.no_grad():
-            self.x0 = vae.encode(batch["pixel_values"]).latent_dist.mean * vae.config.scaling_factor
+            self.x0 = encode_latents(vae, batch["pixel_values"])  # posterior means, normalised
             tokens = tokenize(tokenizer, text_encoder, batch["text"])
             self.states, self.mask = text_encoder(**tokens)[0], tokens["attention_mask"]
         self.scheduler = training_scheduler("epsilon")
@@ -120,7 +120,7 @@ def per_step_encode_recipe(cfg: LdmJobConfig, vae_dir: Path, steps: int, batch: 
         b = next(batches)
         t1 = time.perf_counter()
         with torch.no_grad():
-            latents = vae.encode(b["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor  # (B, 4, 8, 8)
+            latents = encode_latents(vae, b["pixel_values"], sample=True)  # (B, 4, 8, 8), normalised
             t2 = time.perf_counter()
             tokens = tokenize(tokenizer, text_encoder, b["text"])
             states = text_encoder(**tokens)[0]  # (B, L, 384)

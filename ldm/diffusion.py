@@ -84,11 +84,3 @@ def offset_noise(eps: torch.Tensor, strength: float, per_channel: torch.Tensor) 
     model change an image's mean colour, which plain eps noise almost never does.
     ``per_channel``: (B, C) standard normal draws."""
     return eps + strength * per_channel[..., None, None].to(eps)
-
-
-def sample_latents(moments: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """One draw z = mean + exp(logvar / 2) * n from cached posterior moments (B, 2C, h, w)
-    (the autoencoder's DiagonalGaussianDistribution, with its logvar clamp)."""
-    mean, logvar = moments.float().chunk(2, dim=1)
-    logvar = logvar.clamp(-30.0, 20.0)
-    return mean + (0.5 * logvar).exp() * noise

@@ -26,7 +26,7 @@ from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from autoencoder.model import denormalize_latents, downsampling_factor, normalize_latents
+from autoencoder.latents import denormalize_latents, downsampling_factor, encode_latents
 import runtime
 from runtime import fast_bf16
 from runtime.files import atomic_dir
@@ -287,8 +287,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
     def _encode_image(self, image: torch.Tensor, batch: int) -> torch.Tensor:
         """Image (1 or B, 3, H, W) in [-1, 1] -> normalised latents (B*n, C, h, w), the posterior mean."""
         image = image.to(self._execution_device, self.vae.dtype)
-        z = self.vae.encode(image).latent_dist.mode().float()
-        return normalize_latents(self.vae, z).repeat_interleave(batch // z.shape[0], dim=0)
+        z = encode_latents(self.vae, image)  # (1 or B, C, h, w), float32
+        return z.repeat_interleave(batch // z.shape[0], dim=0)
 
     @staticmethod
     def _negative_prompts(negative_prompt: str | list[str] | None, n: int) -> list[str]:

@@ -70,7 +70,7 @@ def tiny_pipeline(text: str = "clip", seed: int = 0, resolution: int = 32):
     import torch
     from diffusers import DDPMScheduler
 
-    from autoencoder.model import build_autoencoder, fit_latent_normalization, set_latent_normalization
+    from autoencoder import build_autoencoder, fit_latent_normalization, set_latent_normalization
     from ldm.pipeline import LatentDiffusionPipeline
     from ldm.text import build_clip_text_encoder, clip_tokenizer, load_minilm
     from ldm.unet import build_unet

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from ldm.diffusion import add_noise, min_snr_weights, offset_noise, sample_latents, snr, training_scheduler, v_target
+from autoencoder.latents import sample_latents
+from ldm.diffusion import add_noise, min_snr_weights, offset_noise, snr, training_scheduler, v_target
 
 
 @pytest.fixture(scope="module")

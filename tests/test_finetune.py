@@ -12,6 +12,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
+from autoencoder import encode_latents
 from ldm import LatentDiffusionPipeline
 from training.config import load_config
 from training.ldm_config import LdmJobConfig
@@ -45,7 +46,7 @@ def base(tmp_path_factory, openmoji_small):
     """A small model that has learnt something, in ~20 s: a tiny autoencoder fitted with plain MSE
     (a random one maps every image to nearly the same latent), the real MiniLM encoder, and a tiny
     U-Net trained from random for 300 steps on 160 captioned emoji."""
-    from autoencoder.model import fit_latent_normalization, set_latent_normalization
+    from autoencoder.latents import fit_latent_normalization, set_latent_normalization
 
     pipe = tiny_pipeline("minilm", seed=3)
     real = torch.stack([to_pixels(Image.open(f).convert("RGB")) for f in sorted((openmoji_small / "train").glob("*.png"))[:64]])
@@ -98,7 +99,7 @@ def test_lora_moves_the_concept_caption_toward_the_concept_and_others_much_less(
     before = LatentDiffusionPipeline.from_pretrained(base, dtype="fp32")
     with torch.no_grad():  # the concept's own (normalised) latents
         x = torch.stack([to_pixels(im) for im in concept_images().values()])
-        target = before.vae.encode(x).latent_dist.mode() * before.vae.config.scaling_factor
+        target = encode_latents(before.vae, x)
     d = {"before": {p: distance_to(target, latents(before, p)) for p in (CONCEPT, OTHER)}}
     after = LatentDiffusionPipeline.from_pretrained(base, dtype="fp32")
     after.load_lora_weights(str(lora_run / "lora"))
@@ -171,11 +172,11 @@ def test_autoencoder_check_warns_on_images_it_cannot_represent_and_stays_silent_
 
 
 def test_replace_vae_fine_tunes_the_pipeline_onto_another_autoencoder(base, concept, tmp_path):
-    from autoencoder import build_autoencoder, save_autoencoder
+    from autoencoder import build_autoencoder, save_autoencoder, set_latent_normalization
 
     torch.manual_seed(1)
     other = build_autoencoder("tiny", 32)
-    other.register_to_config(scaling_factor=0.5)
+    set_latent_normalization(other, 0.5, None)
     save_autoencoder(other, tmp_path / "vae")
     out = tmp_path / "run"
     train(load_config(LdmJobConfig, FULL_CONFIG, [f"model.init_from={base}", f"data.path={concept}", f"data.caption={CONCEPT}",
@@ -254,7 +255,7 @@ def test_upscaled_count_survives_an_interrupted_encode(tmp_path):
 
 
 def test_decoder_only_fine_tune_keeps_the_encoder_bit_identical(openmoji_small, tmp_path):
-    from autoencoder import build_autoencoder, load_autoencoder, save_autoencoder
+    from autoencoder import build_autoencoder, load_autoencoder, save_autoencoder, set_latent_normalization
     from training.train_autoencoder import AutoencoderJobConfig
     from training.train_autoencoder import train
 
@@ -262,7 +263,7 @@ def test_decoder_only_fine_tune_keeps_the_encoder_bit_identical(openmoji_small, 
 
     torch.manual_seed(0)
     vae = build_autoencoder("tiny", 32)
-    vae.register_to_config(scaling_factor=0.7)
+    set_latent_normalization(vae, 0.7, None)
     start = save_autoencoder(vae, tmp_path / "vae")
     cfg = load_config(AutoencoderJobConfig, ROOT / "configs" / "autoencoder" / "tiny.yaml",
                       [f"data.path={openmoji_small}", f"output_dir={tmp_path / 'run'}", f"model.init_from={start}",

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from autoencoder.latents import encode_moments
 from ldm.text import encode_text, tokenize
 from training.data import DataConfig, eval_loader
 
@@ -136,9 +137,9 @@ def build_latent_cache(
             if not batch["index"]:
                 continue
             x = batch["pixel_values"].to(vae.device, vae.dtype)  # (b, 3, R, R) in [-1, 1]
-            tensors["moments"].append(vae.encode(x).latent_dist.parameters.float().cpu())  # (b, 2C, h, w)
+            tensors["moments"].append(encode_moments(vae, x).float().cpu())  # (b, 2C, h, w)
             if data.random_flip:
-                tensors["moments_flipped"].append(vae.encode(x.flip(-1)).latent_dist.parameters.float().cpu())
+                tensors["moments_flipped"].append(encode_moments(vae, x.flip(-1)).float().cpu())
             tensors["index"].append(torch.tensor(batch["index"], dtype=torch.int64) + rows.start)
             if text is not None:
                 emb = encode_text(tokenizer, encoder, batch["text"], pad_to=text_length)

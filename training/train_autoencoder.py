@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from autoencoder import (
     build_autoencoder,
     fit_latent_normalization,
+    latent_normalization,
     load_autoencoder,
     save_autoencoder,
     set_latent_normalization,
@@ -293,7 +294,7 @@ def _export(vae, records, held_out, lpips: LPIPS, cfg: AutoencoderJobConfig, out
     n_fit = min(cfg.train.scale_fit_batches, math.ceil(len(records) / fit_batch))  # about one pass at most
     fit_batches = (b["pixel_values"] for b, _ in zip(fit_loader, range(n_fit)) if b["pixel_values"].numel())
     if cfg.train.decoder_only:  # the latent space did not change: keep its normalisation
-        scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor")
+        scale, shift = latent_normalization(vae)
     else:
         scale, shift = fit_latent_normalization(vae, fit_batches, fit_shift=cfg.train.fit_shift)
         set_latent_normalization(vae, scale, shift)

@@ -21,8 +21,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from autoencoder import normalize_latents
-from ldm.diffusion import sample_latents
+from autoencoder import normalize_latents, sample_latents
 from ldm.objective import DenoisingObjective
 from ldm.pipeline import LatentDiffusionPipeline, check_pipeline_folder
 from ldm.schedulers import make_scheduler
