@@ -227,3 +227,25 @@ def test_prepare_openmoji_with_a_split_left_empty(tmp_path):
     counts = prepare_openmoji(tmp_path / "om", 16, limit=3)
     assert counts["train"] + counts["test"] > 0
     assert (tmp_path / "om" / "train" / "metadata.jsonl").is_file() and (tmp_path / "om" / "test" / "metadata.jsonl").is_file()
+
+
+def test_caption_sources_and_errors(tmp_path):
+    from training.data import DataConfig, DataError, load_records
+
+    imgs = {f"{i}.png": Image.new("RGB", (16, 16), (i * 30, 0, 0)) for i in range(3)}
+    folder = write_imagefolder(tmp_path / "txt", imgs)
+    for i in range(3):
+        (folder / f"{i}.txt").write_text(f"caption {i}\n")
+    cfg = DataConfig(path=str(folder))
+    assert sorted(load_records(folder, cfg, captions=True)["text"]) == ["caption 0", "caption 1", "caption 2"]
+    (folder / "2.txt").unlink()
+    with pytest.raises(DataError, match="1 of 3 images .* have no caption"):
+        load_records(folder, cfg, captions=True)
+    assert set(load_records(folder, DataConfig(path=str(folder), caption="a sks dog"), captions=True)["text"]) == {"a sks dog"}
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"image": [str(folder / "0.png")], "prompt": ["x"]}).save_to_disk(str(saved))
+    with pytest.raises(DataError, match="data.caption_column='text' is not a column of .*; columns: image, prompt"):
+        load_records(saved, DataConfig(path=str(saved)), captions=True)
+    assert load_records(saved, DataConfig(path=str(saved), caption_column="prompt"), captions=True)["text"] == ["x"]

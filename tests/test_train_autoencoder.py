@@ -179,3 +179,27 @@ def test_cli_errors_before_training(tmp_path):
     missing = subprocess.run(cmd + [f"data.path={tmp_path / 'nope'}"], capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode != 0 and "does not exist" in missing.stderr
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_decoder_only_fine_tune_keeps_the_encoder_bit_identical(openmoji_small, tmp_path):
+    from autoencoder import build_autoencoder, load_autoencoder, save_autoencoder, set_latent_normalization
+    from training.train_autoencoder import AutoencoderJobConfig
+    from training.train_autoencoder import train
+
+    train_ae = fresh_state(train)
+
+    torch.manual_seed(0)
+    vae = build_autoencoder("tiny", 32)
+    set_latent_normalization(vae, 0.7, None)
+    start = save_autoencoder(vae, tmp_path / "vae")
+    cfg = load_config(AutoencoderJobConfig, ROOT / "configs" / "autoencoder" / "tiny.yaml",
+                      [f"data.path={openmoji_small}", f"output_dir={tmp_path / 'run'}", f"model.init_from={start}",
+                       "train.decoder_only=true", "train.max_steps=4", "train.checkpoint_every=4"])  # fmt: skip
+    train_ae(cfg)
+    before, after = load_file(str(start / "diffusion_pytorch_model.safetensors")), load_file(str(tmp_path / "run" / "vae" / "diffusion_pytorch_model.safetensors"))
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert load_autoencoder(tmp_path / "run" / "vae").config.scaling_factor == 0.7  # the latent space's scale is kept
+    with pytest.raises(ValueError, match="needs model.init_from"):
+        train_ae(load_config(AutoencoderJobConfig, ROOT / "configs" / "autoencoder" / "tiny.yaml", ["train.decoder_only=true"]))

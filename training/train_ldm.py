@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.optimization import get_scheduler
@@ -104,18 +105,7 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     conditioning = Conditioning(cache, tokenizer, text_encoder, trains, uses_attention_mask(text_encoder))
 
     # 3. Optimiser, LR schedule, EMA; resume.
-    if t_cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet_params = [p for p in unet.parameters() if p.requires_grad]  # all of them, or the LoRA adapters
-    groups = [{"params": unet_params, "lr": t_cfg.lr}]
-    if trains:
-        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": t_cfg.text_lr or t_cfg.lr})
-    # fused AdamW and foreach EMA: one kernel over all parameters instead of one per tensor
-    # (train step 0.42 -> 0.39 s in benchmarks/training_throughput.py's setting).
-    optimizer = torch.optim.AdamW(groups, weight_decay=t_cfg.weight_decay, fused=True)
-    lr_sched = get_scheduler(t_cfg.lr_schedule, optimizer, num_warmup_steps=t_cfg.lr_warmup_steps,
-                             num_training_steps=t_cfg.max_steps)  # stepped once per optimizer step  # fmt: skip
-    ema = EMAModel(unet_params, decay=t_cfg.ema_decay, foreach=True) if t_cfg.ema_decay else None
+    unet_params, optimizer, lr_sched, ema = _optimisation(unet, text_encoder if trains else None, t_cfg)
     model, optimizer = accelerator.prepare(Denoiser(unet, text_encoder if trains else None), optimizer)
     accelerator.register_for_checkpointing(lr_sched)
     if ema is not None:
@@ -150,12 +140,7 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
             rnd = step_randomness(cfg.seed, micro, global_batch, latent_shape, rank, world)
             micro += 1
             idx, flip = torch.tensor([i for i, _ in picks]), torch.tensor([f for _, f in picks])
-            moments = cache.moments[idx]
-            if cache.moments_flipped is not None:
-                moments = torch.where(flip[:, None, None, None], cache.moments_flipped[idx], moments)
-            # x_0: a fresh draw from the cached posterior, normalised to unit variance by the
-            # autoencoder's own scaling/shift factor.
-            x0 = normalize_latents(vae, sample_latents(moments, rnd["latent_noise"])).to(device)  # (B, C, h, w)
+            x0 = _x0(cache, idx, flip, rnd["latent_noise"], vae).to(device)  # (B, C, h, w)
             t = rnd["t"].to(device)
             x_t, target = objective.noisy_input_and_target(x0, rnd["eps"].to(device), t, rnd["offset"])
             cond = conditioning(idx, rnd["drop"] < cfg.objective.caption_dropout, device)  # dropped captions become ""
@@ -199,24 +184,58 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     if is_main:
         if ema is not None:
             ema.copy_to(unet_params)
-        if lora:
-            export_lora(raw.unet, text_encoder if trains else None, out / "lora")
-            pipe = fused_lora_pipeline(models.source, out / "lora", vae if cfg.model.replace_vae else None, models.noise_scheduler.config)
-        else:
-            pipe = _pipeline(vae, text_encoder, tokenizer, raw.unet, make_scheduler("dpm++", models.noise_scheduler.config))
-        pipe.save_pretrained(out / "pipeline")
-        metrics = {"steps": step, "train_seconds_this_run": round(time.perf_counter() - started, 1), "cached_images": len(cache),
-                   "final_loss": _last_logged(out / "log.jsonl", "loss")}  # fmt: skip
-        if cfg.eval.num_prompts:
-            from training.evaluate import evaluate_pipeline
-
-            metrics["eval"] = evaluate_pipeline(out / "pipeline", cfg.data.path, cfg.eval.num_prompts, cfg.eval.steps, cfg.eval.guidance,
-                                                seed=cfg.seed, data_cfg=cfg.data)  # fmt: skip
-        metrics["config"] = to_dict(cfg)
-        write_json_atomic(out / "metrics.json", metrics)
-        print(f"saved {out / 'pipeline'}; metrics in {out / 'metrics.json'}")
+        _export(cfg, models, raw.unet, vae, text_encoder if trains else None, out, steps=step, cached_images=len(cache),
+                seconds=time.perf_counter() - started)  # fmt: skip
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    return out / "pipeline"
+
+
+def _x0(cache, idx: torch.Tensor, flip: torch.Tensor, noise: torch.Tensor, vae) -> torch.Tensor:
+    """x_0 of cached images ``idx`` (mirrored where ``flip``): a fresh draw from each cached
+    posterior, normalised to unit variance by the autoencoder's own scaling/shift factor."""
+    moments = cache.moments[idx]  # (B, 2C, h, w)
+    if cache.moments_flipped is not None:
+        moments = torch.where(flip[:, None, None, None], cache.moments_flipped[idx], moments)
+    return normalize_latents(vae, sample_latents(moments, noise))
+
+
+def _optimisation(unet, trained_text_encoder, t_cfg) -> tuple[list, torch.optim.Optimizer, Any, EMAModel | None]:
+    """(trained U-Net parameters, AdamW over them and the trained text encoder's, the LR schedule
+    (stepped once per optimizer step), the U-Net's EMA or None). Fused AdamW and foreach EMA: one
+    kernel over all parameters instead of one per tensor (train step 0.42 -> 0.39 s in
+    benchmarks/training_throughput.py's setting)."""
+    if t_cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet_params = [p for p in unet.parameters() if p.requires_grad]  # all of them, or the LoRA adapters
+    groups = [{"params": unet_params, "lr": t_cfg.lr}]
+    if trained_text_encoder is not None:
+        groups.append({"params": [p for p in trained_text_encoder.parameters() if p.requires_grad], "lr": t_cfg.text_lr or t_cfg.lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=t_cfg.weight_decay, fused=True)
+    lr_sched = get_scheduler(t_cfg.lr_schedule, optimizer, num_warmup_steps=t_cfg.lr_warmup_steps, num_training_steps=t_cfg.max_steps)
+    ema = EMAModel(unet_params, decay=t_cfg.ema_decay, foreach=True) if t_cfg.ema_decay else None
+    return unet_params, optimizer, lr_sched, ema
+
+
+def _export(cfg: LdmJobConfig, models, unet, vae, trained_text_encoder, out: Path, *, steps: int, cached_images: int, seconds: float) -> Path:
+    """``out/pipeline`` (and ``out/lora`` for a LoRA run) and ``out/metrics.json``, with the
+    held-out evaluation when ``eval.num_prompts`` asks for it."""
+    if cfg.finetune.method == "lora":
+        export_lora(unet, trained_text_encoder, out / "lora")
+        pipe = fused_lora_pipeline(models.source, out / "lora", vae if cfg.model.replace_vae else None, models.noise_scheduler.config)
+    else:
+        pipe = _pipeline(vae, models.text_encoder, models.tokenizer, unet, make_scheduler("dpm++", models.noise_scheduler.config))
+    pipe.save_pretrained(out / "pipeline")
+    metrics = {"steps": steps, "train_seconds_this_run": round(seconds, 1), "cached_images": cached_images,
+               "final_loss": _last_logged(out / "log.jsonl", "loss")}  # fmt: skip
+    if cfg.eval.num_prompts:
+        from training.evaluate import evaluate_pipeline
+
+        metrics["eval"] = evaluate_pipeline(out / "pipeline", cfg.data.path, cfg.eval.num_prompts, cfg.eval.steps, cfg.eval.guidance,
+                                            seed=cfg.seed, data_cfg=cfg.data)  # fmt: skip
+    metrics["config"] = to_dict(cfg)
+    write_json_atomic(out / "metrics.json", metrics)
+    print(f"saved {out / 'pipeline'}; metrics in {out / 'metrics.json'}")
     return out / "pipeline"
 
 
