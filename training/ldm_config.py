@@ -1,8 +1,9 @@
 """The stage-2 job's config schema (``training.train_ldm``) and its rules.
 
-Every key is a field here; a key that would be ignored in the combination given is an error that
-names the conflict (for example a ``model.unet`` preset next to ``model.init_from``, whose U-Net
-is used as it is).
+Every key is a field here. Each section checks its own fields when it is built (``__post_init__``)
+and the job config the rules across them, so a bad value stops ``load_config`` with one line. A key
+that would be ignored in the combination given is an error that names the conflict (for example a
+``model.unet`` preset next to ``model.init_from``, whose U-Net is used as it is).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from ldm.text import CLIP_TEXT_PRESETS
 from ldm.unet import UNET_PRESETS
 from training.config import ConfigError
 from training.data import DataConfig
-from training.runs import RunConfig, validate_run
+from training.runs import RunConfig
 
 DEFAULT_PROMPTS = ("red apple", "grinning face", "sun", "red heart", "pine tree", "dog face", "rocket", "snowflake")
 FINETUNE_METHODS = ("none", "full", "lora")
@@ -34,6 +35,14 @@ class LdmModelConfig:
     # autoencoder fine-tuned on your images); the U-Net then adapts to it, and the exported pipeline carries it
     check_images: int = 64  # the autoencoder is first measured on this many of your images, beside bicubic resizing (0: skip)
 
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(f"model.prediction_type='{self.prediction_type}' is unknown; valid: {', '.join(PREDICTION_TYPES)}")
+        if self.unet not in UNET_PRESETS:
+            raise ConfigError(f"model.unet='{self.unet}' is unknown; valid: {', '.join(UNET_PRESETS)}")
+        if self.text_encoder == "clip-scratch" and self.clip_preset not in CLIP_TEXT_PRESETS:
+            raise ConfigError(f"model.clip_preset='{self.clip_preset}' is unknown; valid: {', '.join(CLIP_TEXT_PRESETS)}")
+
 
 @dataclass(frozen=True)
 class FinetuneConfig:
@@ -44,6 +53,12 @@ class FinetuneConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])  # U-Net attention
     text_lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
 
+    def __post_init__(self) -> None:
+        if self.method not in FINETUNE_METHODS:
+            raise ConfigError(f"finetune.method='{self.method}' is unknown; valid: {', '.join(FINETUNE_METHODS)}")
+        if self.lora_rank < 1:
+            raise ConfigError(f"finetune.lora_rank={self.lora_rank} must be >= 1")
+
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
@@ -51,6 +66,12 @@ class ObjectiveConfig:
     offset_noise: float = 0.0  # e.g. 0.05; 0: off
     zero_terminal_snr: bool = False  # needs prediction_type=v_prediction (a new U-Net only: init_from brings its schedule)
     caption_dropout: float = 0.1  # fraction of captions replaced by "" (for classifier-free guidance)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"objective.caption_dropout={self.caption_dropout} must be in [0, 1)")
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            raise ConfigError(f"objective.min_snr_gamma={self.min_snr_gamma} must be > 0 (or null for plain MSE)")
 
 
 @dataclass(frozen=True)
@@ -76,6 +97,13 @@ class SampleConfig:
     guidance: float = 3.0
     scheduler: str = "dpm++"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "images_per_prompt"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"sample.{key}={getattr(self, key)} must be >= 1")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"sample.scheduler='{self.scheduler}' is unknown; valid: {', '.join(SCHEDULERS)}")
 
 
 @dataclass(frozen=True)
@@ -104,6 +132,9 @@ class LdmJobConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     eval: LdmEvalConfig = field(default_factory=LdmEvalConfig)
 
+    def __post_init__(self) -> None:
+        validate(self)
+
 
 def text_encoder_trains(cfg: LdmJobConfig) -> bool:
     """clip-scratch trains with the U-Net; a pretrained encoder only with finetune.train_text_encoder."""
@@ -117,40 +148,21 @@ def _changed(section, keys: tuple[str, ...]) -> list[str]:
 
 
 def validate(cfg: LdmJobConfig) -> None:
-    """The rules of the config alone, no file read (the folders it names are checked by the job, and
-    the models' compatibility once they are built)."""
-    t, o, m, ft = cfg.train, cfg.objective, cfg.model, cfg.finetune
-    validate_run(t)
-    for key, value in (("data.resolution", cfg.data.resolution), ("sample.steps", cfg.sample.steps),
-                       ("sample.images_per_prompt", cfg.sample.images_per_prompt)):  # fmt: skip
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be >= 1")
-    if m.prediction_type not in PREDICTION_TYPES:
-        raise ConfigError(f"model.prediction_type='{m.prediction_type}' is unknown; valid: {', '.join(PREDICTION_TYPES)}")
-    if m.unet not in UNET_PRESETS:
-        raise ConfigError(f"model.unet='{m.unet}' is unknown; valid: {', '.join(UNET_PRESETS)}")
-    if m.text_encoder == "clip-scratch" and m.clip_preset not in CLIP_TEXT_PRESETS:
-        raise ConfigError(f"model.clip_preset='{m.clip_preset}' is unknown; valid: {', '.join(CLIP_TEXT_PRESETS)}")
+    """The rules across sections (each section checks its own fields when it is built); no file is
+    read: the folders the config names are checked by the job, the models' fit once they are built."""
+    m, o = cfg.model, cfg.objective
+    if cfg.data.resolution < 1:
+        raise ConfigError(f"data.resolution={cfg.data.resolution} must be >= 1")
     if o.zero_terminal_snr and m.prediction_type != "v_prediction":
         raise ConfigError("objective.zero_terminal_snr=true needs model.prediction_type=v_prediction: at SNR 0 the noise "
                          "is the input, so there is nothing to learn for an epsilon target")  # fmt: skip
-    if not 0.0 <= o.caption_dropout < 1.0:
-        raise ConfigError(f"objective.caption_dropout={o.caption_dropout} must be in [0, 1)")
-    if o.min_snr_gamma is not None and o.min_snr_gamma <= 0:
-        raise ConfigError(f"objective.min_snr_gamma={o.min_snr_gamma} must be > 0 (or null for plain MSE)")
-    if ft.method not in FINETUNE_METHODS:
-        raise ConfigError(f"finetune.method='{ft.method}' is unknown; valid: {', '.join(FINETUNE_METHODS)}")
-    if ft.lora_rank < 1:
-        raise ConfigError(f"finetune.lora_rank={ft.lora_rank} must be >= 1")
     if m.replace_vae and not m.init_from:
         raise ConfigError("model.replace_vae is for fine-tuning a pipeline (model.init_from=PIPELINE_DIR); "
                          "for a new U-Net, set model.vae")  # fmt: skip
     _check_finetune_conflicts(cfg)
-    if t.text_lr is not None and not text_encoder_trains(cfg):
-        raise ConfigError(f"train.text_lr={t.text_lr} would be ignored: no text encoder trains here (it trains with "
+    if cfg.train.text_lr is not None and not text_encoder_trains(cfg):
+        raise ConfigError(f"train.text_lr={cfg.train.text_lr} would be ignored: no text encoder trains here (it trains with "
                           "model.text_encoder=clip-scratch, or finetune.train_text_encoder=true with model.init_from)")
-    if cfg.sample.scheduler not in SCHEDULERS:
-        raise ConfigError(f"sample.scheduler='{cfg.sample.scheduler}' is unknown; valid: {', '.join(SCHEDULERS)}")
 
 
 def _check_finetune_conflicts(cfg: LdmJobConfig) -> None:

@@ -21,7 +21,8 @@ from training.utils import set_cpu_threads
 
 @dataclass(frozen=True)
 class RunConfig:
-    """The ``train:`` settings both jobs share (each job's schema subclasses it, with its own defaults)."""
+    """The ``train:`` settings both jobs share (each job's schema subclasses it, with its own
+    defaults); checked when built."""
 
     batch_size: int = 32  # per process, per micro-batch
     grad_accum_steps: int = 1
@@ -37,6 +38,9 @@ class RunConfig:
     keep_checkpoints: int = 2
     log_every: int = 20
     sample_every: int = 500
+
+    def __post_init__(self) -> None:
+        validate_run(self)
 
 
 def validate_run(t: RunConfig) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -31,59 +31,18 @@ from autoencoder import (
     set_latent_normalization,
 )
 from autoencoder.discriminator import PatchDiscriminator
-from autoencoder.losses import AutoencoderLoss, LossConfig
+from autoencoder.losses import AutoencoderLoss
 from autoencoder.metrics import psnr, reconstruct
 from autoencoder.perceptual import LPIPS
 from autoencoder.references import pca_fits
 from training.checkpoint import save_checkpoint
-from training.config import ConfigError, MixedPrecision, parse_cli, to_dict
-from training.data import DataConfig, DataError, eval_loader, has_split, load_records, spread_indices, train_loader
+from training.config import parse_cli, to_dict
+from training.autoencoder_config import AutoencoderJobConfig, validate
+from training.data import DataError, eval_loader, has_split, load_records, spread_indices, train_loader
 from training.evaluate import autoencoder_report, load_images, ood_sets
-from training.runs import RunConfig, data_layout, due, resume_or_start, start_accelerator, validate_run
+from training.runs import data_layout, due, resume_or_start, start_accelerator
 from runtime.files import write_json_atomic
 from training.utils import JsonlLog, run_job, save_grid
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    preset: str = "f4-small"  # a key of autoencoder.AUTOENCODER_PRESETS
-    init_from: str | None = None  # a saved vae/ folder to start from instead of a fresh preset
-    latent_channels: int | None = None  # None: the preset's (4)
-    norm_num_groups: int | None = None  # None: the preset's (GroupNorm groups in every block)
-
-
-@dataclass(frozen=True)
-class TrainConfig(RunConfig):
-    disc_lr: float | None = None  # constant discriminator LR; None: the same as lr
-    adam_beta1: float = 0.5  # the reference recipe's betas for both optimizers
-    adam_beta2: float = 0.9
-    channels_last: bool = True  # NHWC convolutions: ~10% faster on these CPUs
-    scale_fit_batches: int = 40  # batches used to fit the latent scaling factor
-    fit_shift: bool = False  # also fit a shift_factor (not read by diffusers' SD pipelines)
-    decoder_only: bool = False  # with model.init_from: train only the decoder; the encoder, the latent space and
-    # its scaling factor stay exactly as they were, so latent models trained on them stay valid
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    batch_size: int = 64
-    max_images: int | None = None  # cap the held-out images used for metrics.json (per set)
-    ood: list[str] = field(default_factory=list)  # out-of-domain imagefolders also measured in metrics.json (under ood.<name>)
-    pca_fit_images: int = 4096  # training images (spread over the split) the PCA reference is fitted on
-
-
-@dataclass(frozen=True)
-class AutoencoderJobConfig:
-    output_dir: str = "runs/autoencoder"
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    # more imagefolders whose train split is trained on beside data.path's (e.g. data/generic-32:
-    # photo crops and drawn shapes, so the latent space holds any colour and shape, not only data.path's)
-    extra_data: list[str] = field(default_factory=list)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 class Reconstruction(torch.nn.Module):
@@ -99,20 +58,6 @@ class Reconstruction(torch.nn.Module):
         posterior = self.vae.encode(x).latent_dist
         x_hat = self.vae.decode(posterior.sample()).sample  # (B, 3, H, W)
         return x_hat, posterior.parameters  # moments (B, 2C, h, w): mean and logvar
-
-
-def validate(cfg: AutoencoderJobConfig) -> None:
-    """The rules of the config alone, no file read (the folders it names are checked by the job)."""
-    t = cfg.train
-    validate_run(t)
-    for key, value in (("train.scale_fit_batches", t.scale_fit_batches), ("data.resolution", cfg.data.resolution)):
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be >= 1")
-    if t.mixed_precision is MixedPrecision.fp16:
-        raise ConfigError("train.mixed_precision=fp16 is not supported by the autoencoder job: the adaptive GAN weight "
-                         "takes unscaled gradients that underflow in fp16. Use bf16, fp32 or auto")
-    if t.decoder_only and not cfg.model.init_from:
-        raise ConfigError("train.decoder_only=true needs model.init_from=VAE_DIR: it fine-tunes the decoder of a trained autoencoder")
 
 
 def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> Path:
