@@ -35,7 +35,7 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check autoencoder ldm training tests benchmarks --select F,E9,B --ignore B008,B905
+	$(VENV)/bin/ruff check autoencoder ldm runtime training tests benchmarks --select F,E9,B --ignore B008,B905
 
 $(DATA)/train/metadata.jsonl: | install
 	$(PY) -m training.prepare_data openmoji --size 32 --out $(DATA)
