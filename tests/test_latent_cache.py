@@ -1,5 +1,7 @@
 """The latent cache (training/latent_cache.py): shards, counts, resumed encodes."""
 
+import pytest
+import torch
 from PIL import Image
 
 from tests.conftest import write_imagefolder
@@ -23,3 +25,61 @@ def test_upscaled_count_survives_an_interrupted_encode(tmp_path):
     for k in (1, 2):
         (folder / f"shard-{k:05d}.safetensors").unlink()
     assert load_latent_cache(build(), records).upscaled == 3
+
+
+def _setup(tmp_path, n=10):
+    from autoencoder import build_autoencoder
+    from training.data import DataConfig, load_records
+
+    images = {f"{i}.png": Image.new("RGB", (32, 32), (25 * i, 90, 200 - 15 * i)) for i in range(n)}
+    data = DataConfig(path=str(write_imagefolder(tmp_path / "imgs", images)), resolution=32, caption="an emoji")
+    torch.manual_seed(0)
+    return build_autoencoder("tiny", 32).eval(), data, load_records(data.path, data)
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_shards_split_over_processes_are_byte_identical_to_one_process_and_an_interrupted_encode_finishes_the_same(tmp_path):
+    """Rank r encodes shards r, r + world, ...; rank 0 marks the cache complete once all exist.
+    (The ranks run one after the other here, with a no-op barrier; tests/test_train_ldm.py runs two
+    real processes.)"""
+    from training.latent_cache import build_latent_cache
+
+    vae, data, records = _setup(tmp_path)
+    build = lambda root, **kw: build_latent_cache(root, {"k": 1}, vae, records, data, batch_size=2, shard_size=3,  # noqa: E731
+                                                  show_progress=False, **kw)  # fmt: skip
+    one = build(tmp_path / "one")
+    build(tmp_path / "two", rank=1, world_size=2)  # shards 1 and 3, and no completion: rank 0 has not finished
+    assert not (tmp_path / "two" / one.name / "complete.json").exists()
+    two = build(tmp_path / "two", rank=0, world_size=2)  # shards 0 and 2, then complete
+    assert _files(one) == _files(two) and len([n for n in _files(one) if n.startswith("shard-")]) == 4
+
+    class Killed(Exception):
+        pass
+
+    calls = {"n": 0}
+    real_encode = vae.encode
+
+    def dies_in_shard_2(x):  # shards 0 and 1 (two batches each) finish, then the process is "killed"
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise Killed
+        return real_encode(x)
+
+    vae.encode = dies_in_shard_2
+    with pytest.raises(Killed):
+        build(tmp_path / "killed")
+    vae.encode = real_encode
+    killed = tmp_path / "killed" / one.name
+    assert sorted(n for n in _files(killed) if n.startswith("shard-")) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert _files(build(tmp_path / "killed")) == _files(one)
+
+
+def test_a_missing_shard_stops_the_completion_with_its_number(tmp_path):
+    from training.latent_cache import build_latent_cache
+
+    vae, data, records = _setup(tmp_path, n=4)
+    with pytest.raises(RuntimeError, match=r"shards \[1\] were not written"):  # rank 1 never ran
+        build_latent_cache(tmp_path / "c", {"k": 1}, vae, records, data, shard_size=2, show_progress=False, rank=0, world_size=2)

@@ -184,3 +184,23 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(openmoji_small, tin
     loss = [[json.loads(line)["loss"] for line in (tmp_path / r / "log.jsonl").read_text().splitlines() if '"loss"' in line]
             for r in ("one", "two")]  # fmt: skip
     assert len(loss[0]) == 2 and np.allclose(loss[0], loss[1], atol=1e-5)
+
+
+def test_two_processes_encode_the_cache_between_them_byte_identical_to_one(openmoji_small, tiny_vae, tmp_path):
+    """160 images in 4 shards of 40: with two processes each encodes two, and every shard file,
+    key and completion record equals the one-process encode's byte for byte. One thread per
+    process in both runs: on a CPU, oneDNN picks its convolution kernels by thread count, which moves
+    the last bits (2 threads vs 1 measured here); a GPU per process is the same setting throughout."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    common = ["--config", str(TINY_LDM_CONFIG), f"data.path={openmoji_small}", f"model.vae={tiny_vae}", "train.max_steps=1",
+              "train.checkpoint_every=1", "train.sample_every=100", "cache.shard_size=40", "train.mixed_precision=fp32",
+              "train.cpu_threads=1"]  # fmt: skip
+    for n, batch in ((1, 8), (2, 4)):
+        cmd = [str(accelerate), "launch", *(["--multi_gpu"] if n > 1 else []), "--num_processes", str(n), "-m", "training.train_ldm",
+               *common, f"output_dir={tmp_path / f'run{n}'}", f"cache.dir={tmp_path / f'cache{n}'}", f"train.batch_size={batch}"]  # fmt: skip
+        run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        assert run.returncode == 0, run.stderr[-3000:]
+    (one,), (two,) = ([p for p in (tmp_path / f"cache{n}").iterdir() if p.is_dir()] for n in (1, 2))
+    files = lambda folder: {p.name: p.read_bytes() for p in folder.iterdir()}  # noqa: E731
+    assert one.name == two.name and files(one) == files(two)
+    assert sorted(n for n in files(one) if n.startswith("shard-")) == [f"shard-{k:05d}.safetensors" for k in range(4)]

@@ -6,6 +6,9 @@ caption states), as safetensors shards. The training step then never runs the au
                                                  [+ text_states (n, L, D), text_mask (n, L)]
     cache_dir/<key>/complete.json                written last: the cache is usable
 
+The processes of a run encode the shards between them (shard k by rank k mod world size); the
+shards' bytes do not depend on how many there were.
+
 ``<key>`` hashes the autoencoder weights, the resolution and transforms, the dataset (files and
 captions) and the text encoder weights: change any of them and a new cache is built; an
 unchanged key is reused; an interrupted encode keeps its finished shards and resumes.
@@ -20,7 +23,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import datasets
 import torch
@@ -83,7 +86,8 @@ def dataset_digest(records: datasets.Dataset) -> str:
     return h.hexdigest()
 
 
-def cache_key(vae_digest: str, data: DataConfig, records: datasets.Dataset, text_digest: str | None) -> dict[str, Any]:
+def cache_key(vae_digest: str, data: DataConfig, records: datasets.Dataset, text_digest: str | None,
+              shard_size: int = 2048) -> dict[str, Any]:  # fmt: skip
     return {
         "version": CACHE_VERSION,
         "vae": vae_digest,
@@ -92,6 +96,7 @@ def cache_key(vae_digest: str, data: DataConfig, records: datasets.Dataset, text
         "dataset": dataset_digest(records),
         "images": len(records),
         "text_encoder": text_digest,  # None: the text encoder trains, captions are not cached
+        "shard_size": shard_size,  # which rows each shard file holds (an interrupted encode resumes by shard)
     }
 
 
@@ -110,57 +115,84 @@ def build_latent_cache(
     batch_size: int = 64,
     shard_size: int = 2048,
     show_progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    wait: Callable[[], None] = lambda: None,
 ) -> Path:
     """Encode ``records`` into ``cache_dir/<key>/`` unless a complete cache with that key exists.
-    ``text``: (tokenizer, frozen text encoder) to cache caption states, or None."""
+    ``text``: (tokenizer, frozen text encoder) to cache caption states, or None.
+
+    Every process of a run calls this with its ``rank`` of ``world_size`` and ``wait`` (a barrier:
+    ``accelerator.wait_for_everyone``): process r encodes shards k = r, r + world, ... that are not
+    there yet, each written atomically, so a shard's bytes do not depend on the number of processes
+    and a killed encode keeps every finished shard; rank 0 marks the cache complete once every
+    shard exists."""
     folder = Path(cache_dir) / _key_name(key)
     if (folder / "complete.json").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "key.json").write_text(json.dumps(key, indent=2, sort_keys=True))
+    if rank == 0:
+        (folder / "key.json").write_text(json.dumps(key, indent=2, sort_keys=True))
+    wait()
     text_length = None
     if text is not None:  # one padded length for every shard: the longest caption's (CLIP: always 77)
         tokenizer, encoder = text
         text_length = tokenize(tokenizer, encoder, list(records["text"]) + [""])["input_ids"].shape[1]
 
     n_shards = (len(records) + shard_size - 1) // shard_size
-    todo = [k for k in range(n_shards) if not (folder / f"shard-{k:05d}.safetensors").is_file()]
-    bar = tqdm(total=len(records), initial=(n_shards - len(todo)) * shard_size if todo else len(records),
-               desc="encoding latents", disable=not show_progress, dynamic_ncols=True)  # fmt: skip
+    mine = range(rank, n_shards, world_size)
+    todo = [k for k in mine if not (folder / f"shard-{k:05d}.safetensors").is_file()]
+    mine_images = sum(min(shard_size, len(records) - k * shard_size) for k in mine)
+    todo_images = sum(min(shard_size, len(records) - k * shard_size) for k in todo)
+    bar = tqdm(total=mine_images, initial=mine_images - todo_images, desc=f"encoding latents (process {rank} of {world_size})"
+               if world_size > 1 else "encoding latents", disable=not show_progress, dynamic_ncols=True)  # fmt: skip
     for k in todo:
-        upscaled = 0  # this shard's images smaller than the resolution, kept in its metadata
-        rows = range(k * shard_size, min((k + 1) * shard_size, len(records)))
-        tensors: dict[str, list[torch.Tensor]] = {"moments": [], "moments_flipped": [], "index": [], "text_states": [], "text_mask": []}
-        for batch in eval_loader(records.select(rows), data, batch_size):
-            bar.update(len(batch["index"]) + len(batch["bad_files"]))
-            upscaled += batch["upscaled"]
-            if not batch["index"]:
-                continue
-            x = batch["pixel_values"].to(vae.device, vae.dtype)  # (b, 3, R, R) in [-1, 1]
-            tensors["moments"].append(encode_moments(vae, x).float().cpu())  # (b, 2C, h, w)
-            if data.random_flip:
-                tensors["moments_flipped"].append(encode_moments(vae, x.flip(-1)).float().cpu())
-            tensors["index"].append(torch.tensor(batch["index"], dtype=torch.int64) + rows.start)
-            if text is not None:
-                emb = encode_text(tokenizer, encoder, batch["text"], pad_to=text_length)
-                tensors["text_states"].append(emb.states.float().cpu())
-                mask = emb.mask if emb.mask is not None else torch.ones(emb.states.shape[:2], dtype=torch.int64)
-                tensors["text_mask"].append(mask.cpu())
-        shard = {name: torch.cat(parts).contiguous() for name, parts in tensors.items() if parts}
-        tmp = folder / f".shard-{k:05d}.tmp"
-        if shard:
-            save_file(shard, str(tmp), metadata={"upscaled": str(upscaled)})
-        else:  # every image of the shard was unreadable: an empty marker, so it is not re-encoded
-            tmp.write_bytes(b"")
-        os.replace(tmp, folder / f"shard-{k:05d}.safetensors")  # a finished shard survives an interruption
+        _encode_shard(folder, k, range(k * shard_size, min((k + 1) * shard_size, len(records))), vae, records, data, text,
+                      text_length, batch_size, bar)  # fmt: skip
     bar.close()
-    upscaled = sum(_shard_upscaled(p) for p in folder.glob("shard-*.safetensors"))  # shards of an earlier, interrupted encode too
-    summary = {"images": len(records), "shards": n_shards, "text_length": text_length, "upscaled": upscaled}
-    (folder / "complete.json").write_text(json.dumps(summary))
-    for other in Path(cache_dir).iterdir():  # caches of an older autoencoder / dataset / encoder
-        if other.is_dir() and other != folder and (other / "key.json").is_file():
-            shutil.rmtree(other, ignore_errors=True)
+    wait()
+    if rank == 0:
+        missing = [k for k in range(n_shards) if not (folder / f"shard-{k:05d}.safetensors").is_file()]
+        if missing:
+            raise RuntimeError(f"latent cache {folder}: shards {missing[:5]} were not written (a process failed); relaunch to finish")
+        upscaled = sum(_shard_upscaled(p) for p in folder.glob("shard-*.safetensors"))  # shards of an earlier, interrupted encode too
+        summary = {"images": len(records), "shards": n_shards, "text_length": text_length, "upscaled": upscaled}
+        (folder / "complete.json").write_text(json.dumps(summary))
+        for other in Path(cache_dir).iterdir():  # caches of an older autoencoder / dataset / encoder
+            if other.is_dir() and other != folder and (other / "key.json").is_file():
+                shutil.rmtree(other, ignore_errors=True)
+    wait()
     return folder
+
+
+def _encode_shard(folder: Path, k: int, rows: range, vae, records, data: DataConfig, text, text_length, batch_size: int, bar) -> None:
+    """``folder/shard-k.safetensors``: moments [+ flipped], dataset index [+ caption states] of ``rows``,
+    written under a temporary name and renamed, so a finished shard survives an interruption."""
+    upscaled = 0  # this shard's images smaller than the resolution, kept in its metadata
+    tensors: dict[str, list[torch.Tensor]] = {"moments": [], "moments_flipped": [], "index": [], "text_states": [], "text_mask": []}
+    for batch in eval_loader(records.select(rows), data, batch_size):
+        bar.update(len(batch["index"]) + len(batch["bad_files"]))
+        upscaled += batch["upscaled"]
+        if not batch["index"]:
+            continue
+        x = batch["pixel_values"].to(vae.device, vae.dtype)  # (b, 3, R, R) in [-1, 1]
+        tensors["moments"].append(encode_moments(vae, x).float().cpu())  # (b, 2C, h, w)
+        if data.random_flip:
+            tensors["moments_flipped"].append(encode_moments(vae, x.flip(-1)).float().cpu())
+        tensors["index"].append(torch.tensor(batch["index"], dtype=torch.int64) + rows.start)
+        if text is not None:
+            tokenizer, encoder = text
+            emb = encode_text(tokenizer, encoder, batch["text"], pad_to=text_length)
+            tensors["text_states"].append(emb.states.float().cpu())
+            mask = emb.mask if emb.mask is not None else torch.ones(emb.states.shape[:2], dtype=torch.int64)
+            tensors["text_mask"].append(mask.cpu())
+    shard = {name: torch.cat(parts).contiguous() for name, parts in tensors.items() if parts}
+    tmp = folder / f".shard-{k:05d}.tmp"
+    if shard:
+        save_file(shard, str(tmp), metadata={"upscaled": str(upscaled)})
+    else:  # every image of the shard was unreadable: an empty marker, so it is not re-encoded
+        tmp.write_bytes(b"")
+    os.replace(tmp, folder / f"shard-{k:05d}.safetensors")
 
 
 def _shard_upscaled(path: Path) -> int:

@@ -110,6 +110,12 @@ class SampleConfig:
 class CacheConfig:
     dir: str | None = None  # None: output_dir/latent-cache
     batch_size: int = 64
+    shard_size: int = 2048  # images per shard file; the processes of a run encode the shards between them
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "shard_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"cache.{key}={getattr(self, key)} must be >= 1")
 
 
 @dataclass(frozen=True)
