@@ -13,6 +13,8 @@ shards' bytes do not depend on how many there were.
 captions) and the text encoder weights: change any of them and a new cache is built; an
 unchanged key is reused; an interrupted encode keeps its finished shards and resumes.
 The moments (mean, log-variance) are stored, not one sample: each step draws a fresh latent.
+Training reads the shards memory-mapped and gathers only each batch's rows (:class:`ShardRows`),
+so no process holds the cache in memory.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import datasets
+import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from autoencoder.latents import encode_moments
@@ -38,12 +41,38 @@ from training.data import DataConfig, eval_loader
 CACHE_VERSION = 1
 
 
+class ShardRows:
+    """One tensor of the cache, split over its shard files and memory-mapped: ``rows[idx]`` reads
+    only the rows asked for (the OS pages them in), so training holds no copy of the cache."""
+
+    def __init__(self, parts: list[np.memmap], dtype: torch.dtype) -> None:
+        self.parts, self.dtype = parts, dtype
+        sizes = torch.tensor([len(p) for p in parts])
+        self.ends = sizes.cumsum(0)  # (S,) one past each shard's last global row
+        self.shape = (int(self.ends[-1]), *parts[0].shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        """(B, ...) rows at the global indices ``idx`` (B,), in that order."""
+        idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
+        out = torch.empty((len(idx), *self.shape[1:]), dtype=self.dtype)
+        shard = torch.searchsorted(self.ends, idx, right=True)  # (B,) which file holds each row
+        for k in shard.unique().tolist():
+            sel = shard == k
+            local = (idx[sel] - (self.ends[k - 1] if k else 0)).numpy()
+            rows = torch.from_numpy(np.ascontiguousarray(self.parts[k][local]))
+            out[sel] = rows.view(self.dtype) if self.dtype == torch.bfloat16 else rows
+        return out
+
+
 @dataclass
 class LatentCache:
-    moments: torch.Tensor  # (N, 2C, h, w) posterior mean and logvar, float32
-    moments_flipped: torch.Tensor | None  # the same for the mirrored image (data.random_flip)
-    text_states: torch.Tensor | None  # (N, L, D) frozen text encoder's states of the captions
-    text_mask: torch.Tensor | None  # (N, L) 1 = token, 0 = padding
+    moments: ShardRows  # (N, 2C, h, w) posterior mean and logvar, float32
+    moments_flipped: ShardRows | None  # the same for the mirrored image (data.random_flip)
+    text_states: ShardRows | None  # (N, L, D) frozen text encoder's states of the captions
+    text_mask: ShardRows | None  # (N, L) 1 = token, 0 = padding
     captions: list[str]  # N captions, in row order
     source_index: torch.Tensor  # (N,) row of the dataset each entry came from (unreadable images are absent)
     path: Path
@@ -202,17 +231,38 @@ def _shard_upscaled(path: Path) -> int:
         return int((f.metadata() or {}).get("upscaled", 0))
 
 
+_NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32}  # bf16: raw bits
+_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32}
+
+
+def _mapped_tensors(path: Path) -> dict[str, tuple[np.memmap, torch.dtype]]:
+    """Each tensor of a safetensors file as a read-only memory map. The format: 8 bytes of header
+    length (little-endian), the JSON header (dtype, shape, data_offsets per tensor), then the data."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, _ = info["data_offsets"]
+        out[name] = (np.memmap(path, dtype=_NUMPY[info["dtype"]], mode="r", offset=8 + n + begin, shape=tuple(info["shape"])),
+                     _TORCH[info["dtype"]])  # fmt: skip
+    return out
+
+
 def load_latent_cache(folder: str | Path, records: datasets.Dataset) -> LatentCache:
+    """The complete cache in ``folder``, memory-mapped (only the small index is read into memory)."""
     folder = Path(folder)
     if not (folder / "complete.json").is_file():
         raise ValueError(f"{folder} is not a complete latent cache")
-    shards = [load_file(str(p)) for p in sorted(folder.glob("shard-*.safetensors")) if p.stat().st_size > 0]
+    shards = [_mapped_tensors(p) for p in sorted(folder.glob("shard-*.safetensors")) if p.stat().st_size > 0]
     if not shards:
         raise ValueError(f"the latent cache {folder} holds no image: none of the dataset's images could be read")
-    cat = {name: torch.cat([s[name] for s in shards]) for name in shards[0]}
-    index = cat["index"]
+    rows = {name: ShardRows([s[name][0] for s in shards], shards[0][name][1]) for name in shards[0]}
+    index = torch.cat([torch.from_numpy(np.array(s["index"][0])) for s in shards])
     texts = records["text"]
     captions = [texts[int(i)] for i in index]
     upscaled = json.loads((folder / "complete.json").read_text()).get("upscaled", 0)
-    return LatentCache(cat["moments"], cat.get("moments_flipped"), cat.get("text_states"), cat.get("text_mask"), captions, index,
+    return LatentCache(rows["moments"], rows.get("moments_flipped"), rows.get("text_states"), rows.get("text_mask"), captions, index,
                        folder, upscaled)  # fmt: skip
