@@ -1,0 +1,96 @@
+"""Stage 2 on datasets of growing size: peak memory, encode time, time to the first step (issue 14).
+
+    .venv/bin/python benchmarks/large_dataset.py [--images 5000 100000] [--processes 1] [--json out.json]
+
+For each size, an imagefolder of synthetic 32x32 images (random coloured rectangles, one caption for
+all: ``data.caption``) is written once under ``runs/bench-large/``; then ``training.train_ldm`` runs
+``configs/ldm/tiny.yaml`` on it with a tiny random autoencoder and a frozen MiniLM text encoder
+(so caption states are cached too), 30 steps, through ``accelerate launch``. Reported per size:
+the peak RSS of the command's process tree (``getrusage(RUSAGE_CHILDREN)``), the seconds from
+launch to the run's start record (data check + latent-cache encode) and the images encoded per
+second over it, and the seconds from launch to the first logged training step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "runs" / "bench-large"
+BIN = Path(sys.executable).parent
+MEASURE = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, "
+           "stderr=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")  # fmt: skip
+
+
+def imagefolder(n: int) -> Path:
+    """``n`` synthetic images (made once, then reused)."""
+    from PIL import Image, ImageDraw
+
+    folder = OUT / f"images-{n}"
+    if (folder / "train" / ".done").is_file():
+        return folder
+    train = folder / "train"
+    train.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(n)
+    for i in range(n):
+        img = Image.new("RGB", (32, 32), tuple(rng.randrange(256) for _ in range(3)))
+        x, y = rng.randrange(24), rng.randrange(24)
+        ImageDraw.Draw(img).rectangle([x, y, x + rng.randrange(4, 12), y + rng.randrange(4, 12)], fill=tuple(rng.randrange(256) for _ in range(3)))
+        img.save(train / f"{i:06d}.png")
+    (train / ".done").write_text("")
+    return folder
+
+
+def tiny_vae() -> Path:
+    import torch
+
+    from autoencoder import build_autoencoder, save_autoencoder
+
+    torch.manual_seed(0)
+    return save_autoencoder(build_autoencoder("tiny", 32), OUT / "vae")
+
+
+def run(n: int, processes: int, vae: Path) -> dict:
+    data = imagefolder(n)
+    out = OUT / f"run-{n}-{processes}"
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    cmd = [str(BIN / "accelerate"), "launch", *(["--multi_gpu"] if processes > 1 else []), "--num_processes", str(processes),
+           "-m", "training.train_ldm", "--config", "configs/ldm/tiny.yaml", f"data.path={data}", "data.caption=a coloured rectangle",
+           f"model.vae={vae}", "model.text_encoder=minilm", "model.check_images=0", f"output_dir={out}", "train.max_steps=30",
+           "train.checkpoint_every=30", "train.log_every=1", "train.sample_every=1000", "cache.batch_size=256"]  # fmt: skip
+    started = time.time()
+    peak = subprocess.run([sys.executable, "-c", MEASURE, *cmd], cwd=ROOT, check=True, capture_output=True, text=True)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    start = next(r for r in log if r.get("event") == "start")
+    first = next(r for r in log if "loss" in r)
+    return {"images": n, "processes": processes, "peak_rss_mib": round(int(peak.stdout.strip().splitlines()[-1]) / 1024, 1),
+            "launch_to_start_s": round(start["time"] - started, 1), "images_per_s_to_start": round(n / (start["time"] - started), 1),
+            "launch_to_first_step_s": round(first["time"] - started, 1)}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, nargs="+", default=[5000, 100000])
+    p.add_argument("--processes", type=int, nargs="+", default=[1])
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    vae = tiny_vae()
+    rows = []
+    for n in args.images:
+        for k in args.processes:
+            rows.append(run(n, k, vae))
+            print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"results": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
