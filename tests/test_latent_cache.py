@@ -85,23 +85,23 @@ def test_a_missing_shard_stops_the_completion_with_its_number(tmp_path):
         build_latent_cache(tmp_path / "c", {"k": 1}, vae, records, data, shard_size=2, show_progress=False, rank=0, world_size=2)
 
 
-def test_memory_mapped_rows_equal_the_saved_tensors_in_any_order_across_shards(tmp_path):
-    """ShardRows gathers rows from several safetensors files without loading them: the result is
+def test_rows_read_from_the_shard_files_equal_the_saved_tensors_in_any_order_across_shards(tmp_path):
+    """ShardRows reads rows from several safetensors files without loading them: the result is
     what safetensors itself reads, for any order, repeats and shard boundaries, bf16 included."""
     from safetensors.torch import load_file, save_file
 
-    from training.latent_cache import ShardRows, _mapped_tensors
+    from training.latent_cache import ShardRows, _tensor_files
 
     g = torch.Generator().manual_seed(0)
     parts = [{"x": torch.randn(n, 2, 3, generator=g), "h": torch.randn(n, 4, generator=g).bfloat16(), "i": torch.arange(n) * 7}
              for n in (3, 1, 4)]  # fmt: skip
     for k, p in enumerate(parts):
         save_file(p, str(tmp_path / f"shard-{k}.safetensors"), metadata={"upscaled": "0"})
-    mapped = [_mapped_tensors(tmp_path / f"shard-{k}.safetensors") for k in range(3)]
+    files = [_tensor_files(tmp_path / f"shard-{k}.safetensors") for k in range(3)]
     idx = torch.tensor([7, 0, 3, 3, 4, 2, 6])
     for name in ("x", "h", "i"):
-        rows = ShardRows([m[name][0] for m in mapped], mapped[0][name][1])
+        rows = ShardRows([f[name] for f in files])
         whole = torch.cat([load_file(str(tmp_path / f"shard-{k}.safetensors"))[name] for k in range(3)])
         assert rows.shape == tuple(whole.shape) and len(rows) == 8
         got = rows[idx]
-        assert got.dtype == whole.dtype and torch.equal(got, whole[idx])
+        assert got.dtype == whole.dtype and torch.equal(got, whole[idx]) and torch.equal(rows.read_all(), whole)
