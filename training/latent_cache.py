@@ -192,7 +192,9 @@ def build_latent_cache(
     text_length = None
     if text is not None:  # one padded length for every shard: the longest caption's (CLIP: always 77)
         tokenizer, encoder = text
-        text_length = tokenize(tokenizer, encoder, list(records["text"]) + [""])["input_ids"].shape[1]
+        captions = records["text"]  # tokenised in chunks: a tokenizer's output for every caption at once grows with the dataset
+        text_length = max(tokenize(tokenizer, encoder, [*captions[i:i + 1024], ""])["input_ids"].shape[1]
+                          for i in range(0, max(len(captions), 1), 1024))  # fmt: skip
 
     n_shards = (len(records) + shard_size - 1) // shard_size
     mine = range(rank, n_shards, world_size)
