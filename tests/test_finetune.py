@@ -147,7 +147,7 @@ def test_autoencoder_check_warns_on_images_it_cannot_represent_and_stays_silent_
     from autoencoder import load_autoencoder
     from training.data import load_records
     from training.train_autoencoder import AutoencoderJobConfig
-    from training.train_autoencoder import validate as validate_autoencoder
+    from training.autoencoder_config import validate as validate_autoencoder
     from training.evaluate import check_autoencoder_fit
 
     vae = load_autoencoder(base / "vae")

@@ -68,7 +68,5 @@ class AutoencoderJobConfig:
 def validate(cfg: AutoencoderJobConfig) -> None:
     """The rules across sections (each section checks its own fields when it is built); no file
     is read: the folders the config names are checked by the job."""
-    if cfg.data.resolution < 1:
-        raise ConfigError(f"data.resolution={cfg.data.resolution} must be >= 1")
     if cfg.train.decoder_only and not cfg.model.init_from:
         raise ConfigError("train.decoder_only=true needs model.init_from=VAE_DIR: it fine-tunes the decoder of a trained autoencoder")

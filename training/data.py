@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from runtime.images import to_rgb
+from training.config import ConfigError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -45,6 +46,10 @@ class DataConfig:
     random_flip: bool = False  # off by default: flipping changes meaning ("left arrow")
     on_bad_image: OnBadImage = OnBadImage.skip
     num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.resolution < 1:
+            raise ConfigError(f"data.resolution={self.resolution} must be >= 1")
 
 
 class DataError(ValueError):

@@ -61,7 +61,7 @@ class ShardRows:
         self.parts, self.dtype = parts, parts[0].dtype
         self.ends = torch.tensor([p.shape[0] for p in parts]).cumsum(0)  # (S,) one past each shard's last global row
         self.shape = (int(self.ends[-1]), *parts[0].shape[1:])
-        self.row_bytes = math.prod(self.shape[1:]) * torch.empty((), dtype=self.dtype).element_size()
+        self.row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
         self._fds: dict[int, int] = {}
 
     def __len__(self) -> int:
@@ -141,8 +141,7 @@ def dataset_digest(records: datasets.Dataset) -> str:
     return h.hexdigest()
 
 
-def cache_key(vae_digest: str, data: DataConfig, records: datasets.Dataset, text_digest: str | None,
-              shard_size: int = 2048) -> dict[str, Any]:  # fmt: skip
+def cache_key(vae_digest: str, data: DataConfig, records: datasets.Dataset, text_digest: str | None) -> dict[str, Any]:
     return {
         "version": CACHE_VERSION,
         "vae": vae_digest,
@@ -151,7 +150,6 @@ def cache_key(vae_digest: str, data: DataConfig, records: datasets.Dataset, text
         "dataset": dataset_digest(records),
         "images": len(records),
         "text_encoder": text_digest,  # None: the text encoder trains, captions are not cached
-        "shard_size": shard_size,  # which rows each shard file holds (an interrupted encode resumes by shard)
     }
 
 
@@ -182,6 +180,7 @@ def build_latent_cache(
     there yet, each written atomically, so a shard's bytes do not depend on the number of processes
     and a killed encode keeps every finished shard; rank 0 marks the cache complete once every
     shard exists."""
+    key = {**key, "shard_size": shard_size}  # which rows each shard file holds (an interrupted encode resumes by shard)
     folder = Path(cache_dir) / _key_name(key)
     if (folder / "complete.json").is_file():
         return folder
@@ -197,19 +196,18 @@ def build_latent_cache(
                           for i in range(0, max(len(captions), 1), 1024))  # fmt: skip
 
     n_shards = (len(records) + shard_size - 1) // shard_size
+    rows = lambda k: range(k * shard_size, min((k + 1) * shard_size, len(records)))  # noqa: E731  (shard k's dataset rows)
     mine = range(rank, n_shards, world_size)
-    todo = [k for k in mine if not (folder / f"shard-{k:05d}.safetensors").is_file()]
-    mine_images = sum(min(shard_size, len(records) - k * shard_size) for k in mine)
-    todo_images = sum(min(shard_size, len(records) - k * shard_size) for k in todo)
-    bar = tqdm(total=mine_images, initial=mine_images - todo_images, desc=f"encoding latents (process {rank} of {world_size})"
-               if world_size > 1 else "encoding latents", disable=not show_progress, dynamic_ncols=True)  # fmt: skip
+    todo = [k for k in mine if not _shard_path(folder, k).is_file()]
+    mine_images = sum(len(rows(k)) for k in mine)
+    bar = tqdm(total=mine_images, initial=mine_images - sum(len(rows(k)) for k in todo), desc=f"encoding latents (process {rank} of "
+               f"{world_size})" if world_size > 1 else "encoding latents", disable=not show_progress, dynamic_ncols=True)  # fmt: skip
     for k in todo:
-        _encode_shard(folder, k, range(k * shard_size, min((k + 1) * shard_size, len(records))), vae, records, data, text,
-                      text_length, batch_size, bar)  # fmt: skip
+        _encode_shard(folder, k, rows(k), vae, records, data, text, text_length, batch_size, bar)
     bar.close()
     wait()
     if rank == 0:
-        missing = [k for k in range(n_shards) if not (folder / f"shard-{k:05d}.safetensors").is_file()]
+        missing = [k for k in range(n_shards) if not _shard_path(folder, k).is_file()]
         if missing:
             raise RuntimeError(f"latent cache {folder}: shards {missing[:5]} were not written (a process failed); relaunch to finish")
         upscaled = sum(_shard_upscaled(p) for p in folder.glob("shard-*.safetensors"))  # shards of an earlier, interrupted encode too
@@ -220,6 +218,10 @@ def build_latent_cache(
                 shutil.rmtree(other, ignore_errors=True)
     wait()
     return folder
+
+
+def _shard_path(folder: Path, k: int) -> Path:
+    return folder / f"shard-{k:05d}.safetensors"
 
 
 def _encode_shard(folder: Path, k: int, rows: range, vae, records, data: DataConfig, text, text_length, batch_size: int, bar) -> None:
@@ -249,7 +251,7 @@ def _encode_shard(folder: Path, k: int, rows: range, vae, records, data: DataCon
         save_file(shard, str(tmp), metadata={"upscaled": str(upscaled)})
     else:  # every image of the shard was unreadable: an empty marker, so it is not re-encoded
         tmp.write_bytes(b"")
-    os.replace(tmp, folder / f"shard-{k:05d}.safetensors")
+    os.replace(tmp, _shard_path(folder, k))
 
 
 def _shard_upscaled(path: Path) -> int:

@@ -37,7 +37,7 @@ from autoencoder.perceptual import LPIPS
 from autoencoder.references import pca_fits
 from training.checkpoint import save_checkpoint
 from training.config import parse_cli, to_dict
-from training.autoencoder_config import AutoencoderJobConfig, validate
+from training.autoencoder_config import AutoencoderJobConfig
 from training.data import DataError, eval_loader, has_split, load_records, spread_indices, train_loader
 from training.evaluate import autoencoder_report, load_images, ood_sets
 from training.runs import data_layout, due, resume_or_start, start_accelerator
@@ -66,7 +66,6 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
     ``stop_after_steps`` stops right after that step's checkpoint, as if the run were killed
     there (used by the resume tests).
     """
-    validate(cfg)
     for key, paths in (("extra_data", cfg.extra_data), ("eval.ood", cfg.eval.ood)):
         for path in paths:
             if not Path(path).is_dir():

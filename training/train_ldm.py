@@ -34,7 +34,7 @@ from training.data import ResumableBatchSampler, load_records
 from training.evaluate import check_autoencoder_fit
 from training.finetune import add_lora, export_lora, fused_lora_pipeline
 from training.latent_cache import build_latent_cache, cache_key, file_digest, folder_digest, load_latent_cache
-from training.ldm_config import LdmJobConfig, SampleConfig, validate
+from training.ldm_config import LdmJobConfig, SampleConfig
 from training.ldm_models import check_compatible, load_models
 from training.runs import data_layout, due, resume_or_start, start_accelerator
 from runtime import training_attention
@@ -74,7 +74,6 @@ def step_randomness(seed: int, micro_batch: int, global_batch: int, latent_shape
 def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     """Train (or resume) the latent U-Net; returns the exported ``pipeline/`` folder.
     ``stop_after_steps`` stops right after that step's checkpoint, as if killed there (tests)."""
-    validate(cfg)
     if cfg.model.init_from:
         check_pipeline_folder(cfg.model.init_from)  # a diffusers layout of safetensors files, nothing else
     out, t_cfg = Path(cfg.output_dir), cfg.train
@@ -97,7 +96,7 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
 
     # 2. The latent cache: encoded once, every process its share of the shards.
     key = cache_key(file_digest(Path(models.vae_dir) / "diffusion_pytorch_model.safetensors"), cfg.data, records,
-                    None if trains else folder_digest(models.text_encoder_dir), cfg.cache.shard_size)  # fmt: skip
+                    None if trains else folder_digest(models.text_encoder_dir))  # fmt: skip
     folder = build_latent_cache(Path(cfg.cache.dir or out / "latent-cache"), key, vae, records, cfg.data,
                                 None if trains else (tokenizer, text_encoder), cfg.cache.batch_size, cfg.cache.shard_size,
                                 show_progress=True, rank=rank, world_size=world, wait=accelerator.wait_for_everyone)  # fmt: skip
