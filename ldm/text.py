@@ -169,18 +169,18 @@ def load_minilm() -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path, use_safetensors=True)
 
 
-def load_text_encoder(name: str, clip_preset: str = "small") -> tuple[PreTrainedTokenizerBase, PreTrainedModel, bool, str | None]:
-    """(tokenizer, text_encoder, trains, folder) for a stage-2 ``model.text_encoder``: ``minilm``
+def load_text_encoder(name: str, clip_preset: str = "small") -> tuple[PreTrainedTokenizerBase, PreTrainedModel, str | None]:
+    """(tokenizer, text_encoder, folder) for a stage-2 ``model.text_encoder``: ``minilm``
     (pretrained, frozen), ``clip-scratch`` (a CLIP text transformer of ``clip_preset`` size, trained
     with the U-Net; no folder) or a local transformers folder (frozen; a pipeline's
     ``text_encoder/`` + ``tokenizer/`` pair also works). ``folder`` is what a text cache is keyed on."""
     if name == "minilm":
         tokenizer, encoder = load_minilm()
-        return tokenizer, encoder, False, str(minilm_path())
+        return tokenizer, encoder, str(minilm_path())
     if name == "clip-scratch":
-        return clip_tokenizer(), build_clip_text_encoder(clip_preset), True, None
+        return clip_tokenizer(), build_clip_text_encoder(clip_preset), None
     path = Path(name)
     if not path.is_dir():
         raise ValueError(f"model.text_encoder='{name}' is neither minilm, clip-scratch nor an existing folder")
     model_dir, tok_dir = (path / "text_encoder", path / "tokenizer") if (path / "text_encoder").is_dir() else (path, path)
-    return AutoTokenizer.from_pretrained(tok_dir), AutoModel.from_pretrained(model_dir, use_safetensors=True), False, name
+    return AutoTokenizer.from_pretrained(tok_dir), AutoModel.from_pretrained(model_dir, use_safetensors=True), name

@@ -48,7 +48,7 @@ def load_models(cfg: LdmJobConfig) -> Models:
         return Models(vae.eval().requires_grad_(False), tokenizer, text_encoder, trains, unet, noise_scheduler, str(vae_dir),
                       None if trains else str(root / "text_encoder"), str(root))  # fmt: skip
     vae = load_autoencoder(m.vae).eval().requires_grad_(False)
-    tokenizer, text_encoder, _, encoder_dir = load_text_encoder(m.text_encoder, m.clip_preset)
+    tokenizer, text_encoder, encoder_dir = load_text_encoder(m.text_encoder, m.clip_preset)
     unet = build_unet(m.unet, cfg.data.resolution // downsampling_factor(vae), text_encoder.config.hidden_size, vae.config.latent_channels)
     noise_scheduler = training_scheduler(m.prediction_type, cfg.objective.zero_terminal_snr)
     return Models(vae, tokenizer, text_encoder, trains, unet, noise_scheduler, m.vae, encoder_dir, None)
