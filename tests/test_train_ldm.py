@@ -121,6 +121,22 @@ def test_latent_cache_is_reused_rebuilt_on_a_new_key_and_never_runs_in_the_step(
     assert second != first and len(calls) > 0
 
 
+def test_a_frozen_encoders_caption_states_are_cached_in_bf16_or_encoded_each_step_with_cache_text_false(openmoji_small, tiny_vae, tmp_path):
+    args = ["model.text_encoder=minilm", "train.max_steps=2", "train.sample_every=100", "model.check_images=0", "eval.num_prompts=0"]
+    for text, run in ((True, "cached"), (False, "per-step")):
+        train(cfg_for(openmoji_small, tiny_vae, tmp_path / run, *args, f"cache.text={str(text).lower()}"))
+        (folder,) = (tmp_path / run / "latent-cache").iterdir()
+        shard = load_file(str(folder / "shard-00000.safetensors"))
+        key = json.loads((folder / "key.json").read_text())
+        if text:  # MiniLM is masked: padded to the longest caption of the dataset, not to its 512 positions
+            assert shard["text_states"].dtype == torch.bfloat16 and shard["text_mask"].dtype == torch.int8
+            assert shard["text_states"].shape[1] == shard["text_mask"].sum(1).max() < 40 and key["text_encoder"]
+        else:
+            assert "text_states" not in shard and key["text_encoder"] is None
+        losses = [r["loss"] for r in map(json.loads, (tmp_path / run / "log.jsonl").read_text().splitlines()) if "loss" in r]
+        assert len(losses) == 1 and all(np.isfinite(losses))  # log_every=2: one record
+
+
 def test_v_prediction_with_zero_terminal_snr_exports_its_schedule(openmoji_small, tiny_vae, tmp_path):
     out = tmp_path / "v"
     train(cfg_for(openmoji_small, tiny_vae, out, "model.prediction_type=v_prediction", "objective.zero_terminal_snr=true",

@@ -4,7 +4,8 @@ Accepted ``data.path`` layouts:
 - an imagefolder: image files, optionally with ``metadata.jsonl`` lines
   ``{"file_name": "a.png", "<caption_column>": "..."}`` (file names relative to the jsonl);
   a ``<split>/`` subfolder (``train/``, ``test/``) is used when present (the datasets convention);
-- a folder written by ``datasets.Dataset.save_to_disk`` (or a DatasetDict, by split).
+- a folder written by ``datasets.Dataset.save_to_disk`` (or a DatasetDict, by split);
+- parquet files or WebDataset ``.tar`` shards (``training/formats.py``), or a glob of them.
 Images are decoded lazily; an unreadable one is skipped and counted (``on_bad_image=skip``)
 or is an error naming the file (``on_bad_image=error``).
 """
@@ -24,6 +25,7 @@ import torch
 from PIL import Image
 
 from runtime.images import to_rgb
+from training import formats
 from training.config import ConfigError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -71,10 +73,12 @@ def split_dir(path: str | Path, split: str) -> Path | None:
 def has_split(path: str | Path, split: str | None) -> bool:
     if split is None:
         return False
+    if formats.is_glob(path):
+        return split == "train"
     path = Path(path)
     if _is_saved_dataset(path) and (path / "dataset_dict.json").is_file():
         return split in json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
-    return (path / split).is_dir()
+    return (path / split).is_dir() or (split != "train" and _data_files(path, split) is not None)
 
 
 def load_records(path: str | Path, cfg: DataConfig, split: str | None = None, captions: bool = False) -> datasets.Dataset:
@@ -85,12 +89,19 @@ def load_records(path: str | Path, cfg: DataConfig, split: str | None = None, ca
     ``captions=True`` (text-to-image training): an image without a caption is an error."""
     split = split or cfg.split
     root = Path(path)
-    if not root.exists():
-        raise DataError(f"dataset folder '{root}' does not exist (data.path)")
-    if not root.is_dir():
-        raise DataError(f"data.path '{root}' is a file; expected an image folder or a save_to_disk folder")
+    if not formats.is_glob(path):
+        if not root.exists():
+            raise DataError(f"dataset folder '{root}' does not exist (data.path)")
+        if not root.is_dir():
+            raise DataError(f"data.path '{root}' is a file; expected an image folder, a save_to_disk folder, "
+                            "parquet files or .tar shards (a folder of them, or a glob such as 'shards/*.tar')")  # fmt: skip
     if _is_saved_dataset(root):
         ds = _load_saved(root, cfg, split, captions)
+    elif found := _data_files(path, split):
+        try:
+            ds = formats.load_files(*found, split, cfg.image_column, cfg.caption_column, str(path))
+        except formats.FormatError as err:
+            raise DataError(str(err)) from None
     else:
         folder = split_dir(root, split)
         if folder is None:
@@ -100,15 +111,27 @@ def load_records(path: str | Path, cfg: DataConfig, split: str | None = None, ca
         raise DataError(f"dataset '{root}' (split '{split}') holds no images")
     if cfg.caption is not None:
         return ds.remove_columns("text").add_column("text", [cfg.caption] * len(ds))
+    texts = ds["text"]  # None: no caption column (parquet, WebDataset), or a sample without one
+    if captions and all(t is None for t in texts):
+        raise DataError(f"data.caption_column='{cfg.caption_column}' is not a column of '{path}' (WebDataset: no KEY.txt either); "
+                        "set data.caption_column, or data.caption for one caption for all")  # fmt: skip
     if captions:
-        missing = [img for img, text in zip(ds["image"], ds["text"]) if not str(text).strip()]
+        missing = [i for i, text in enumerate(texts) if text is None or not str(text).strip()]
         if missing:
-            first = missing[0] if isinstance(missing[0], str) else describe(missing[0])
             raise DataError(
-                f"{len(missing)} of {len(ds)} images in '{root}' have no caption (first: {first}); add a metadata.jsonl "
-                "with file_name + caption, a .txt file beside each image, or set data.caption for one caption for all"
+                f"{len(missing)} of {len(ds)} images in '{path}' have no caption (first: {describe(ds[missing[0]]['image'])}); add a "
+                "metadata.jsonl with file_name + caption, a .txt file beside each image, or set data.caption for one caption for all"
             )
+    elif None in texts:  # an autoencoder needs no caption
+        ds = ds.remove_columns("text").add_column("text", ["" if t is None else t for t in texts])
     return ds
+
+
+def _data_files(path: str | Path, split: str) -> tuple[str, list[Path]] | None:
+    try:
+        return formats.find_files(path, split)
+    except formats.FormatError as err:
+        raise DataError(str(err)) from None
 
 
 def _load_saved(root: Path, cfg: DataConfig, split: str, captions: bool = False) -> datasets.Dataset:
@@ -124,8 +147,14 @@ def _load_saved(root: Path, cfg: DataConfig, split: str, captions: bool = False)
     if cfg.caption_column not in ds.column_names:
         if captions and cfg.caption is None:
             raise DataError(f"data.caption_column='{cfg.caption_column}' is not a column of '{root}'; columns: {', '.join(ds.column_names)}")
-        return datasets.Dataset.from_dict({"image": ds[cfg.image_column], "text": [""] * len(ds)})  # an autoencoder needs none
-    return datasets.Dataset.from_dict({"image": ds[cfg.image_column], "text": [str(c) for c in ds[cfg.caption_column]]})
+        ds = ds.select_columns([cfg.image_column]).add_column("_caption", [""] * len(ds))  # an autoencoder needs none
+        caption = "_caption"
+    else:
+        ds, caption = ds.select_columns([cfg.image_column, cfg.caption_column]), cfg.caption_column
+        if ds.features[caption] != datasets.Value("string"):
+            ds = ds.cast_column(caption, datasets.Value("string"))
+    # renamed, not copied: a saved dataset stays memory-mapped
+    return ds.rename_columns({old: new for old, new in ((cfg.image_column, "image"), (caption, "text")) if old != new})
 
 
 def _safe_join(folder: Path, name: Any, where: str) -> Path:

@@ -2,12 +2,15 @@
 caption states), as safetensors shards. The training step then never runs the autoencoder.
 
     cache_dir/<key>/key.json                     what the cache was built from
-    cache_dir/<key>/shard-00000.safetensors      moments (n, 2C, h, w) [+ moments_flipped], index (n,)
-                                                 [+ text_states (n, L, D), text_mask (n, L)]
+    cache_dir/<key>/shard-00000.safetensors      moments (n, 2C, h, w) float32 [+ moments_flipped], index (n,)
+                                                 [+ text_states (n, L, D) bfloat16, text_mask (n, L) int8]
     cache_dir/<key>/complete.json                written last: the cache is usable
 
 The processes of a run encode the shards between them (shard k by rank k mod world size); the
 shards' bytes do not depend on how many there were.
+
+L is the dataset's longest caption in tokens (CLIP: always 77, its states at padding positions
+condition the U-Net as in Stable Diffusion); ``cache.text=false`` stores no caption states.
 
 ``<key>`` hashes the autoencoder weights, the resolution and transforms, the dataset (files and
 captions) and the text encoder weights: change any of them and a new cache is built; an
@@ -38,7 +41,8 @@ from autoencoder.latents import encode_moments
 from ldm.text import encode_text, tokenize
 from training.data import DataConfig, eval_loader
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: caption states in bf16, masks in int8
+TEXT_DTYPE = torch.bfloat16
 
 
 @dataclass(frozen=True)
@@ -97,8 +101,8 @@ class ShardRows:
 class LatentCache:
     moments: ShardRows  # (N, 2C, h, w) posterior mean and logvar, float32
     moments_flipped: ShardRows | None  # the same for the mirrored image (data.random_flip)
-    text_states: ShardRows | None  # (N, L, D) frozen text encoder's states of the captions
-    text_mask: ShardRows | None  # (N, L) 1 = token, 0 = padding
+    text_states: ShardRows | None  # (N, L, D) bf16 frozen text encoder's states of the captions (None: not cached)
+    text_mask: ShardRows | None  # (N, L) int8 1 = token, 0 = padding
     captions: list[str]  # N captions, in row order
     source_index: torch.Tensor  # (N,) row of the dataset each entry came from (unreadable images are absent)
     path: Path
@@ -149,7 +153,7 @@ def cache_key(vae_digest: str, data: DataConfig, records: datasets.Dataset, text
         "transforms": {"resize": "shorter-side bicubic", "crop": "center", "random_flip": data.random_flip},
         "dataset": dataset_digest(records),
         "images": len(records),
-        "text_encoder": text_digest,  # None: the text encoder trains, captions are not cached
+        "text_encoder": text_digest,  # None: caption states are not cached (the encoder trains, or cache.text=false)
     }
 
 
@@ -242,9 +246,9 @@ def _encode_shard(folder: Path, k: int, rows: range, vae, records, data: DataCon
         if text is not None:
             tokenizer, encoder = text
             emb = encode_text(tokenizer, encoder, batch["text"], pad_to=text_length)
-            tensors["text_states"].append(emb.states.float().cpu())
-            mask = emb.mask if emb.mask is not None else torch.ones(emb.states.shape[:2], dtype=torch.int64)
-            tensors["text_mask"].append(mask.cpu())
+            tensors["text_states"].append(emb.states.to(TEXT_DTYPE).cpu())
+            mask = emb.mask if emb.mask is not None else torch.ones(emb.states.shape[:2])
+            tensors["text_mask"].append(mask.to(torch.int8).cpu())
     shard = {name: torch.cat(parts).contiguous() for name, parts in tensors.items() if parts}
     tmp = folder / f".shard-{k:05d}.tmp"
     if shard:
@@ -261,7 +265,7 @@ def _shard_upscaled(path: Path) -> int:
         return int((f.metadata() or {}).get("upscaled", 0))
 
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32}
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I8": torch.int8}
 
 
 def _tensor_files(path: Path) -> dict[str, TensorFile]:

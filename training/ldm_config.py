@@ -111,6 +111,7 @@ class CacheConfig:
     dir: str | None = None  # None: output_dir/latent-cache
     batch_size: int = 64
     shard_size: int = 2048  # images per shard file; the processes of a run encode the shards between them
+    text: bool = True  # a frozen text encoder's caption states in the cache (bf16); false: encoded every step
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "shard_size"):

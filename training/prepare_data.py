@@ -5,6 +5,14 @@
     python -m training.prepare_data generic --size 32 --out data/generic-32 [--count 3600]
     python -m training.prepare_data ood --size 32 --out data/ood-32 [--count 256]
 
+    python -m training.prepare_data parquet --src data/openmoji-32 --out data/openmoji-32-parquet [--shard-size 5000]
+    python -m training.prepare_data webdataset --src data/openmoji-32 --out data/openmoji-32-wds [--shard-size 5000]
+
+``parquet`` / ``webdataset`` write every split of ``--src`` (any dataset the jobs read) in the
+layouts large datasets come in, the image files' bytes as they are: ``OUT/<split>/<split>-00000-of-00002.parquet``
+(an ``image`` column of datasets' Image feature and a ``text`` column), or ``OUT/<split>/000000.tar``
+shards of ``KEY.png`` + ``KEY.txt``, ``--shard-size`` images per file.
+
 ``folder`` reads any folder the training jobs read (images with a ``metadata.jsonl``, with a
 ``.txt`` caption beside each image, or captionless with ``--caption``), checks every image and
 caption before writing anything, and writes ``OUT/train/`` with each image resized (shorter side)
@@ -38,6 +46,7 @@ import json
 import math
 import random
 import string
+from io import BytesIO
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -145,6 +154,41 @@ def prepare_folder(src: Path, out: Path, size: int, caption: str | None = None) 
         write_metadata(tmp / "train", [{"file_name": f"{i:06d}.png", "text": text} for i, text in enumerate(records["text"])])
     return {"train": len(images), "upscaled": upscaled}
 
+
+
+def convert(src: Path, out: Path, kind: str, shard_size: int = 5000) -> dict[str, int]:
+    """Every split of ``src`` as ``kind`` (``parquet`` or ``webdataset``) files under ``out/<split>/``;
+    returns the images written per split. The rows keep ``src``'s order."""
+    from training import formats
+    from training.data import SPLIT_NAMES, DataConfig, has_split, load_records
+
+    cfg = DataConfig(path=str(src), eval_split=None)
+    splits = ["train"] + sorted(s for s in SPLIT_NAMES - {"train"} if has_split(src, s))
+    counts = {}
+    with atomic_dir(out) as tmp:
+        for split in splits:
+            records = load_records(src, cfg, split)  # captions are copied where there are any
+            (tmp / split).mkdir()
+            n_files = -(-len(records) // shard_size)
+            for k in tqdm(range(n_files), desc=f"writing {split}"):
+                first = k * shard_size
+                part = records.select(range(first, min(first + shard_size, len(records))))
+                rows = [{"image": _image_file(r["image"]), "text": r["text"]} for r in part]
+                if kind == "parquet":
+                    formats.write_parquet(rows, tmp / split / f"{split}-{k:05d}-of-{n_files:05d}.parquet")
+                else:
+                    formats.write_tar(rows, tmp / split / f"{k:06d}.tar", [f"{first + i:09d}" for i in range(len(rows))])
+            counts[split] = len(records)
+    return counts
+
+
+def _image_file(image) -> dict:
+    """``{"bytes", "path"}`` of a record's image (a path, or datasets' undecoded Image), bytes untouched."""
+    if isinstance(image, dict) and image.get("bytes"):
+        name = image.get("path") or f"image.{(Image.open(BytesIO(image['bytes'])).format or 'png').lower()}"
+        return {"bytes": image["bytes"], "path": Path(name).name}
+    path = Path(image["path"] if isinstance(image, dict) else image)
+    return {"bytes": path.read_bytes(), "path": path.name}
 
 
 # ---- generic and out-of-domain images ------------------------------------------------------
@@ -282,20 +326,33 @@ def prepare_ood(out: Path, size: int, count: int = 256, seed: int = 1) -> dict[s
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", choices=["openmoji", "folder", "generic", "ood"],
+    parser.add_argument("dataset", choices=["openmoji", "folder", "generic", "ood", "parquet", "webdataset"],
                         help="openmoji: the built-in emoji; folder: your images (--src); generic: photo crops and drawn shapes "
-                             "(stage-1 training beside OpenMoji); ood: held-out photos and glyphs for eval.ood")
+                             "(stage-1 training beside OpenMoji); ood: held-out photos and glyphs for eval.ood; "
+                             "parquet / webdataset: every split of --src as parquet files / .tar shards")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (e.g. 32, 64)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--limit", type=int, default=None, help="openmoji: only the first N emoji (quick tests)")
     parser.add_argument("--count", type=int, default=None, help="generic: images (default 3600); ood: images per set (default 256)")
     parser.add_argument("--src", type=Path, default=None, help="folder: your images (metadata.jsonl, .txt captions, or --caption)")
     parser.add_argument("--caption", default=None, help="folder: one caption for every image, e.g. 'a photo of sks dog'")
+    parser.add_argument("--shard-size", type=int, default=5000, help="parquet / webdataset: images per file")
     args = parser.parse_args(argv)
     runtime.configure()
     if args.size < 8:
         parser.error(f"--size {args.size} is too small; use 8 or more")
-    if args.dataset == "folder":
+    if args.dataset in ("parquet", "webdataset"):
+        if args.src is None:
+            parser.error(f"{args.dataset} needs --src: the dataset to convert (any layout the training jobs read)")
+        if args.shard_size < 1:
+            parser.error(f"--shard-size {args.shard_size} must be >= 1")
+        from training.data import DataError
+
+        try:
+            counts = convert(args.src, args.out, args.dataset, args.shard_size)
+        except DataError as err:
+            parser.exit(2, f"error: {err}\n")
+    elif args.dataset == "folder":
         if args.src is None:
             parser.error("folder needs --src: the folder holding your images")
         from training.data import DataError

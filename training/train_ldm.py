@@ -95,10 +95,12 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     objective = DenoisingObjective(models.noise_scheduler, cfg.objective.min_snr_gamma, cfg.objective.offset_noise)
 
     # 2. The latent cache: encoded once, every process its share of the shards.
+    #    A frozen text encoder's caption states are cached too, unless cache.text=false.
+    cache_text = cfg.cache.text and not trains
     key = cache_key(file_digest(Path(models.vae_dir) / "diffusion_pytorch_model.safetensors"), cfg.data, records,
-                    None if trains else folder_digest(models.text_encoder_dir))  # fmt: skip
+                    folder_digest(models.text_encoder_dir) if cache_text else None)  # fmt: skip
     folder = build_latent_cache(Path(cfg.cache.dir or out / "latent-cache"), key, vae, records, cfg.data,
-                                None if trains else (tokenizer, text_encoder), cfg.cache.batch_size, cfg.cache.shard_size,
+                                (tokenizer, text_encoder) if cache_text else None, cfg.cache.batch_size, cfg.cache.shard_size,
                                 show_progress=True, rank=rank, world_size=world, wait=accelerator.wait_for_everyone)  # fmt: skip
     cache = load_latent_cache(folder, records)
     conditioning = Conditioning(cache, tokenizer, text_encoder, trains, uses_attention_mask(text_encoder))
