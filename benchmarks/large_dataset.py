@@ -6,9 +6,12 @@ For each size, an imagefolder of synthetic 32x32 images (random coloured rectang
 all: ``data.caption``) is written once under ``runs/bench-large/``; then ``training.train_ldm`` runs
 ``configs/ldm/tiny.yaml`` on it with a tiny random autoencoder and a frozen MiniLM text encoder
 (so caption states are cached too), 30 steps, through ``accelerate launch``. Reported per size:
-the peak RSS of the command's process tree (``getrusage(RUSAGE_CHILDREN)``), the seconds from
-launch to the run's start record (data check + latent-cache encode) and the images encoded per
-second over it, and the seconds from launch to the first logged training step.
+the peak RSS of the largest process of the command (``getrusage(RUSAGE_CHILDREN)``: the launcher,
+or one rank), the seconds from launch to the run's start record (data check + latent-cache encode),
+the encode alone (from the cache's ``key.json`` to its ``complete.json``, written by the first
+process when the encode starts and when every shard exists) and its images per second, and the
+seconds from launch to the first logged training step. ``--save`` writes the rows with the machine
+to ``benchmarks/LARGE_DATASET.json``, which ``benchmarks/report.py`` puts into RESULTS.md.
 """
 
 from __future__ import annotations
@@ -70,9 +73,25 @@ def run(n: int, processes: int, vae: Path) -> dict:
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     start = next(r for r in log if r.get("event") == "start")
     first = next(r for r in log if "loss" in r)
+    encode_s = encode_seconds(out)
     return {"images": n, "processes": processes, "peak_rss_mib": round(int(peak.stdout.strip().splitlines()[-1]) / 1024, 1),
             "launch_to_start_s": round(start["time"] - started, 1), "images_per_s_to_start": round(n / (start["time"] - started), 1),
+            "encode_s": round(encode_s, 1), "encode_images_per_s": round(n / encode_s, 1),
             "launch_to_first_step_s": round(first["time"] - started, 1)}  # fmt: skip
+
+
+def encode_seconds(out: Path) -> float:
+    (folder,) = [p for p in (out / "latent-cache").iterdir() if p.is_dir()]
+    return (folder / "complete.json").stat().st_mtime - (folder / "key.json").stat().st_mtime
+
+
+def save(rows: list[dict]) -> Path:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from report import machine
+
+    path = ROOT / "benchmarks" / "LARGE_DATASET.json"
+    path.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
+    return path
 
 
 def main() -> None:
@@ -80,6 +99,7 @@ def main() -> None:
     p.add_argument("--images", type=int, nargs="+", default=[5000, 100000])
     p.add_argument("--processes", type=int, nargs="+", default=[1])
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--save", action="store_true", help="write the rows with the machine to benchmarks/LARGE_DATASET.json")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     vae = tiny_vae()
@@ -90,6 +110,8 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"results": rows}, indent=2))
+    if args.save:
+        print(f"saved to {save(rows)}")
 
 
 if __name__ == "__main__":

@@ -44,3 +44,16 @@ def test_render_writes_machine_sections_and_verdicts(tmp_path):
     assert "**no**" in rows[0] and rows[1].endswith("| yes |")
     assert all(f"figures of {name}" in text for name in results)
     assert text.index("1. generation_speed.py") < text.index("2. training_throughput.py")
+
+
+def test_large_dataset_rows_are_rendered_with_their_machine(tmp_path):
+    import json
+
+    report = _report()
+    path = tmp_path / "LARGE_DATASET.json"
+    assert report.large_dataset_section(path) == []  # not measured yet: no section
+    rows = [{"images": 100000, "processes": 2, "peak_rss_mib": 790.5, "encode_s": 120.0, "encode_images_per_s": 833.3,
+             "launch_to_first_step_s": 150.2}]  # fmt: skip
+    path.write_text(json.dumps({"machine": {"CPU": "test CPU", "cores": "2", "date": "2026-11-26"}, "rows": rows}))
+    text = "\n".join(report.large_dataset_section(path))
+    assert "test CPU (2 cores), 2026-11-26" in text and "| 100,000 | 2 | 790.5 | 120.0 | 833.3 | 150.2 |" in text

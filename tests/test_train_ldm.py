@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -202,21 +204,40 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(openmoji_small, tin
     assert len(loss[0]) == 2 and np.allclose(loss[0], loss[1], atol=1e-5)
 
 
-def test_two_processes_encode_the_cache_between_them_byte_identical_to_one(openmoji_small, tiny_vae, tmp_path):
+def test_two_processes_encode_the_cache_between_them_byte_identical_to_one_even_when_killed_and_relaunched(openmoji_small, tiny_vae, tmp_path):
     """160 images in 4 shards of 40: with two processes each encodes two, and every shard file,
-    key and completion record equals the one-process encode's byte for byte. One thread per
-    process in both runs: on a CPU, oneDNN picks its convolution kernels by thread count, which moves
-    the last bits (2 threads vs 1 measured here); a GPU per process is the same setting throughout."""
+    key and completion record equals the one-process encode's byte for byte. The two-process run
+    is first killed (SIGKILL to the launcher and both ranks) once each rank has written a shard,
+    then relaunched: it encodes only the missing shards and ends with the same cache. One thread
+    per process in both runs: on a CPU, oneDNN picks its convolution kernels by thread count, which
+    moves the last bits (2 threads vs 1 measured here); a GPU per process is the same setting throughout."""
     accelerate = Path(sys.executable).parent / "accelerate"
     common = ["--config", str(TINY_LDM_CONFIG), f"data.path={openmoji_small}", f"model.vae={tiny_vae}", "train.max_steps=1",
               "train.checkpoint_every=1", "train.sample_every=100", "cache.shard_size=40", "train.mixed_precision=fp32",
-              "train.cpu_threads=1"]  # fmt: skip
-    for n, batch in ((1, 8), (2, 4)):
-        cmd = [str(accelerate), "launch", *(["--multi_gpu"] if n > 1 else []), "--num_processes", str(n), "-m", "training.train_ldm",
-               *common, f"output_dir={tmp_path / f'run{n}'}", f"cache.dir={tmp_path / f'cache{n}'}", f"train.batch_size={batch}"]  # fmt: skip
-        run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        assert run.returncode == 0, run.stderr[-3000:]
+              "train.cpu_threads=1", "model.check_images=0"]  # fmt: skip
+
+    def launch(n, script=("-m", "training.train_ldm"), **popen):
+        cmd = [str(accelerate), "launch", *(["--multi_gpu"] if n > 1 else []), "--num_processes", str(n), *script, *common,
+               f"output_dir={tmp_path / f'run{n}'}", f"cache.dir={tmp_path / f'cache{n}'}", f"train.batch_size={8 // n}"]  # fmt: skip
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+
+    def finish(proc):
+        _, err = proc.communicate()
+        assert proc.returncode == 0, err[-3000:]
+
+    finish(launch(1))
+    killed = launch(2, ("tests/slow_encode.py",))  # each shard takes a second longer
+    shards = lambda: list((tmp_path / "cache2").glob("*/shard-*.safetensors"))  # noqa: E731
+    deadline = time.time() + 120
+    while len(shards()) < 2 and time.time() < deadline and killed.poll() is None:
+        time.sleep(0.05)
+    for proc in [psutil.Process(killed.pid), *psutil.Process(killed.pid).children(recursive=True)]:  # the ranks too:
+        proc.kill()  # torchrun starts them in sessions of their own
+    killed.communicate()
+    (folder,) = [p for p in (tmp_path / "cache2").iterdir() if p.is_dir()]
+    assert 2 <= len(shards()) < 4 and not (folder / "complete.json").exists()  # killed mid-encode
+    finish(launch(2))
     (one,), (two,) = ([p for p in (tmp_path / f"cache{n}").iterdir() if p.is_dir()] for n in (1, 2))
-    files = lambda folder: {p.name: p.read_bytes() for p in folder.iterdir()}  # noqa: E731
+    files = lambda folder: {p.name: p.read_bytes() for p in folder.iterdir()}  # noqa: E731  (no temporary file left either)
     assert one.name == two.name and files(one) == files(two)
     assert sorted(n for n in files(one) if n.startswith("shard-")) == [f"shard-{k:05d}.safetensors" for k in range(4)]

@@ -213,7 +213,8 @@ def build_latent_cache(
     if rank == 0:
         missing = [k for k in range(n_shards) if not _shard_path(folder, k).is_file()]
         if missing:
-            raise RuntimeError(f"latent cache {folder}: shards {missing[:5]} were not written (a process failed); relaunch to finish")
+            raise RuntimeError(f"latent cache {folder}: shards {missing[:5]} were not written (a process failed, or on several "
+                               "machines cache.dir is not one shared folder); relaunch to finish")  # fmt: skip
         upscaled = sum(_shard_upscaled(p) for p in folder.glob("shard-*.safetensors"))  # shards of an earlier, interrupted encode too
         summary = {"images": len(records), "shards": n_shards, "text_length": text_length, "upscaled": upscaled}
         (folder / "complete.json").write_text(json.dumps(summary))
