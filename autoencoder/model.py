@@ -8,6 +8,7 @@ from pathlib import Path
 
 from diffusers import AutoencoderKL
 
+from runtime.errors import InputError
 from runtime.files import atomic_dir
 
 # Small explicit presets. f = 2 ** (len(block_out_channels) - 1) is the spatial downsampling.
@@ -32,14 +33,14 @@ def build_autoencoder(preset: str, resolution: int, **overrides) -> AutoencoderK
     """A freshly initialised ``AutoencoderKL`` from a named preset; ``overrides`` (e.g.
     ``latent_channels=8``) replace the preset's values."""
     if preset not in AUTOENCODER_PRESETS:
-        raise ValueError(f"model.preset='{preset}' is unknown; valid presets: {', '.join(AUTOENCODER_PRESETS)}")
+        raise InputError(f"model.preset='{preset}' is unknown; valid presets: {', '.join(AUTOENCODER_PRESETS)}")
     spec = dict(AUTOENCODER_PRESETS[preset]) | {k: v for k, v in overrides.items() if v is not None}
     if min(spec["block_out_channels"]) % spec["norm_num_groups"]:
-        raise ValueError(f"model.norm_num_groups={spec['norm_num_groups']} does not divide the preset's channel widths {spec['block_out_channels']}")
+        raise InputError(f"model.norm_num_groups={spec['norm_num_groups']} does not divide the preset's channel widths {spec['block_out_channels']}")
     n = len(spec["block_out_channels"])
     factor = 2 ** (n - 1)
     if resolution % factor:
-        raise ValueError(f"data.resolution={resolution} is not divisible by the preset '{preset}' downsampling factor {factor}")
+        raise InputError(f"data.resolution={resolution} is not divisible by the preset '{preset}' downsampling factor {factor}")
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -55,10 +56,10 @@ def load_autoencoder(path: str | Path) -> AutoencoderKL:
     path = Path(path)
     config = path / "config.json"
     if not config.is_file():
-        raise ValueError(f"'{path}' is not an autoencoder folder: it has no config.json (expected the vae/ folder of a run or a pipeline)")
+        raise InputError(f"'{path}' is not an autoencoder folder: it has no config.json (expected the vae/ folder of a run or a pipeline)")
     name = json.loads(config.read_text()).get("_class_name")
     if name != "AutoencoderKL":
-        raise ValueError(f"'{path}' holds a {name or 'unknown model'}, not an AutoencoderKL")
+        raise InputError(f"'{path}' holds a {name or 'unknown model'}, not an AutoencoderKL")
     return AutoencoderKL.from_pretrained(path, use_safetensors=True)
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
+from runtime.errors import InputError
+
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -25,7 +27,7 @@ def training_scheduler(prediction_type: str = "epsilon", zero_terminal_snr: bool
     written into the config so every sampler built from it does.
     """
     if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type '{prediction_type}' is unknown; valid: {', '.join(PREDICTION_TYPES)}")
+        raise InputError(f"prediction_type '{prediction_type}' is unknown; valid: {', '.join(PREDICTION_TYPES)}")
     return DDPMScheduler(
         num_train_timesteps=1000,
         beta_schedule="scaled_linear",
@@ -76,7 +78,7 @@ def min_snr_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float,
         return clipped / s.clamp_min(1e-8)  # at SNR = 0 (zero terminal SNR) the weight is 0, not 0/0
     if prediction_type == "v_prediction":
         return clipped / (s + 1)
-    raise ValueError(f"prediction_type '{prediction_type}' is unknown; valid: {', '.join(PREDICTION_TYPES)}")
+    raise InputError(f"prediction_type '{prediction_type}' is unknown; valid: {', '.join(PREDICTION_TYPES)}")
 
 
 def offset_noise(eps: torch.Tensor, strength: float, per_channel: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import runtime
+from runtime.errors import InputError, one_line_errors
 
 from .schedulers import SCHEDULERS
 
@@ -61,6 +62,11 @@ def grid(images: list[Image.Image], columns: int) -> Image.Image:
 def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
     runtime.configure()
+    with one_line_errors():  # a refused folder (pickle weights, foreign code), a bad setting, an unwritable --out
+        return generate(args)
+
+
+def generate(args: argparse.Namespace) -> list[Path]:
     from .pipeline import LatentDiffusionPipeline  # after argument errors: the import takes seconds
 
     if args.out.suffix.lower() == ".png" and not args.grid:
@@ -95,8 +101,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
             cross_attention_kwargs={"scale": args.lora_scale} if args.lora is not None else None,
             output_type="pil",
         ).images
-    except ValueError as e:  # the pipeline's input checks: say what is wrong, without a traceback
-        raise SystemExit(f"error: {e}") from e
+    except ValueError as e:  # the pipeline's input checks (and diffusers' own): say what is wrong, without a traceback
+        raise InputError(str(e)) from None
 
     if args.grid:
         path = args.out if args.out.suffix.lower() == ".png" else args.out / "grid.png"

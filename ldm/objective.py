@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from ldm.diffusion import PREDICTION_TYPES, add_noise, min_snr_weights, offset_noise, v_target
+from runtime.errors import InputError
 
 
 class DenoisingObjective:
@@ -23,7 +24,7 @@ class DenoisingObjective:
         self.alphas_cumprod = scheduler.alphas_cumprod  # (T,)
         self.prediction_type = scheduler.config.prediction_type
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type '{self.prediction_type}' is unknown; valid: {', '.join(PREDICTION_TYPES)}")
+            raise InputError(f"prediction_type '{self.prediction_type}' is unknown; valid: {', '.join(PREDICTION_TYPES)}")
         self.min_snr_gamma, self.offset_noise = min_snr_gamma, offset_noise
 
     def noisy_input_and_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,

@@ -26,9 +26,10 @@ from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from autoencoder.latents import denormalize_latents, downsampling_factor, encode_latents
 import runtime
+from autoencoder.latents import denormalize_latents, downsampling_factor, encode_latents
 from runtime import fast_bf16
+from runtime.errors import InputError
 from runtime.files import atomic_dir
 from runtime.images import to_rgb
 
@@ -56,7 +57,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch
     if dtype == "auto":
         return torch.bfloat16 if fast_bf16(str(torch.device(device))) else torch.float32
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype '{dtype}'; valid: auto, {', '.join(_DTYPES)}")
+        raise InputError(f"unknown dtype '{dtype}'; valid: auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
 
 
@@ -64,15 +65,15 @@ def check_pipeline_folder(path: str | Path) -> dict:
     """model_index.json of a local pipeline folder, refused if it would make diffusers run code."""
     index_file = Path(path) / "model_index.json"
     if not index_file.is_file():
-        raise ValueError(f"'{path}' is not a pipeline folder: it has no model_index.json")
+        raise InputError(f"'{path}' is not a pipeline folder: it has no model_index.json")
     index = json.loads(index_file.read_text())
     if not isinstance(index.get("_class_name"), str):
-        raise ValueError(f"{index_file}: _class_name {index.get('_class_name')!r} points at custom code; refused")
+        raise InputError(f"{index_file}: _class_name {index.get('_class_name')!r} points at custom code; refused")
     for name, entry in index.items():
         if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
             continue
         if entry[0] not in _TRUSTED_LIBRARIES:
-            raise ValueError(
+            raise InputError(
                 f"{index_file}: component '{name}' comes from '{entry[0]}', which would be imported as code; "
                 f"only {', '.join(_TRUSTED_LIBRARIES)} components are loaded"
             )
@@ -117,7 +118,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         from the folder, then :meth:`prepare_for_inference` with ``dtype``/``device``/``compile``."""
         runtime.configure()  # before any kernel is built: some VMs advertise AMX that traps
         if kwargs.get("custom_pipeline") or kwargs.get("trust_remote_code"):
-            raise ValueError("custom_pipeline / trust_remote_code run code from the folder; not supported")
+            raise InputError("custom_pipeline / trust_remote_code run code from the folder; not supported")
         if "torch_dtype" in kwargs:  # the diffusers spelling
             dtype = kwargs.pop("torch_dtype")
         kwargs.setdefault("use_safetensors", True)
@@ -211,7 +212,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
             image = self._image_tensor(image, len(prompts))  # (1 or B, 3, H, W) in [-1, 1]
             asked = (height or image.shape[-2], width or image.shape[-1])
             if asked != tuple(image.shape[-2:]):
-                raise ValueError(
+                raise InputError(
                     f"image is {image.shape[-2]}x{image.shape[-1]} (HxW) but height/width ask for {asked[0]}x{asked[1]}; "
                     "resize the image or leave height/width unset"
                 )
@@ -297,7 +298,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         if isinstance(negative_prompt, str):
             return [negative_prompt] * n
         if len(negative_prompt) != n:
-            raise ValueError(f"negative_prompt has {len(negative_prompt)} entries for {n} prompts; give one per prompt or a single string")
+            raise InputError(f"negative_prompt has {len(negative_prompt)} entries for {n} prompts; give one per prompt or a single string")
         return list(negative_prompt)
 
     def _image_tensor(self, image: ImageInput, num_prompts: int) -> torch.Tensor:
@@ -306,49 +307,49 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         if isinstance(image, PIL.Image.Image) or (isinstance(image, list) and image and isinstance(image[0], PIL.Image.Image)):
             pils = [to_rgb(im) for im in (image if isinstance(image, list) else [image])]
             if len({im.size for im in pils}) > 1:
-                raise ValueError(f"image: all images must have the same size, got {sorted({im.size for im in pils})}")
+                raise InputError(f"image: all images must have the same size, got {sorted({im.size for im in pils})}")
             image = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in pils])
         if isinstance(image, np.ndarray):
             if image.ndim == 3:
                 image = image[None]
             if image.ndim != 4 or image.shape[-1] != 3:
-                raise ValueError(f"image: a numpy image must be (H, W, 3) or (B, H, W, 3) in [0, 1], got shape {image.shape}")
+                raise InputError(f"image: a numpy image must be (H, W, 3) or (B, H, W, 3) in [0, 1], got shape {image.shape}")
             image = torch.from_numpy(np.ascontiguousarray(image)).permute(0, 3, 1, 2)
         if not isinstance(image, torch.Tensor):
-            raise ValueError(f"image: expected a PIL image, a numpy array or a torch tensor, got {type(image).__name__}")
+            raise InputError(f"image: expected a PIL image, a numpy array or a torch tensor, got {type(image).__name__}")
         if image.ndim == 3:
             image = image[None]
         if image.ndim != 4 or image.shape[1] != 3:
-            raise ValueError(f"image: a tensor image must be (3, H, W) or (B, 3, H, W), got shape {tuple(image.shape)}")
+            raise InputError(f"image: a tensor image must be (3, H, W) or (B, 3, H, W), got shape {tuple(image.shape)}")
         if image.shape[0] not in (1, num_prompts):
-            raise ValueError(f"image: batch of {image.shape[0]} images for {num_prompts} prompts; give 1 or {num_prompts}")
+            raise InputError(f"image: batch of {image.shape[0]} images for {num_prompts} prompts; give 1 or {num_prompts}")
         image = image.float()
         if image.min() < -1e-3 or image.max() > 1 + 1e-3:
-            raise ValueError(f"image: expected values in [0, 1], got [{image.min():.3g}, {image.max():.3g}]")
+            raise InputError(f"image: expected values in [0, 1], got [{image.min():.3g}, {image.max():.3g}]")
         return image * 2.0 - 1.0  # (B, 3, H, W) in [-1, 1], the autoencoder's range
 
     def _check_inputs(self, prompts, steps, height, width, per_prompt, output_type, strength, generator, batch) -> None:
         if not prompts:
-            raise ValueError("prompt: the list of prompts is empty")
+            raise InputError("prompt: the list of prompts is empty")
         if not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt: expected a string or a list of strings")
+            raise InputError("prompt: expected a string or a list of strings")
         if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+            raise InputError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
         if per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {per_prompt}")
+            raise InputError(f"num_images_per_prompt must be >= 1, got {per_prompt}")
         f = self.downsampling
         for name, size in (("height", height), ("width", width)):
             if size % f != 0 or size <= 0:
-                raise ValueError(
+                raise InputError(
                     f"{name}={size} is not divisible by {f} (autoencoder x{self.vae_scale_factor} times U-Net "
                     f"x{f // self.vae_scale_factor}); nearest valid: {max(f, round(size / f) * f)}"
                 )
         if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
+            raise InputError(f"strength must be in (0, 1], got {strength}")
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type '{output_type}' is not one of {', '.join(OUTPUT_TYPES)}")
+            raise InputError(f"output_type '{output_type}' is not one of {', '.join(OUTPUT_TYPES)}")
         if isinstance(generator, list) and len(generator) != batch:
-            raise ValueError(f"generator: {len(generator)} generators for {batch} images; give one or one per image")
+            raise InputError(f"generator: {len(generator)} generators for {batch} images; give one or one per image")
 
 
 __all__ = ["LatentDiffusionPipeline", "check_pipeline_folder", "resolve_dtype", "uses_attention_mask"]

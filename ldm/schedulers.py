@@ -12,7 +12,6 @@ import inspect
 from typing import Any
 
 import torch
-
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -23,6 +22,8 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from runtime.errors import InputError
 
 # name -> (class, settings that define the algorithm on top of the model's schedule)
 SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
@@ -40,7 +41,7 @@ def make_scheduler(name: str, config: Any) -> SchedulerMixin:
     """The sampler ``name`` on the noise schedule described by ``config`` (a scheduler's config)."""
     key = name.lower()
     if key not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler '{name}'; valid: {', '.join(SCHEDULERS)}")
+        raise InputError(f"unknown scheduler '{name}'; valid: {', '.join(SCHEDULERS)}")
     cls, settings = SCHEDULERS[key]
     return cls.from_config(config, **settings)
 

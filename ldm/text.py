@@ -21,7 +21,17 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from runtime.errors import InputError
 
 CLIP_MAX_LENGTH = 77
 CLIP_VOCAB_SIZE = 49408
@@ -84,7 +94,7 @@ def encode_text(
 def build_clip_text_encoder(preset: str) -> CLIPTextModel:
     """A freshly initialised CLIP text transformer over the real CLIP vocabulary."""
     if preset not in CLIP_TEXT_PRESETS:
-        raise ValueError(f"unknown CLIP text preset '{preset}'; valid: {', '.join(CLIP_TEXT_PRESETS)}")
+        raise InputError(f"unknown CLIP text preset '{preset}'; valid: {', '.join(CLIP_TEXT_PRESETS)}")
     config = CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
         max_position_embeddings=CLIP_MAX_LENGTH,
@@ -181,6 +191,6 @@ def load_text_encoder(name: str, clip_preset: str = "small") -> tuple[PreTrained
         return clip_tokenizer(), build_clip_text_encoder(clip_preset), None
     path = Path(name)
     if not path.is_dir():
-        raise ValueError(f"model.text_encoder='{name}' is neither minilm, clip-scratch nor an existing folder")
+        raise InputError(f"model.text_encoder='{name}' is neither minilm, clip-scratch nor an existing folder")
     model_dir, tok_dir = (path / "text_encoder", path / "tokenizer") if (path / "text_encoder").is_dir() else (path, path)
     return AutoTokenizer.from_pretrained(tok_dir), AutoModel.from_pretrained(model_dir, use_safetensors=True), name

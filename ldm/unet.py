@@ -6,6 +6,8 @@ from typing import Any
 
 from diffusers import UNet2DConditionModel
 
+from runtime.errors import InputError
+
 # Cross-attention in every block but the deepest down block and its mirror, as in Stable
 # Diffusion. `attention_head_dim` is, for historical reasons in diffusers, the number of heads.
 UNET_PRESETS: dict[str, dict[str, Any]] = {
@@ -37,7 +39,7 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 def build_unet(preset: str, sample_size: int, cross_attention_dim: int, latent_channels: int = 4) -> UNet2DConditionModel:
     """A freshly initialised U-Net for ``sample_size`` x ``sample_size`` latents."""
     if preset not in UNET_PRESETS:
-        raise ValueError(f"unknown U-Net preset '{preset}'; valid: {', '.join(UNET_PRESETS)}")
+        raise InputError(f"unknown U-Net preset '{preset}'; valid: {', '.join(UNET_PRESETS)}")
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=latent_channels,

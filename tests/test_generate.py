@@ -52,9 +52,10 @@ def test_grid_and_img2img(model, tmp_path):
     assert Image.open(kept[0]).size == (32, 32)
 
 
-def test_errors_name_the_bad_input(model, tmp_path):
-    with pytest.raises(SystemExit, match="height=30 is not divisible by 8"):
+def test_errors_name_the_bad_input(model, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:  # the pipeline's check, as one line on stderr
         main(["--model", str(model), "--prompt", "a", "--height", "30", "--out", str(tmp_path)])
+    assert exit_.value.code == 1 and "height=30 is not divisible by 8" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="needs --grid"):
         main(["--model", str(model), "--prompt", "a", "--out", str(tmp_path / "x.png")])
     with pytest.raises(SystemExit, match="not a pipeline folder"):

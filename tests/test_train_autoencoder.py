@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from runtime.errors import RunError
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -162,7 +164,7 @@ def test_resume_with_a_different_batch_layout_is_refused(tiny_run, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    with pytest.raises(ValueError, match="batch_size=8, this run has batch_size=4"):
+    with pytest.raises(RunError, match="batch_size=8, this run has batch_size=4"):
         train(tiny_cfg(tiny_run.parent, run, "train.batch_size=4", "train.max_steps=12"))
 
 

@@ -3,11 +3,17 @@
 ``output_dir/checkpoints/step-00000100/`` holds what ``save_state`` writes (models as
 safetensors, optimizers, schedulers, every process's RNG state) plus ``trainer_state.json``.
 A checkpoint is written under a temporary name and renamed when complete, so a run killed
-mid-save leaves the previous checkpoint intact; only the last ``keep`` are kept.
+mid-save leaves the previous checkpoint intact; only the last ``keep`` are kept. Its
+``manifest.json`` (every file's size and SHA-256), written last, is what resuming verifies: a
+damaged newest checkpoint is skipped, with a message, for the newest one that verifies.
+A write that fails (no space left, a read-only folder) stops the run with one line naming what
+was being written; the previous checkpoint is untouched.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import re
 import shutil
@@ -15,7 +21,10 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from runtime.files import replace_dir
+from runtime.files import replace_dir, write_json_atomic
+from training.config import RunError
+
+MANIFEST = "manifest.json"
 
 _NAME = re.compile(r"^step-(\d+)$")
 
@@ -39,19 +48,71 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
     if accelerator.is_main_process:
-        for stale in root.glob(".tmp-step-*") if root.is_dir() else []:  # left by a run killed mid-save
+        # left by a run killed mid-save: the output_dir lock (training/guard.py) means no other run is writing here
+        for stale in root.glob(".tmp-step-*") if root.is_dir() else []:
             shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        _writing(lambda: tmp.mkdir(parents=True), tmp, output_dir)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    _writing(lambda: accelerator.save_state(str(tmp), safe_serialization=True), tmp, output_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+        def finish() -> None:
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+            write_json_atomic(tmp / MANIFEST, {"files": {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                                                         for p in sorted(tmp.rglob("*")) if p.is_file()}})  # fmt: skip
+        _writing(finish, tmp, output_dir)
         replace_dir(tmp, final)  # re-saving a step swaps it; the old copy is dropped after
         for old in checkpoints(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _writing(write, tmp: Path, output_dir: str | Path) -> None:
+    """Run ``write``; an I/O failure (torch reports a full disk as a RuntimeError) removes the
+    half-written checkpoint and becomes a RunError saying why and that the last one is intact."""
+    try:
+        write()
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(Path(output_dir)).free if Path(output_dir).exists() else None
+        if isinstance(err, OSError) and err.errno is not None:
+            why = f"{err.strerror} ({errno.errorcode.get(err.errno, err.errno)}{f': {err.filename}' if err.filename else ''})"
+        elif free is not None and free < 256 << 20:
+            why = f"no space left on the device ({free >> 20} MiB free)"
+        else:
+            raise  # not an I/O problem we can name: a real bug, keep the traceback
+        last = latest_checkpoint(output_dir)
+        kept = f"the last checkpoint {last} is intact" if last else "no earlier checkpoint exists"
+        raise RunError(f"could not write the checkpoint {tmp.name.removeprefix('.tmp-')} in {tmp.parent}: {why}; {kept}. "
+                       "Free space (or fix the folder's permissions) and relaunch to resume") from None  # fmt: skip
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """None if every file listed in the manifest is there with its size and hash, else what is wrong."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"it has no {MANIFEST} (cut short, or written by a version without manifests)"
+    except (ValueError, KeyError, OSError) as err:
+        return f"its {MANIFEST} is unreadable ({err})"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, {expected['bytes']} expected"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} does not match its SHA-256"
+    return None
 
 
 def resume_from_latest(accelerator: Accelerator, output_dir: str | Path, layout: dict | None = None) -> dict | None:
@@ -60,15 +121,28 @@ def resume_from_latest(accelerator: Accelerator, output_dir: str | Path, layout:
     ``layout`` holds the settings that fix the position in the data (batch size, processes, ...):
     resuming with different values would silently train on a different stream, so it is an error.
     """
-    ckpt = latest_checkpoint(output_dir)
-    if ckpt is None:
+    found = checkpoints(output_dir)
+    skipped: list[str] = []
+    for ckpt in reversed(found):  # the newest that verifies
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            break
+        skipped.append(f"{ckpt.name}: {problem}")
+        if accelerator.is_main_process:
+            print(f"warning: skipping the damaged checkpoint {ckpt}: {problem}")
+    else:
+        if found:
+            raise RunError(f"no checkpoint in {Path(output_dir) / 'checkpoints'} can be resumed ({'; '.join(skipped)}); move the "
+                           "checkpoints folder away to start again from step 0, or use another output_dir")  # fmt: skip
         return None
     state = json.loads((ckpt / "trainer_state.json").read_text())
     for key, value in (layout or {}).items():
         if key in state and state[key] != value:
-            raise ValueError(
+            raise RunError(
                 f"cannot resume {ckpt}: it was written with {key}={state[key]}, this run has {key}={value}. "
                 f"Use the same setting, or a new output_dir"
             )
     accelerator.load_state(str(ckpt))
+    if skipped and accelerator.is_main_process:
+        print(f"resuming from the older checkpoint {ckpt.name} instead")
     return state

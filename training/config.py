@@ -16,10 +16,12 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from runtime.errors import InputError, RunError  # noqa: F401  (RunError: imported from here by the jobs)
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file or override that does not match the job's schema."""
 
 
@@ -41,6 +43,17 @@ class MixedPrecision(str, enum.Enum):
 
             return "bf16" if fast_bf16(device) else "no"
         return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.value]
+
+    def reason(self, device: str) -> str:
+        """Why this precision runs on ``device`` (for the run log and metrics.json)."""
+        if self is not MixedPrecision.auto:
+            return f"train.mixed_precision={self.value}"
+        if str(device).startswith("cuda"):
+            return "auto: CUDA" + (" with bf16" if self.accelerate_name(device) == "bf16" else " without bf16")
+        from runtime.hardware import FAST_BF16, bf16_decision
+
+        speedup, how = bf16_decision()
+        return f"auto: {how} ({'>=' if speedup >= FAST_BF16 else '<'} {FAST_BF16}x)"
 
 
 def _node_at(schema: type, dotted: str) -> type | None:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from runtime.errors import InputError
 from runtime.images import to_rgb
 from training import formats
 from training.config import ConfigError
@@ -54,7 +55,7 @@ class DataConfig:
             raise ConfigError(f"data.resolution={self.resolution} must be >= 1")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A dataset that cannot be trained on; raised before any training work."""
 
 

@@ -35,6 +35,7 @@ from autoencoder.metrics import Code, autoencoder_code, compare_codes, reconstru
 from autoencoder.perceptual import LPIPS
 from autoencoder.references import PCACode, bicubic_code, bicubic_side, pca_fits
 import runtime
+from runtime.errors import one_line_errors
 from runtime.files import write_json_atomic
 from training.data import DataConfig, eval_loader, load_records, spread_indices
 from training.utils import save_grid
@@ -272,6 +273,11 @@ def main(argv: list[str] | None = None) -> None:
     pl.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     runtime.configure()
+    with one_line_errors(input_exit_code=2):  # and an unreadable or unwritable path
+        _evaluate(parser, args)
+
+
+def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     try:
         if args.what == "autoencoder":
             result = evaluate_autoencoder(args.vae, args.data, args.resolution, args.batch_size, args.image_column, args.max_images,

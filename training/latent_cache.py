@@ -4,7 +4,7 @@ caption states), as safetensors shards. The training step then never runs the au
     cache_dir/<key>/key.json                     what the cache was built from
     cache_dir/<key>/shard-00000.safetensors      moments (n, 2C, h, w) float32 [+ moments_flipped], index (n,)
                                                  [+ text_states (n, L, D) bfloat16, text_mask (n, L) int8]
-    cache_dir/<key>/complete.json                written last: the cache is usable
+    cache_dir/<key>/complete.json                written last: the cache is usable; each shard's rows and bytes
 
 The processes of a run encode the shards between them (shard k by rank k mod world size); the
 shards' bytes do not depend on how many there were.
@@ -15,6 +15,9 @@ condition the U-Net as in Stable Diffusion); ``cache.text=false`` stores no capt
 ``<key>`` hashes the autoencoder weights, the resolution and transforms, the dataset (files and
 captions) and the text encoder weights: change any of them and a new cache is built; an
 unchanged key is reused; an interrupted encode keeps its finished shards and resumes.
+Every launch checks each shard against ``complete.json`` (its size, and the rows its header
+holds): a truncated, emptied or missing shard is named and encoded again, never dropped. A shard
+whose images were all unreadable holds zero rows (a valid file, not an empty one).
 The moments (mean, log-variance) are stored, not one sample: each step draws a fresh latent.
 Training reads only each batch's rows from the shard files (:class:`ShardRows`), so no process
 holds the cache in memory.
@@ -186,8 +189,17 @@ def build_latent_cache(
     shard exists."""
     key = {**key, "shard_size": shard_size}  # which rows each shard file holds (an interrupted encode resumes by shard)
     folder = Path(cache_dir) / _key_name(key)
-    if (folder / "complete.json").is_file():
+    damaged = _damaged_shards(folder) if (folder / "complete.json").is_file() else None  # every process, before any deletes
+    wait()
+    if damaged == {}:
         return folder
+    if damaged and rank == 0:
+        problems = "; ".join(f"{why}" for why in list(damaged.values())[:3])
+        print(f"warning: latent cache {folder} is damaged ({problems}); encoding the damaged shards again")
+        (folder / "complete.json").unlink()
+        for k in damaged:
+            if k is not None:
+                _shard_path(folder, k).unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (folder / "key.json").write_text(json.dumps(key, indent=2, sort_keys=True))
@@ -202,7 +214,7 @@ def build_latent_cache(
     n_shards = (len(records) + shard_size - 1) // shard_size
     rows = lambda k: range(k * shard_size, min((k + 1) * shard_size, len(records)))  # noqa: E731  (shard k's dataset rows)
     mine = range(rank, n_shards, world_size)
-    todo = [k for k in mine if not _shard_path(folder, k).is_file()]
+    todo = [k for k in mine if _shard_rows(_shard_path(folder, k)) is None]  # not there, or not a readable shard
     mine_images = sum(len(rows(k)) for k in mine)
     bar = tqdm(total=mine_images, initial=mine_images - sum(len(rows(k)) for k in todo), desc=f"encoding latents (process {rank} of "
                f"{world_size})" if world_size > 1 else "encoding latents", disable=not show_progress, dynamic_ncols=True)  # fmt: skip
@@ -211,12 +223,14 @@ def build_latent_cache(
     bar.close()
     wait()
     if rank == 0:
-        missing = [k for k in range(n_shards) if not _shard_path(folder, k).is_file()]
+        rows_per_shard = [_shard_rows(_shard_path(folder, k)) for k in range(n_shards)]
+        missing = [k for k, n in enumerate(rows_per_shard) if n is None]
         if missing:
             raise RuntimeError(f"latent cache {folder}: shards {missing[:5]} were not written (a process failed, or on several "
                                "machines cache.dir is not one shared folder); relaunch to finish")  # fmt: skip
         upscaled = sum(_shard_upscaled(p) for p in folder.glob("shard-*.safetensors"))  # shards of an earlier, interrupted encode too
-        summary = {"images": len(records), "shards": n_shards, "text_length": text_length, "upscaled": upscaled}
+        summary = {"images": len(records), "shards": n_shards, "text_length": text_length, "upscaled": upscaled,
+                   "shard_rows": rows_per_shard, "shard_bytes": [_shard_path(folder, k).stat().st_size for k in range(n_shards)]}
         (folder / "complete.json").write_text(json.dumps(summary))
         for other in Path(cache_dir).iterdir():  # caches of an older autoencoder / dataset / encoder
             if other.is_dir() and other != folder and (other / "key.json").is_file():
@@ -252,16 +266,50 @@ def _encode_shard(folder: Path, k: int, rows: range, vae, records, data: DataCon
             tensors["text_mask"].append(mask.to(torch.int8).cpu())
     shard = {name: torch.cat(parts).contiguous() for name, parts in tensors.items() if parts}
     tmp = folder / f".shard-{k:05d}.tmp"
-    if shard:
-        save_file(shard, str(tmp), metadata={"upscaled": str(upscaled)})
-    else:  # every image of the shard was unreadable: an empty marker, so it is not re-encoded
-        tmp.write_bytes(b"")
+    if not shard:  # every image of the shard was unreadable: zero rows, so it is not encoded again
+        shard = {"index": torch.zeros(0, dtype=torch.int64)}
+    save_file(shard, str(tmp), metadata={"upscaled": str(upscaled)})
     os.replace(tmp, _shard_path(folder, k))
 
 
+def _shard_rows(path: Path) -> int | None:
+    """Rows of a shard file, from its header; None if it is missing, or its size is not what its
+    own header says (truncated, emptied)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= 1 << 26:
+                return None
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"), default=0)
+        return header["index"]["shape"][0] if path.stat().st_size == 8 + n + end else None
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def _damaged_shards(folder: Path) -> dict[int | None, str]:
+    """{shard: what is wrong} for a complete cache whose shards do not match complete.json
+    (``None``: complete.json itself is unreadable; then every shard that is not sound)."""
+    try:
+        summary = json.loads((folder / "complete.json").read_text())
+        expected = list(zip(summary["shard_rows"], summary["shard_bytes"], strict=True))
+    except (OSError, ValueError, KeyError, TypeError):
+        found = [int(p.stem.split("-")[1]) for p in folder.glob("shard-*.safetensors")]
+        return {None: "complete.json is unreadable"} | {k: f"{_shard_path(folder, k).name} is damaged" for k in found
+                                                           if _shard_rows(_shard_path(folder, k)) is None}  # fmt: skip
+    damaged: dict[int | None, str] = {}
+    for k, (rows, size) in enumerate(expected):
+        path, name = _shard_path(folder, k), _shard_path(folder, k).name
+        if not path.is_file():
+            damaged[k] = f"{name} is missing"
+        elif path.stat().st_size != size:
+            damaged[k] = f"{name} has {path.stat().st_size} bytes, {size} expected"
+        elif _shard_rows(path) != rows:
+            damaged[k] = f"{name} holds {_shard_rows(path)} rows, {rows} expected"
+    return damaged
+
+
 def _shard_upscaled(path: Path) -> int:
-    if path.stat().st_size == 0:  # the marker of a shard without a readable image
-        return 0
     with safe_open(str(path), "pt") as f:
         return int((f.metadata() or {}).get("upscaled", 0))
 
@@ -284,7 +332,7 @@ def load_latent_cache(folder: str | Path, records: datasets.Dataset) -> LatentCa
     folder = Path(folder)
     if not (folder / "complete.json").is_file():
         raise ValueError(f"{folder} is not a complete latent cache")
-    shards = [_tensor_files(p) for p in sorted(folder.glob("shard-*.safetensors")) if p.stat().st_size > 0]
+    shards = [s for s in map(_tensor_files, sorted(folder.glob("shard-*.safetensors"))) if s["index"].shape[0] > 0]  # 0: none readable
     if not shards:
         raise ValueError(f"the latent cache {folder} holds no image: none of the dataset's images could be read")
     rows = {name: ShardRows([s[name] for s in shards]) for name in shards[0]}

@@ -53,6 +53,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import runtime
+from runtime.errors import InputError, one_line_errors
 from runtime.files import atomic_dir
 
 HELDOUT_PERCENT = 5
@@ -341,36 +342,25 @@ def main(argv: list[str] | None = None) -> None:
     runtime.configure()
     if args.size < 8:
         parser.error(f"--size {args.size} is too small; use 8 or more")
-    if args.dataset in ("parquet", "webdataset"):
-        if args.src is None:
-            parser.error(f"{args.dataset} needs --src: the dataset to convert (any layout the training jobs read)")
-        if args.shard_size < 1:
-            parser.error(f"--shard-size {args.shard_size} must be >= 1")
-        from training.data import DataError
-
-        try:
+    if args.dataset in ("parquet", "webdataset", "folder") and args.src is None:
+        parser.error(f"{args.dataset} needs --src: the dataset to convert or tidy (any layout the training jobs read)")
+    if args.shard_size < 1:
+        parser.error(f"--shard-size {args.shard_size} must be >= 1")
+    with one_line_errors(input_exit_code=2):  # a bad dataset, a missing package file, an unwritable --out
+        if args.dataset in ("parquet", "webdataset"):
             counts = convert(args.src, args.out, args.dataset, args.shard_size)
-        except DataError as err:
-            parser.exit(2, f"error: {err}\n")
-    elif args.dataset == "folder":
-        if args.src is None:
-            parser.error("folder needs --src: the folder holding your images")
-        from training.data import DataError
-
-        try:
+        elif args.dataset == "folder":
             counts = prepare_folder(args.src, args.out, args.size, args.caption)
-        except DataError as err:
-            parser.exit(2, f"error: {err}\n")
-        if counts["upscaled"]:
-            print(f"warning: {counts['upscaled']} images were smaller than {args.size}px and were upscaled")
-    elif args.dataset in ("generic", "ood"):
-        make = prepare_generic if args.dataset == "generic" else prepare_ood
-        try:
-            counts = make(args.out, args.size, **({"count": args.count} if args.count else {}))
-        except FileNotFoundError as err:
-            parser.exit(2, f"error: {err}\n")
-    else:
-        counts = prepare_openmoji(args.out, args.size, args.limit)
+            if counts["upscaled"]:
+                print(f"warning: {counts['upscaled']} images were smaller than {args.size}px and were upscaled")
+        elif args.dataset in ("generic", "ood"):
+            make = prepare_generic if args.dataset == "generic" else prepare_ood
+            try:
+                counts = make(args.out, args.size, **({"count": args.count} if args.count else {}))
+            except FileNotFoundError as err:  # a package's photo is missing: say which and how to install it
+                raise InputError(str(err)) from None
+        else:
+            counts = prepare_openmoji(args.out, args.size, args.limit)
     print(json.dumps({"out": str(args.out), **counts}))
 
 

@@ -40,6 +40,7 @@ from training.config import parse_cli, to_dict
 from training.autoencoder_config import AutoencoderJobConfig
 from training.data import DataError, eval_loader, has_split, load_records, spread_indices, train_loader
 from training.evaluate import autoencoder_report, load_images, ood_sets
+from training.guard import StopGuard, check_finite, guarded
 from training.runs import data_layout, due, resume_or_start, start_accelerator
 from runtime.files import write_json_atomic
 from training.utils import JsonlLog, run_job, save_grid
@@ -60,6 +61,7 @@ class Reconstruction(torch.nn.Module):
         return x_hat, posterior.parameters  # moments (B, 2C, h, w): mean and logvar
 
 
+@guarded  # one run per output_dir; a signal before or after the steps stops at once
 def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> Path:
     """Train (or resume) the autoencoder described by ``cfg``; returns the exported ``vae/`` folder.
 
@@ -118,7 +120,8 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
     bad_images = state["bad_images"] if is_main else 0  # per-process count; summed when reported
     log = JsonlLog(out / "log.jsonl", enabled=is_main)
     log.write(step=step, event="resume" if step else "start", device=str(accelerator.device), processes=accelerator.num_processes,
-              cpu_threads=threads, mixed_precision=accelerator.mixed_precision, train_images=len(records))
+              cpu_threads=threads, mixed_precision=accelerator.mixed_precision,
+              precision_reason=cfg.train.mixed_precision.reason(str(accelerator.device)), train_images=len(records))
     loader = train_loader(records, cfg.data, cfg.train.batch_size, cfg.seed, start_batch=micro,
                           rank=accelerator.process_index, world_size=accelerator.num_processes)
     batches = iter(loader)
@@ -144,9 +147,11 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
 
     bar = tqdm(total=cfg.train.max_steps, initial=step, desc="autoencoder", disable=not is_main, dynamic_ncols=True)
     window_start, window_images, window = time.perf_counter(), 0, {}
+    stop = StopGuard(accelerator, out, bar)  # from here SIGTERM / SIGINT stop after the step, with a checkpoint
     while step < cfg.train.max_steps:
         # 4. One optimizer step = grad_accum_steps micro-batches.
         use_gan = loss_fn.gan_active(step)
+        step_loss = 0.0  # every logged term of every micro-batch: one NaN anywhere shows
         lr = sched_ae.get_last_lr()[0]
         for _ in range(cfg.train.grad_accum_steps):
             x = next_batch()["pixel_values"].to(accelerator.device, memory_format=memory_format)  # (B, 3, H, W) in [-1, 1]
@@ -169,6 +174,7 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
                     opt_d.step()
                     opt_d.zero_grad(set_to_none=True)
                     logs |= d_logs
+            step_loss += math.fsum(logs.values())
             for k, v in logs.items():  # averaged over the log window
                 window[k] = window.get(k, 0.0) + v
             window["n"] = window.get("n", 0) + 1
@@ -177,6 +183,11 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
             ema.step(ae_params)
         step += 1
         bar.update(1)
+        if stop.after_step(step, step_loss):  # a signal on any process (a non-finite loss raises)
+            save_checkpoint(accelerator, out, step, {"micro_batches": micro, "bad_images": total_bad(), **layout},
+                            cfg.train.keep_checkpoints)  # fmt: skip
+            log.write(step=step, event="stopped", signal=stop.signal_name)
+            raise stop.stopped(step)
 
         # 5. Logs, sample grids, checkpoints.
         if due(step, cfg.train.log_every, cfg.train.max_steps):
@@ -196,6 +207,7 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
             bar.close()
             return out / "vae"
     bar.close()
+    stop.disarm()
     bad_images = total_bad()
     if bad_images and is_main:
         print(f"skipped {bad_images} unreadable image(s); see log.jsonl")
@@ -232,6 +244,7 @@ def _save_reconstructions(vae, x: torch.Tensor, path: Path, rows: int = 8) -> fl
 
 
 def _export(vae, records, held_out, lpips: LPIPS, cfg: AutoencoderJobConfig, out: Path, bad_images: int) -> Path:
+    check_finite(vae, "autoencoder")
     vae.eval()
     fit_batch = min(cfg.eval.batch_size, len(records))
     fit_loader = train_loader(records, cfg.data, fit_batch, seed=cfg.seed + 1)
@@ -243,7 +256,9 @@ def _export(vae, records, held_out, lpips: LPIPS, cfg: AutoencoderJobConfig, out
         scale, shift = fit_latent_normalization(vae, fit_batches, fit_shift=cfg.train.fit_shift)
         set_latent_normalization(vae, scale, shift)
     vae_dir = save_autoencoder(vae, out / "vae")
-    metrics: dict = {"scaling_factor": scale, "shift_factor": shift, "steps": cfg.train.max_steps, "bad_images": bad_images}
+    metrics: dict = {"scaling_factor": scale, "shift_factor": shift, "steps": cfg.train.max_steps, "bad_images": bad_images,
+                     "mixed_precision": cfg.train.mixed_precision.accelerate_name(str(vae.device)),
+                     "precision_reason": cfg.train.mixed_precision.reason(str(vae.device))}
     if held_out is not None:  # in domain first, then every eval.ood folder; each beside bicubic and PCA
         if cfg.eval.max_images:
             held_out = held_out.select(range(min(cfg.eval.max_images, len(held_out))))

@@ -33,6 +33,7 @@ from training.config import parse_cli, to_dict
 from training.data import ResumableBatchSampler, load_records
 from training.evaluate import check_autoencoder_fit
 from training.finetune import add_lora, export_lora, fused_lora_pipeline
+from training.guard import StopGuard, check_finite, guarded
 from training.latent_cache import build_latent_cache, cache_key, file_digest, folder_digest, load_latent_cache
 from training.ldm_config import LdmJobConfig, SampleConfig
 from training.ldm_models import check_compatible, load_models
@@ -71,6 +72,7 @@ def step_randomness(seed: int, micro_batch: int, global_batch: int, latent_shape
     return {k: v[rank::world] for k, v in draws.items()}
 
 
+@guarded  # one run per output_dir; a signal before or after the steps stops at once
 def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     """Train (or resume) the latent U-Net; returns the exported ``pipeline/`` folder.
     ``stop_after_steps`` stops right after that step's checkpoint, as if killed there (tests)."""
@@ -124,7 +126,7 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
         print(f"warning: {cache.upscaled} images are smaller than data.resolution={cfg.data.resolution} and were upscaled")
     log = JsonlLog(out / "log.jsonl", enabled=is_main)
     log.write(step=step, event="resume" if step else "start", device=str(device), processes=world, cpu_threads=threads,
-              mixed_precision=accelerator.mixed_precision, cached_images=len(cache), upscaled_images=cache.upscaled, with_replacement=sampler.repeats > 1,
+              mixed_precision=accelerator.mixed_precision, precision_reason=t_cfg.mixed_precision.reason(str(device)), cached_images=len(cache), upscaled_images=cache.upscaled, with_replacement=sampler.repeats > 1,
               unet_parameters=sum(p.numel() for p in unet.parameters()), trained_parameters=sum(p.numel() for p in unet_params))  # fmt: skip
     if fit is not None:
         log.write(step=step, event="autoencoder_check", **fit)
@@ -134,8 +136,10 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
 
     bar = tqdm(total=t_cfg.max_steps, initial=step, desc="latent diffusion", disable=not is_main, dynamic_ncols=True)
     window_start, window_loss, window_n, started = time.perf_counter(), 0.0, 0, time.perf_counter()
+    stop = StopGuard(accelerator, out, bar)  # from here SIGTERM / SIGINT stop after the step, with a checkpoint
     while step < t_cfg.max_steps:
         # 4. One optimizer step = grad_accum_steps micro-batches.
+        step_loss = 0.0
         for _ in range(t_cfg.grad_accum_steps):
             picks = next(batches)
             rnd = step_randomness(cfg.seed, micro, global_batch, latent_shape, rank, world)
@@ -154,13 +158,18 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
                     accelerator.clip_grad_norm_(model.parameters(), t_cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            window_loss += loss.detach().item()
+            step_loss += loss.detach().item()
             window_n += 1
+        window_loss += step_loss
         lr_sched.step()
         if ema is not None:
             ema.step(unet_params)
         step += 1
         bar.update(1)
+        if stop.after_step(step, step_loss):  # a signal on any process (a non-finite loss raises)
+            save_checkpoint(accelerator, out, step, {"micro_batches": micro, **layout}, t_cfg.keep_checkpoints)
+            log.write(step=step, event="stopped", signal=stop.signal_name)
+            raise stop.stopped(step)
 
         # 5. Logs, sample grids, checkpoints.
         if due(step, t_cfg.log_every, t_cfg.max_steps):
@@ -179,6 +188,7 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
             bar.close()
             return out / "pipeline"
     bar.close()
+    stop.disarm()
 
     # 6. Export: the pipeline (EMA weights, DPM++ on the training schedule); for LoRA also the
     #    adapters alone in diffusers' format, and the pipeline with them fused.
@@ -221,6 +231,9 @@ def _optimisation(unet, trained_text_encoder, t_cfg) -> tuple[list, torch.optim.
 def _export(cfg: LdmJobConfig, models, unet, vae, trained_text_encoder, out: Path, *, steps: int, cached_images: int, seconds: float) -> Path:
     """``out/pipeline`` (and ``out/lora`` for a LoRA run) and ``out/metrics.json``, with the
     held-out evaluation when ``eval.num_prompts`` asks for it."""
+    check_finite(unet, "U-Net")
+    if trained_text_encoder is not None:
+        check_finite(trained_text_encoder, "text encoder")
     if cfg.finetune.method == "lora":
         export_lora(unet, trained_text_encoder, out / "lora")
         pipe = fused_lora_pipeline(models.source, out / "lora", vae if cfg.model.replace_vae else None, models.noise_scheduler.config)
@@ -228,6 +241,8 @@ def _export(cfg: LdmJobConfig, models, unet, vae, trained_text_encoder, out: Pat
         pipe = _pipeline(vae, models.text_encoder, models.tokenizer, unet, make_scheduler("dpm++", models.noise_scheduler.config))
     pipe.save_pretrained(out / "pipeline")
     metrics = {"steps": steps, "train_seconds_this_run": round(seconds, 1), "cached_images": cached_images,
+               "mixed_precision": cfg.train.mixed_precision.accelerate_name(str(unet.device)),
+               "precision_reason": cfg.train.mixed_precision.reason(str(unet.device)),
                "final_loss": _last_logged(out / "log.jsonl", "loss")}  # fmt: skip
     if cfg.eval.num_prompts:
         from training.evaluate import evaluate_pipeline

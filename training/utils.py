@@ -61,12 +61,10 @@ def set_cpu_threads(requested: int | None, local_processes: int) -> int:
 
 
 def run_job(job, cfg) -> None:
-    """A training job's command-line entry: bad input (a ``ConfigError`` or ``DataError``, raised
-    before any long work) ends the command with one ``error: ...`` line instead of a traceback."""
-    from training.config import ConfigError
-    from training.data import DataError
+    """A training job's command-line entry: what the user can act on (bad input before any long
+    work, a damaged checkpoint, a busy output_dir, a full disk, a diverged loss, a stop on a
+    signal) ends the command with one line and a non-zero exit instead of a traceback."""
+    from runtime.errors import one_line_errors
 
-    try:
+    with one_line_errors():
         job(cfg)
-    except (ConfigError, DataError) as err:
-        raise SystemExit(f"error: {err}") from None

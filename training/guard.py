@@ -1,0 +1,166 @@
+"""What keeps a training run safe from the world around it: one run per ``output_dir`` (a lock),
+a clean stop on SIGTERM / SIGINT or when the launcher dies (a checkpoint at the step every
+process agrees on), and a stop on a loss that is no longer finite (nothing exported).
+
+    @guarded                                   # the lock, and the signal handlers put back after
+    def train(cfg): ...
+        stop = StopGuard(accelerator, out)     # before the loop: signals now stop at a step's end
+        ...
+        if stop.after_step(step, loss):        # every step; raises RunError on a non-finite loss
+            save_checkpoint(...); raise stop.stopped(step)
+        stop.disarm()                          # after the loop: a signal stops at once again
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import math
+import os
+import signal
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from runtime.errors import RunError, Stopped
+from training.checkpoint import latest_checkpoint
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+LOCK_NAME = ".lock"
+
+
+# ---- one run per output_dir ------------------------------------------------------------------
+
+
+@contextmanager
+def output_lock(output_dir: str | Path) -> Iterator[None]:
+    """Hold ``output_dir/.lock`` (an advisory ``flock``: the kernel releases it when the holder
+    exits, crash or kill -9 included, so it is never stale). Another run on the same folder stops
+    with a RunError naming the process that holds it."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            raise RunError(f"output_dir '{out}' is in use by {holder}; wait for that run to end, stop it, or choose "
+                           "another output_dir") from None  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of the launch (torchrun and accelerate set RANK; a plain ``python -m`` is rank 0)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def guarded(job):
+    """``job(cfg, **kw)`` under the output_dir lock (held by the main process), with a signal
+    arriving before or after the training steps stopping it at once as a :class:`Stopped`, and
+    the process's own signal handlers put back when it returns."""
+
+    @functools.wraps(job)
+    def run(cfg, **kwargs):
+        main_thread = threading.current_thread() is threading.main_thread()
+        saved = {s: signal.getsignal(s) for s in STOP_SIGNALS} if main_thread else {}
+        for s in saved:
+            signal.signal(s, _stop_now)
+        die_with_parent()
+        try:
+            if _is_main_process():
+                with output_lock(cfg.output_dir):
+                    return job(cfg, **kwargs)
+            return job(cfg, **kwargs)
+        finally:
+            for s, handler in saved.items():
+                signal.signal(s, handler)
+
+    return run
+
+
+def _stop_now(signum, frame) -> None:
+    raise Stopped(signum, f"stopped by {signal.Signals(signum).name} before or after the training steps; every finished "
+                          "checkpoint and cache shard is kept: relaunch the same command to continue")  # fmt: skip
+
+
+def die_with_parent() -> None:
+    """Ask the kernel for a SIGTERM when the parent (the launcher) dies (Linux ``PR_SET_PDEATHSIG``),
+    so that a training process never outlives the command that started it."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: StopGuard still checks the parent every step
+        pass
+
+
+# ---- a stop at a step's end --------------------------------------------------------------------
+
+
+class StopGuard:
+    """From its creation until :meth:`disarm`, SIGTERM / SIGINT (a second SIGINT stops at once)
+    and the death of the parent process request a stop at the end of the current step; every
+    process learns of a request on any of them in :meth:`after_step`, so all stop at the same step."""
+
+    def __init__(self, accelerator, output_dir: str | Path, bar=None) -> None:
+        self.accelerator, self.out, self.bar = accelerator, Path(output_dir), bar  # bar: closed before a stop is said
+        self.signum: int | None = None
+        self.parent = os.getppid()
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                signal.signal(s, self._request)
+
+    def _request(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: no checkpoint
+        self.signum = signum
+
+    def after_step(self, step: int, loss: float) -> bool:
+        """Whether to stop after ``step`` (on every process alike); raises RunError if ``loss`` (this
+        step's, on any process) is not finite."""
+        if self.signum is None and os.getppid() != self.parent:  # the launcher died without a word
+            self.signum = signal.SIGTERM
+        flags = torch.tensor([float(self.signum is not None), float(not math.isfinite(loss))])
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags.to(self.accelerator.device), "sum").cpu()
+        if flags.any() and self.bar is not None:
+            self.bar.close()
+        if flags[1] > 0:
+            ckpt = latest_checkpoint(self.out)
+            kept = f"the last checkpoint ({ckpt.name}) is kept" if ckpt else "there is no checkpoint"
+            raise RunError(f"the training loss is not finite at step {step}: the run diverged; nothing was exported and {kept}. "
+                           "Lower train.lr, or train in fp32 (train.mixed_precision=fp32), and relaunch")  # fmt: skip
+        if flags[0] > 0 and self.signum is None:
+            self.signum = signal.SIGTERM  # another process was asked to stop
+        return bool(flags[0] > 0)
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum or signal.SIGTERM).name
+
+    def stopped(self, step: int) -> Stopped:
+        return Stopped(self.signum or signal.SIGTERM, f"stopped by {self.signal_name} at step {step}: checkpoint "
+                       f"{self.out / 'checkpoints' / f'step-{step:08d}'} saved; relaunch the same command to resume")  # fmt: skip
+
+    def disarm(self) -> None:
+        """After the training steps (export, evaluation): a signal stops at once again."""
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                signal.signal(s, _stop_now)
+
+
+def check_finite(module: torch.nn.Module, what: str) -> None:
+    """Refuse to export ``module`` if any weight is NaN or infinite (a RunError naming them)."""
+    bad = [name for name, p in module.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise RunError(f"{len(bad)} tensors of the {what} are not finite (first: {bad[0]}); nothing was exported. The run "
+                       "diverged: lower train.lr, or train in fp32 (train.mixed_precision=fp32), and train again")  # fmt: skip
