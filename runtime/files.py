@@ -3,6 +3,7 @@ half of one: folders (exports, checkpoints, prepared datasets) and JSON files.""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -39,6 +40,15 @@ def replace_dir(src: Path, dst: Path) -> None:
     os.replace(src, dst)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes, read in chunks (checkpoint manifests, latent-cache keys)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:

@@ -71,14 +71,12 @@ def _store(name: str, value) -> None:
 
 
 def _cached(name: str, compute) -> object:
-    """``compute()`` once per boot / kernel / torch version, cached in the user's cache folder
-    (a ``None`` result is not kept)."""
+    """``compute()`` once per boot / kernel / torch version, cached in the user's cache folder."""
     data = _read_cache()
     if name in data:
         return data[name]
     value = compute()
-    if value is not None:
-        _store(name, value)
+    _store(name, value)
     return value
 
 
@@ -164,7 +162,7 @@ def bf16_decision() -> tuple[float, str]:
         return (FAST_BF16 if override == "fast" else 0.0), f"LDM_CPU_BF16={override}"
     if platform.system() != "Linux" or not _cpu_flags() & {"amx_bf16", "avx512_bf16"}:
         return 0.0, "no bf16 units in this CPU"
-    cached = _cached("bf16_probe", lambda: None)
+    cached = _read_cache().get("bf16_probe")
     if cached:
         return cached["speedup"], f"bf16 probe {cached['speedup']:.2f}x (measured earlier this boot)"
     probe = _probe_speed()

@@ -31,6 +31,17 @@ def openmoji_small(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory) -> Path:
+    """A tiny random autoencoder folder (stage-2 tests train on its latents)."""
+    import torch
+
+    from autoencoder.model import build_autoencoder, save_autoencoder
+
+    torch.manual_seed(0)
+    return save_autoencoder(build_autoencoder("tiny", 32), tmp_path_factory.mktemp("vae") / "vae")
+
+
 def fresh_state(job):
     """``job`` (a training job's ``train``) run in a fresh accelerate state, and leaving one behind:
     accelerate keeps one state per process, and each job must start as a new process would."""

@@ -28,14 +28,6 @@ STEPS = ["train.checkpoint_every=2", "train.sample_every=100", "model.check_imag
 
 
 @pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory) -> Path:
-    from autoencoder.model import build_autoencoder, save_autoencoder
-
-    torch.manual_seed(0)
-    return save_autoencoder(build_autoencoder("tiny", 32), tmp_path_factory.mktemp("vae") / "vae")
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(openmoji_small, tiny_vae, tmp_path_factory) -> dict:
     """The EMA U-Net of a 6-step run that nothing interrupted."""
     out = tmp_path_factory.mktemp("faults") / "full"

@@ -26,12 +26,6 @@ train = fresh_state(train_job)
 TINY_LDM_CONFIG = ROOT / "configs" / "ldm" / "tiny.yaml"
 
 
-@pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return save_autoencoder(build_autoencoder("tiny", 32), tmp_path_factory.mktemp("vae") / "vae")
-
-
 def cfg_for(data, vae, out, *overrides):
     return load_config(LdmJobConfig, TINY_LDM_CONFIG, [f"data.path={data}", f"model.vae={vae}", f"output_dir={out}", *overrides])
 

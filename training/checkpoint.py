@@ -13,7 +13,6 @@ was being written; the previous checkpoint is untouched.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import re
 import shutil
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from runtime.files import replace_dir, write_json_atomic
+from runtime.files import file_digest, replace_dir, write_json_atomic
 from training.config import RunError
 
 MANIFEST = "manifest.json"
@@ -58,7 +57,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     if accelerator.is_main_process:
         def finish() -> None:
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-            write_json_atomic(tmp / MANIFEST, {"files": {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            write_json_atomic(tmp / MANIFEST, {"files": {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": file_digest(p)}
                                                          for p in sorted(tmp.rglob("*")) if p.is_file()}})  # fmt: skip
         _writing(finish, tmp, output_dir)
         replace_dir(tmp, final)  # re-saving a step swaps it; the old copy is dropped after
@@ -66,14 +65,6 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _writing(write, tmp: Path, output_dir: str | Path) -> None:
@@ -110,7 +101,7 @@ def verify_checkpoint(folder: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != expected["bytes"]:
             return f"{name} has {path.stat().st_size} bytes, {expected['bytes']} expected"
-        if _sha256(path) != expected["sha256"]:
+        if file_digest(path) != expected["sha256"]:
             return f"{name} does not match its SHA-256"
     return None
 

@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from autoencoder.latents import encode_moments
+from runtime.files import file_digest
 from ldm.text import encode_text, tokenize
 from training.data import DataConfig, eval_loader
 
@@ -113,14 +114,6 @@ class LatentCache:
 
     def __len__(self) -> int:
         return self.moments.shape[0]
-
-
-def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def folder_digest(folder: str | Path) -> str:
@@ -276,11 +269,7 @@ def _shard_rows(path: Path) -> int | None:
     """Rows of a shard file, from its header; None if it is missing, or its size is not what its
     own header says (truncated, emptied)."""
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 2 <= n <= 1 << 26:
-                return None
-            header = json.loads(f.read(n))
+        n, header = _header(path)
         end = max((t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"), default=0)
         return header["index"]["shape"][0] if path.stat().st_size == 8 + n + end else None
     except (OSError, ValueError, KeyError, TypeError, IndexError):
@@ -304,8 +293,8 @@ def _damaged_shards(folder: Path) -> dict[int | None, str]:
             damaged[k] = f"{name} is missing"
         elif path.stat().st_size != size:
             damaged[k] = f"{name} has {path.stat().st_size} bytes, {size} expected"
-        elif _shard_rows(path) != rows:
-            damaged[k] = f"{name} holds {_shard_rows(path)} rows, {rows} expected"
+        elif (found := _shard_rows(path)) != rows:
+            damaged[k] = f"{name} holds {found} rows, {rows} expected"
     return damaged
 
 
@@ -317,12 +306,19 @@ def _shard_upscaled(path: Path) -> int:
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I8": torch.int8}
 
 
-def _tensor_files(path: Path) -> dict[str, TensorFile]:
-    """Where each tensor of a safetensors file lies. The format: 8 bytes of header length
+def _header(path: Path) -> tuple[int, dict]:
+    """(header length, header) of a safetensors file. The format: 8 bytes of header length
     (little-endian), the JSON header (dtype, shape, data_offsets per tensor), then the data."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+        if not 2 <= n <= 1 << 26:
+            raise ValueError(f"{path}: a header of {n} bytes is not a safetensors header")
+        return n, json.loads(f.read(n))
+
+
+def _tensor_files(path: Path) -> dict[str, TensorFile]:
+    """Where each tensor of a safetensors file lies (:func:`_header`)."""
+    n, header = _header(path)
     return {name: TensorFile(path, 8 + n + info["data_offsets"][0], tuple(info["shape"]), _DTYPES[info["dtype"]])
             for name, info in header.items() if name != "__metadata__"}  # fmt: skip
 

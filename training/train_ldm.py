@@ -34,7 +34,8 @@ from training.data import ResumableBatchSampler, load_records
 from training.evaluate import check_autoencoder_fit
 from training.finetune import add_lora, export_lora, fused_lora_pipeline
 from training.guard import StopGuard, check_finite, guarded
-from training.latent_cache import build_latent_cache, cache_key, file_digest, folder_digest, load_latent_cache
+from runtime.files import file_digest
+from training.latent_cache import build_latent_cache, cache_key, folder_digest, load_latent_cache
 from training.ldm_config import LdmJobConfig, SampleConfig
 from training.ldm_models import check_compatible, load_models
 from training.runs import data_layout, due, resume_or_start, start_accelerator
