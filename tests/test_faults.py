@@ -174,8 +174,9 @@ def test_the_lock_of_a_killed_run_is_not_stale(tmp_path):
 # ---- signals -------------------------------------------------------------------------------------
 
 
-def _launch(out: Path, data, vae, steps: int) -> subprocess.Popen:
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1", "-m", "training.train_ldm",
+def _launch(out: Path, data, vae, steps: int, processes: int = 1) -> subprocess.Popen:
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", *(["--multi_gpu"] if processes > 1 else []),
+           "--num_processes", str(processes), "-m", "training.train_ldm",
            "--config", str(TINY_LDM_CONFIG), f"data.path={data}", f"model.vae={vae}", f"output_dir={out}", f"train.max_steps={steps}",
            "train.log_every=1", "train.checkpoint_every=1000", "train.sample_every=1000", "model.check_images=0"]  # fmt: skip
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -186,26 +187,32 @@ def _log(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+@pytest.mark.parametrize("processes", [1, 2])
 def test_sigterm_to_the_launcher_saves_a_checkpoint_at_that_step_ends_every_process_and_resumes_exactly(openmoji_small, tiny_vae,
-                                                                                                          tmp_path):  # fmt: skip
+                                                                                                          tmp_path, processes):  # fmt: skip
+    """`kill PID` of `accelerate launch`: with one process the launcher dies and the training
+    process learns it (parent-death signal); with two, torchrun's agent passes SIGTERM on to both
+    ranks and waits 30 s. Either way every rank stops after the same step, saves there, and ends."""
     out = tmp_path / "run"
-    launcher = _launch(out, openmoji_small, tiny_vae, 2000)
-    deadline = time.time() + 180
+    launcher = _launch(out, openmoji_small, tiny_vae, 2000, processes)
+    deadline = time.time() + 240
     while not any(r.get("step", 0) >= 3 and "loss" in r for r in _log(out)) and time.time() < deadline:
         time.sleep(0.1)
-    trainer = psutil.Process(launcher.pid).children(recursive=True)
-    assert trainer, launcher.stderr.read()[-2000:]
+    trainers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "training.train_ldm" in " ".join(p.cmdline())]
+    assert len(trainers) == processes, launcher.stderr.read()[-2000:]
     launcher.send_signal(signal.SIGTERM)  # to the launcher only, as `kill PID` of the command would
-    launcher.wait(timeout=60)
-    gone, alive = psutil.wait_procs(trainer, timeout=60)
-    assert not alive  # the training process did not outlive the launcher
+    _, err = launcher.communicate(timeout=90)
+    gone, alive = psutil.wait_procs(trainers, timeout=60)
+    assert not alive  # no training process outlived the launcher
     (stopped,) = [r for r in _log(out) if r.get("event") == "stopped"]
     step = stopped["step"]
     assert stopped["signal"] == "SIGTERM" and 3 <= step < 2000
+    said = [line for line in err.splitlines() if line.startswith("stopped by SIGTERM at step")]
+    assert len(said) == processes and all(f"at step {step}:" in line for line in said), err[-3000:]  # every rank, one step
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{step:08d}"] and not (out / "pipeline").exists()
 
     for run in (out, tmp_path / "full"):  # relaunched: continues from the saved step; and a run never stopped
-        proc = _launch(run, openmoji_small, tiny_vae, step + 2)  # (constant LR after warm-up: max_steps does not change it)
+        proc = _launch(run, openmoji_small, tiny_vae, step + 2, processes)  # (constant LR after warm-up: max_steps does not change it)
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]
     assert [r["event"] for r in _log(out) if "event" in r] == ["start", "stopped", "resume"]
