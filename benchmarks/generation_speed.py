@@ -83,25 +83,28 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also time compile=True (minutes of compilation on a CPU)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     args = p.parse_args()
     prompts = (PROMPTS * args.batch)[: args.batch]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"AMX usable: {amx_usable()}, CUDA: {torch.cuda.is_available()}")  # fmt: skip
+          f"AMX usable: {amx_usable()}, CUDA: {torch.cuda.is_available()}, device: {device}"
+          + (f" ({torch.cuda.get_device_name()})" if device.startswith("cuda") else ""))  # fmt: skip
     print(f"setting: DPM++ 2M, {args.steps} steps, batch {args.batch}, guidance 7.5 (U-Net batch {2 * args.batch})")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "pipeline"
         build_model(folder, args.resolution)
 
-        sd = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+        sd = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False).to(device)
         sd.scheduler = make_scheduler("dpm++", sd.scheduler.config)
         pipes = {"diffusers_fp32": sd}
         variants = {"ours_default": {}, "ours_bf16": {"dtype": "bf16"}}
         if args.compile:
             variants["ours_compile"] = {"compile": True}
         for name, options in variants.items():
-            pipes[name] = LatentDiffusionPipeline.from_pretrained(folder, **options)
+            pipes[name] = LatentDiffusionPipeline.from_pretrained(folder, device=device, **options)
             pipes[name].set_scheduler("dpm++")
             results[f"{name}_dtype"] = str(pipes[name].unet.dtype).replace("torch.", "")
         for pipe in pipes.values():
