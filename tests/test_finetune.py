@@ -127,6 +127,13 @@ def test_lora_file_is_diffusers_format_and_reproduces_the_fused_export(base, lor
     assert log[0]["with_replacement"] is False and log[0]["trained_parameters"] < log[0]["unet_parameters"] / 5
 
 
+def test_a_lora_run_writes_tensorboard_curves_that_match_its_log(lora_run):
+    from tests.test_tracking import assert_same_scalars, event_images
+
+    logged = assert_same_scalars(lora_run, "train_ldm")
+    assert [s for s, _ in logged["loss"]][-1] == 200 and "samples" in event_images(lora_run, "train_ldm")
+
+
 def test_generate_command_with_lora(base, lora_run, tmp_path):
     from ldm.generate import main
 

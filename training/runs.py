@@ -16,6 +16,7 @@ import runtime
 
 from training.checkpoint import resume_from_latest
 from training.config import ConfigError, MixedPrecision, save_config
+from training.tracking import tracker_names
 from training.utils import set_cpu_threads
 
 
@@ -38,6 +39,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     log_every: int = 20
     sample_every: int = 500
+    report_to: str = "auto"  # experiment trackers (accelerate's): auto (TensorBoard if installed) | none | all | tensorboard,wandb,...
 
     def __post_init__(self) -> None:
         validate_run(self)
@@ -50,6 +52,7 @@ def validate_run(t: RunConfig) -> None:
             raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 1")
     if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay={t.ema_decay} must be in (0, 1) (or null for no EMA)")
+    tracker_names(t.report_to)  # unknown or not installed: said now, not after the cache is built
     if t.cpu_threads is not None and t.cpu_threads < 1:
         raise ConfigError(f"train.cpu_threads={t.cpu_threads} must be >= 1 (or null for all cores)")
     from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION
@@ -59,13 +62,15 @@ def validate_run(t: RunConfig) -> None:
         raise ConfigError(f"train.lr_schedule='{t.lr_schedule}' is unknown; valid: {', '.join(names)}")
 
 
-def start_accelerator(t: RunConfig, seed: int) -> tuple[Accelerator, int]:
-    """The machine configured (:func:`runtime.configure`), the Accelerator for ``t`` (CUDA when there is one), each process's share of the CPU cores,
-    and the same seed everywhere (the same initial weights on every process). Returns (accelerator, threads)."""
+def start_accelerator(t: RunConfig, seed: int, out: Path) -> tuple[Accelerator, int]:
+    """The machine configured (:func:`runtime.configure`), the Accelerator for ``t`` (CUDA when there is one; the
+    trackers of ``t.report_to`` writing under ``out/logs``), each process's share of the CPU cores, and the same
+    seed everywhere (the same initial weights on every process). Returns (accelerator, threads)."""
     runtime.configure()  # before any kernel is built: some VMs advertise AMX that traps
     device = "cuda" if torch.cuda.is_available() else "cpu"
     accelerator = Accelerator(mixed_precision=t.mixed_precision.accelerate_name(device),
-                              gradient_accumulation_steps=t.grad_accum_steps, cpu=device == "cpu")  # fmt: skip
+                              gradient_accumulation_steps=t.grad_accum_steps, cpu=device == "cpu",
+                              log_with=tracker_names(t.report_to) or None, project_dir=Path(out) / "logs")  # fmt: skip
     threads = torch.get_num_threads()
     if device == "cpu":
         threads = set_cpu_threads(t.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))

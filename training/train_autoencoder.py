@@ -43,7 +43,8 @@ from training.evaluate import autoencoder_report, load_images, ood_sets
 from training.guard import StopGuard, check_finite, guarded
 from training.runs import data_layout, due, resume_or_start, start_accelerator
 from runtime.files import write_json_atomic
-from training.utils import JsonlLog, run_job, save_grid
+from training.tracking import RunLog
+from training.utils import run_job, save_grid
 
 
 class Reconstruction(torch.nn.Module):
@@ -73,7 +74,7 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
             if not Path(path).is_dir():
                 raise DataError(f"{key}: '{path}' is not a folder (make data builds data/generic-32 and data/ood-32/*)")
     out = Path(cfg.output_dir)
-    accelerator, threads = start_accelerator(cfg.train, cfg.seed)  # the same initial weights on every process
+    accelerator, threads = start_accelerator(cfg.train, cfg.seed, out)  # the same initial weights on every process
     is_main = accelerator.is_main_process
 
     # 1. Data, checked before anything expensive.
@@ -118,7 +119,7 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
     state = resume_or_start(accelerator, out, cfg, layout, {"step": 0, "micro_batches": 0, "bad_images": 0})
     step, micro = state["step"], state["micro_batches"]
     bad_images = state["bad_images"] if is_main else 0  # per-process count; summed when reported
-    log = JsonlLog(out / "log.jsonl", enabled=is_main)
+    log = RunLog(accelerator, out, "train_autoencoder", cfg, step)
     log.write(step=step, event="resume" if step else "start", device=str(accelerator.device), processes=accelerator.num_processes,
               cpu_threads=threads, mixed_precision=accelerator.mixed_precision,
               precision_reason=cfg.train.mixed_precision.reason(str(accelerator.device)), train_images=len(records))
@@ -198,8 +199,10 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
             bar.set_postfix(l1=f"{means['l1']:.4f}", lpips=f"{means['lpips']:.3f}")
             window_start, window_images, window = time.perf_counter(), 0, {}
         if is_main and due(step, cfg.train.sample_every, cfg.train.max_steps):
-            val_psnr = _save_reconstructions(raw_vae, preview, out / "samples" / f"step-{step:08d}.png")
+            grid = out / "samples" / f"step-{step:08d}.png"
+            val_psnr = _save_reconstructions(raw_vae, preview, grid)
             log.write(step=step, val_psnr=round(val_psnr, 3), val_images=preview.shape[0])
+            log.images("reconstructions", grid, step)
         if due(step, cfg.train.checkpoint_every, cfg.train.max_steps):
             save_checkpoint(accelerator, out, step, {"micro_batches": micro, "bad_images": total_bad(), **layout},
                             cfg.train.keep_checkpoints)

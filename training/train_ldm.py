@@ -41,7 +41,8 @@ from training.ldm_models import check_compatible, load_models
 from training.runs import data_layout, due, resume_or_start, start_accelerator
 from runtime import training_attention
 from runtime.files import write_json_atomic
-from training.utils import JsonlLog, run_job, save_grid
+from training.tracking import RunLog
+from training.utils import run_job, save_grid
 
 
 class Denoiser(torch.nn.Module):
@@ -80,7 +81,7 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     if cfg.model.init_from:
         check_pipeline_folder(cfg.model.init_from)  # a diffusers layout of safetensors files, nothing else
     out, t_cfg = Path(cfg.output_dir), cfg.train
-    accelerator, threads = start_accelerator(t_cfg, cfg.seed)
+    accelerator, threads = start_accelerator(t_cfg, cfg.seed, out)
     is_main, rank, world, device = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes, accelerator.device
 
     # 1. Data and models, checked against each other before anything expensive.
@@ -125,7 +126,7 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
         print(f"{len(cache)} images, fewer than one global batch of {t_cfg.batch_size * world}: sampling with replacement")
     if is_main and cache.upscaled:
         print(f"warning: {cache.upscaled} images are smaller than data.resolution={cfg.data.resolution} and were upscaled")
-    log = JsonlLog(out / "log.jsonl", enabled=is_main)
+    log = RunLog(accelerator, out, "train_ldm", cfg, step)
     log.write(step=step, event="resume" if step else "start", device=str(device), processes=world, cpu_threads=threads,
               mixed_precision=accelerator.mixed_precision, precision_reason=t_cfg.mixed_precision.reason(str(device)), cached_images=len(cache), upscaled_images=cache.upscaled, with_replacement=sampler.repeats > 1,
               unet_parameters=sum(p.numel() for p in unet.parameters()), trained_parameters=sum(p.numel() for p in unet_params))  # fmt: skip
@@ -181,8 +182,9 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
             window_start, window_loss, window_n = time.perf_counter(), 0.0, 0
         if is_main and due(step, t_cfg.sample_every, t_cfg.max_steps):
             with _ema_weights(ema, unet_params):
-                save_samples(_pipeline(vae, text_encoder, tokenizer, raw.unet, models.noise_scheduler), cfg.sample,
-                             out / "samples" / f"step-{step:08d}.png")  # fmt: skip
+                grid = save_samples(_pipeline(vae, text_encoder, tokenizer, raw.unet, models.noise_scheduler), cfg.sample,
+                                    out / "samples" / f"step-{step:08d}.png")  # fmt: skip
+            log.images("samples", grid, step)
         if due(step, t_cfg.checkpoint_every, t_cfg.max_steps):
             save_checkpoint(accelerator, out, step, {"micro_batches": micro, **layout}, t_cfg.keep_checkpoints)
         if stop_after_steps is not None and step >= stop_after_steps:

@@ -1,28 +1,13 @@
-"""Small helpers shared by the training jobs: run logs, image grids, CPU threads, one-line errors."""
+"""Small helpers shared by the training jobs: image grids, CPU threads, one-line errors."""
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-
-
-class JsonlLog:
-    """Appends one JSON object per line to ``log.jsonl`` (a resumed run keeps appending)."""
-
-    def __init__(self, path: str | Path, enabled: bool = True) -> None:
-        self.path, self.enabled = Path(path), enabled
-
-    def write(self, **record) -> None:
-        if self.enabled:
-            record = {"time": round(time.time(), 3), **record}
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
