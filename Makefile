@@ -24,7 +24,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,tensorboard]"
+	$(PIP) install -q -e ".[dev,tensorboard,app]"
 	$(PIP) install -q --no-deps $(NODEPS)
 	@! $(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torchvision') is None)" \
 		|| (echo "torchvision got installed; it breaks transformers/diffusers here" && exit 1)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 import runtime
 from runtime.errors import InputError, one_line_errors
@@ -59,6 +60,41 @@ def grid(images: list[Image.Image], columns: int) -> Image.Image:
     return canvas
 
 
+def sample(pipe, prompts: list[str], *, negative_prompt: str | None = None, num_images: int = 1, steps: int = 25,
+           guidance: float = 7.5, seed: int = 0, scheduler: str = "dpm++", height: int | None = None, width: int | None = None,
+           init_image: Image.Image | None = None, strength: float = 0.8, lora_scale: float | None = None) -> list[Image.Image]:
+    """The images of ``prompts`` (``num_images`` each) from a loaded pipeline, as this command and
+    the web page (``ldm.app``) make them: image ``k`` of prompt ``p`` from the seed
+    ``seed + p * num_images + k``. Each image's ``info["parameters"]`` holds its settings (the
+    text that :func:`png_info` writes into its PNG). A setting that does not fit raises InputError."""
+    pipe.set_scheduler(scheduler)
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts) * num_images)]
+    try:
+        images = pipe(prompts, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance, height=height,
+                      width=width, num_images_per_prompt=num_images, generator=generators, image=init_image, strength=strength,
+                      cross_attention_kwargs={"scale": lora_scale} if lora_scale is not None else None, output_type="pil").images  # fmt: skip
+    except ValueError as e:  # the pipeline's input checks (and diffusers' own): say what is wrong, without a traceback
+        raise InputError(str(e)) from None
+    for i, im in enumerate(images):
+        settings = [f"Steps: {steps}", f"Sampler: {scheduler}", f"CFG scale: {guidance}", f"Seed: {seed + i}",
+                    f"Size: {im.width}x{im.height}", f"Model: {Path(str(pipe.name_or_path or 'pipeline')).name}"]  # fmt: skip
+        if init_image is not None:
+            settings.append(f"Denoising strength: {strength}")
+        if lora_scale is not None:
+            settings.append(f"LoRA scale: {lora_scale}")
+        negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
+        im.info["parameters"] = f"{prompts[i // num_images]}{negative}\n{', '.join(settings)}"
+    return images
+
+
+def png_info(parameters: str) -> PngInfo:
+    """A PNG text chunk ``parameters`` with an image's settings (the key and layout other Stable
+    Diffusion tools write and read)."""
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    return info
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
     runtime.configure()
@@ -77,32 +113,15 @@ def generate(args: argparse.Namespace) -> list[Path]:
         raise SystemExit(f"--model {args.model} is not a pipeline folder (no model_index.json)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = LatentDiffusionPipeline.from_pretrained(args.model, dtype=args.dtype, device=device, compile=args.compile)
-    pipe.set_scheduler(args.scheduler)
     if args.lora is not None:
         if not (args.lora / "pytorch_lora_weights.safetensors").is_file():
             raise SystemExit(f"--lora {args.lora} has no pytorch_lora_weights.safetensors")
         pipe.load_lora_weights(str(args.lora))
 
-    n = len(args.prompt) * args.num_images
-    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(n)]
     init = Image.open(args.init_image) if args.init_image else None
-    try:
-        images = pipe(
-            args.prompt,
-            negative_prompt=args.negative_prompt,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            height=args.height,
-            width=args.width,
-            num_images_per_prompt=args.num_images,
-            generator=generators,
-            image=init,
-            strength=args.strength,
-            cross_attention_kwargs={"scale": args.lora_scale} if args.lora is not None else None,
-            output_type="pil",
-        ).images
-    except ValueError as e:  # the pipeline's input checks (and diffusers' own): say what is wrong, without a traceback
-        raise InputError(str(e)) from None
+    images = sample(pipe, args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images, steps=args.steps,
+                    guidance=args.guidance, seed=args.seed, scheduler=args.scheduler, height=args.height, width=args.width,
+                    init_image=init, strength=args.strength, lora_scale=args.lora_scale if args.lora is not None else None)  # fmt: skip
 
     if args.grid:
         path = args.out if args.out.suffix.lower() == ".png" else args.out / "grid.png"
@@ -115,7 +134,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
         for i, im in enumerate(images):
             p, k = divmod(i, args.num_images)
             path = args.out / f"{args.seed + i:06d}-{_slug(args.prompt[p])}-{k}.png"
-            im.save(path)
+            im.save(path, pnginfo=png_info(im.info["parameters"]))
             written.append(path)
     for path in written:
         print(path)

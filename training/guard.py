@@ -30,6 +30,7 @@ import torch
 
 from runtime.errors import RunError, Stopped
 from training.checkpoint import latest_checkpoint
+from training.tracking import close_all
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 LOCK_NAME = ".lock"
@@ -83,6 +84,7 @@ def guarded(job):
                     return job(cfg, **kwargs)
             return job(cfg, **kwargs)
         finally:
+            close_all()  # the trackers' files are complete whatever ended the job
             for s, handler in saved.items():
                 signal.signal(s, handler)
 

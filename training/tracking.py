@@ -26,6 +26,7 @@ from training.config import ConfigError, to_dict
 
 AUTO, NONE, ALL = "auto", "none", "all"
 UNTRACKED_EVENTS = ("start", "resume", "stopped")
+_OPEN: list["RunLog"] = []  # closed by close_all() when a job returns or raises (training.guard.guarded)
 INSTALL_HINT = {"tensorboard": "pip install 'latent-diffusion-lab[tensorboard]' (or pip install tensorboard)"}
 
 
@@ -91,6 +92,16 @@ class RunLog:
         if accelerator.log_with:  # a fresh run records its config; a resumed one purges what a killed run wrote after `step`
             accelerator.init_trackers(job, config=None if step else hyperparameters(cfg),
                                       init_kwargs={"tensorboard": {"purge_step": step + 1}} if step else {})  # fmt: skip
+            _OPEN.append(self)
+
+    def close(self) -> None:
+        """Finish the trackers (TensorBoard's writer flushes and closes; W&B ends its run): at the
+        end of the job, or on its way out after a stop, a diverged loss or an error."""
+        if self in _OPEN:
+            _OPEN.remove(self)
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.accelerator.trackers.clear()  # accelerator.end_training() would finish them again
 
     def _drop_after(self, step: int) -> None:
         """Keep the lines up to ``step`` (the checkpoint this run resumes from): a killed run's later
@@ -128,3 +139,9 @@ class RunLog:
                 tracker.log_images({tag: image}, step=step)
             elif hasattr(tracker, "log_images"):
                 tracker.log_images({tag: [image]}, step=step)
+
+
+def close_all() -> None:
+    """Close every RunLog still open (a job that raised before its end)."""
+    for log in list(_OPEN):
+        log.close()

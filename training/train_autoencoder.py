@@ -221,6 +221,7 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
             ema.copy_to(ae_params)
         _export(raw_vae, records, held_out, lpips, cfg, out, bad_images)
     accelerator.wait_for_everyone()
+    log.close()
     accelerator.end_training()
     return out / "vae"
 

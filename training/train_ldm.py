@@ -201,6 +201,7 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
         _export(cfg, models, raw.unet, vae, text_encoder if trains else None, out, steps=step, cached_images=len(cache),
                 seconds=time.perf_counter() - started)  # fmt: skip
     accelerator.wait_for_everyone()
+    log.close()
     accelerator.end_training()
     return out / "pipeline"
 
