@@ -1,0 +1,89 @@
+"""Aspect-ratio buckets (issue 17, first part): the bucket set, each image's bucket and crop, and a
+batch sampler that never mixes shapes, resumes at any batch and is the same for 1 or 2 ranks."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from itertools import islice
+
+import pytest
+from PIL import Image
+
+from runtime.errors import InputError
+from training.buckets import BucketBatchSampler, check_buckets, cover_and_crop, kept_area, make_buckets, nearest_bucket
+
+
+@pytest.mark.parametrize("resolution,divisor,lo,hi,step", [(32, 8, 16, 64, 8), (64, 8, 32, 128, 8), (512, 64, 256, 1024, 64),
+                                                           (1024, 8, 512, 2048, 64)])  # fmt: skip
+def test_buckets_are_divisible_near_the_area_include_the_square_and_none_contains_another(resolution, divisor, lo, hi, step):
+    buckets = make_buckets(resolution, divisor, lo, hi, step)
+    assert (resolution, resolution) in buckets and len(set(buckets)) == len(buckets) > 1
+    for h, w in buckets:
+        assert h % divisor == 0 and w % divisor == 0 and h % step == 0 and w % step == 0 and lo <= min(h, w) and max(h, w) <= hi
+        assert h * w <= resolution**2
+        assert (w, h) in buckets  # portrait for every landscape
+        assert not any((h2 >= h and w2 >= w) for h2, w2 in buckets if (h2, w2) != (h, w))
+        assert h * (w + step) > resolution**2 or w + step > hi  # no wider bucket of that height fits the area
+    ratios = [w / h for h, w in buckets]
+    assert ratios == sorted(ratios)
+
+
+def test_the_32_pixel_set_is_what_the_docstring_says():
+    assert make_buckets(32, 8, 16, 64, 8) == [(64, 16), (40, 24), (32, 32), (24, 40), (16, 64)]
+
+
+def test_bad_bucket_settings_name_the_key():
+    with pytest.raises(InputError, match="data.buckets.step=12 must be a multiple of the total downsampling 8"):
+        make_buckets(32, 8, 16, 64, 12)
+    with pytest.raises(InputError, match="min_side=48 <= data.resolution=32"):
+        make_buckets(32, 8, 48, 64, 8)
+    with pytest.raises(InputError, match=r"data.buckets.sizes: \[30, 32\] is not a \[height, width\] pair of multiples"):
+        check_buckets([[32, 32], [30, 32]], 8)
+    assert check_buckets([[32, 48], [48, 32]], 8) == [(48, 32), (32, 48)]
+
+
+def test_each_image_goes_to_the_bucket_of_the_nearest_aspect_ratio():
+    buckets = make_buckets(64, 8, 32, 128, 8)
+    rng = random.Random(0)
+    for _ in range(500):
+        w, h = rng.randint(10, 4000), rng.randint(10, 4000)
+        best = min(abs(math.log(w / h) - math.log(bw / bh)) for bh, bw in buckets)
+        assert abs(math.log(w / h) - math.log(buckets[nearest_bucket(w, h, buckets)][1] / buckets[nearest_bucket(w, h, buckets)][0])) == best
+    assert buckets[nearest_bucket(640, 427, buckets)][1] > buckets[nearest_bucket(640, 427, buckets)][0]  # landscape
+    assert buckets[nearest_bucket(100, 100, buckets)] == (64, 64)
+
+
+def test_an_image_is_resized_to_cover_its_bucket_and_centre_cropped_by_the_rest():
+    img = Image.new("RGB", (300, 100))
+    out, (top, left) = cover_and_crop(img, (24, 40))
+    assert out.size == (40, 24) and top == 0 and left == (72 - 40) // 2  # 300x100 -> 72x24, 32 columns cut
+    assert kept_area(300, 100, (24, 40)) == pytest.approx((40 / 24) / 3)
+    assert kept_area(300, 100, (24, 40)) > kept_area(300, 100, (32, 32))  # more than a square crop keeps
+
+
+def sampler(bucket_of, batch, **kw):
+    return BucketBatchSampler(bucket_of, max(bucket_of) + 1, batch, seed=3, **kw)
+
+
+def test_batches_never_mix_buckets_and_every_image_is_seen_each_epoch_small_buckets_included():
+    bucket_of = [0] * 37 + [1] * 8 + [2] * 3 + [3] * 20  # bucket 2 has fewer images than a batch
+    s = sampler(bucket_of, 8)
+    epoch = list(islice(iter(s), len(s)))
+    assert len(s) == 5 + 1 + 1 + 3
+    for batch in epoch:
+        assert len(batch) == 8 and len({bucket_of[i] for i, _ in batch}) == 1
+    seen = Counter(i for batch in epoch for i, _ in batch)
+    assert set(seen) == set(range(len(bucket_of)))  # nothing dropped
+    assert s.repeated == [3, 0, 5, 4]  # slots filled by repeating a bucket's own images, reported
+
+
+def test_a_resumed_stream_and_two_ranks_equal_one_rank():
+    bucket_of = [random.Random(1).randrange(4) for _ in range(200)]
+    one = list(islice(iter(sampler(bucket_of, 8, random_flip=True)), 60))
+    assert list(islice(iter(sampler(bucket_of, 8, start=37, random_flip=True)), 23)) == one[37:]
+    ranks = [list(islice(iter(sampler(bucket_of, 4, rank=r, world_size=2, random_flip=True)), 60)) for r in (0, 1)]
+    for k in range(60):
+        assert sorted(ranks[0][k] + ranks[1][k]) == sorted(one[k])  # the same global batch, split across ranks
+    assert one[:len(sampler(bucket_of, 8))] != one[len(sampler(bucket_of, 8)):2 * len(sampler(bucket_of, 8))]  # a new order each epoch

@@ -1,0 +1,131 @@
+"""Aspect-ratio buckets (issue 17, in progress): images of any shape trained at about the same
+pixel count as ``data.resolution``², each at the bucket of the nearest aspect ratio, instead of
+a square centre crop.
+
+    sizes = make_buckets(32, divisor=8, min_side=16, max_side=64, step=8)   # [(16, 64), (24, 40), (32, 32), (40, 24), (64, 16)]
+    b = nearest_bucket(width=640, height=427, buckets=sizes)                 # a landscape photo -> (24, 40)
+    image, crop = cover_and_crop(img, sizes[b])                              # resized to cover it, centre-cropped by the rest
+    sampler = BucketBatchSampler(bucket_of, len(sizes), batch_size=8, seed=0, start=k, rank=r, world_size=w)
+
+Every batch comes from one bucket; the stream is a function of (seed, batch number) alone, so a
+run resumes at any step and 2 ranks with batch 4 see what 1 rank with batch 8 sees.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence
+
+import torch
+from PIL import Image
+
+from training.config import ConfigError
+
+Size = tuple[int, int]  # (height, width)
+
+
+def make_buckets(resolution: int, divisor: int, min_side: int, max_side: int, step: int) -> list[Size]:
+    """(height, width) buckets of at most ``resolution``² pixels, every side a multiple of ``step``
+    (itself a multiple of ``divisor``, the autoencoder x U-Net downsampling) between ``min_side`` and
+    ``max_side``: for each side the longest other side that fits the area, keeping only buckets no
+    other one contains. Sorted from the tallest to the widest; the square is one when ``resolution``
+    is a multiple of ``step``."""
+    if step % divisor:
+        raise ConfigError(f"data.buckets.step={step} must be a multiple of the total downsampling {divisor}")
+    if not 0 < min_side <= resolution <= max_side or min_side % step or max_side % step:
+        raise ConfigError(f"data.buckets: min_side={min_side} <= data.resolution={resolution} <= max_side={max_side}, "
+                          f"both multiples of step={step}, is needed")  # fmt: skip
+    area = resolution * resolution
+    sides = range(min_side, max_side + 1, step)
+    longest = {s: min(max_side, area // s // step * step) for s in sides}
+    candidates = {(s, longest[s]) for s in sides if longest[s] >= min_side}
+    candidates |= {(w, h) for h, w in candidates}
+    kept = [b for b in candidates if not any(o != b and o[0] >= b[0] and o[1] >= b[1] for o in candidates)]
+    return sorted(kept, key=lambda b: b[1] / b[0])
+
+
+def check_buckets(sizes: Sequence[Sequence[int]], divisor: int) -> list[Size]:
+    """Listed ``data.buckets.sizes``: (height, width) pairs, each side a multiple of ``divisor``."""
+    out = []
+    for size in sizes:
+        if len(size) != 2 or any(int(s) != s or s <= 0 or s % divisor for s in size):
+            raise ConfigError(f"data.buckets.sizes: {list(size)} is not a [height, width] pair of multiples of the total "
+                              f"downsampling {divisor}")  # fmt: skip
+        out.append((int(size[0]), int(size[1])))
+    if len(set(out)) != len(out):
+        raise ConfigError(f"data.buckets.sizes lists a size twice: {out}")
+    return sorted(out, key=lambda b: b[1] / b[0])
+
+
+def nearest_bucket(width: int, height: int, buckets: Sequence[Size]) -> int:
+    """The index of the bucket whose aspect ratio is nearest the image's (in log ratio: a 2:1 and
+    a 1:2 image are as far from square)."""
+    ratio = math.log(width / height)
+    return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i][1] / buckets[i][0]) - ratio))
+
+
+def cover_and_crop(img: Image.Image, bucket: Size) -> tuple[Image.Image, tuple[int, int]]:
+    """``img`` resized (bicubic) to the smallest size that covers ``bucket`` and centre-cropped to
+    it; returns the image and the crop's (top, left) in the resized image (Stable Diffusion XL's
+    crop coordinates)."""
+    h, w = bucket
+    scale = max(h / img.height, w / img.width)
+    rh, rw = max(h, round(img.height * scale)), max(w, round(img.width * scale))
+    top, left = (rh - h) // 2, (rw - w) // 2
+    resized = img.resize((rw, rh), Image.Resampling.BICUBIC)
+    return resized.crop((left, top, left + w, top + h)), (top, left)
+
+
+def kept_area(width: int, height: int, bucket: Size) -> float:
+    """The fraction of an image's area that :func:`cover_and_crop` keeps."""
+    image, kept = width / height, bucket[1] / bucket[0]
+    return min(image, kept) / max(image, kept)
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """An endless, deterministic stream of batches, each from one bucket, that can start at any
+    global batch.
+
+    Epoch ``e``: every bucket's images in an order seeded by ``(seed, e, bucket)``, cut into global
+    batches of ``batch_size * world_size``; a bucket's last, incomplete batch is filled from the
+    start of its own order (so no image is dropped, and a bucket smaller than a batch still trains,
+    its images repeated); then the batches of all buckets in an order seeded by ``(seed, e)``. Each
+    global batch is split across ranks. Batch ``k`` is the same whether the run started at 0 or
+    resumed at ``k``, and, for one global batch size, whatever the number of processes.
+    """
+
+    def __init__(self, bucket_of: Sequence[int], num_buckets: int, batch_size: int, seed: int, start: int = 0, rank: int = 0,
+                 world_size: int = 1, random_flip: bool = False) -> None:  # fmt: skip
+        self.bucket_of = torch.as_tensor(list(bucket_of), dtype=torch.long)
+        self.members = [torch.nonzero(self.bucket_of == b).flatten() for b in range(num_buckets)]
+        self.batch_size, self.seed, self.start, self.rank, self.world = batch_size, seed, start, rank, world_size
+        self.random_flip, self.global_batch = random_flip, batch_size * world_size
+        self.batches_of = [math.ceil(len(m) / self.global_batch) for m in self.members]  # per bucket and epoch
+        self.batches_per_epoch = sum(self.batches_of)
+        self.repeated = [self.batches_of[b] * self.global_batch - len(m) for b, m in enumerate(self.members)]  # filled slots
+
+    def _epoch(self, e: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+        batches = []
+        for b, members in enumerate(self.members):
+            if not len(members):
+                continue
+            gb = torch.Generator().manual_seed((self.seed * 1_000_003 + e) * 1_009 + b)
+            order = members[torch.randperm(len(members), generator=gb)]
+            need = self.batches_of[b] * self.global_batch
+            order = order.repeat(math.ceil(need / len(order)))[:need]
+            batches += list(order.view(-1, self.global_batch))
+        flips = torch.rand(len(self.bucket_of), generator=g) < 0.5 if self.random_flip else torch.zeros(len(self.bucket_of), dtype=torch.bool)
+        return [batches[i] for i in torch.randperm(len(batches), generator=g)], flips
+
+    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+        b, epoch, batches, flips = self.start, -1, [], None
+        while True:
+            e, k = divmod(b, self.batches_per_epoch)
+            if e != epoch:
+                epoch, (batches, flips) = e, self._epoch(e)
+            yield [(int(i), bool(flips[i])) for i in batches[k][self.rank::self.world]]
+            b += 1
+
+    def __len__(self) -> int:  # endless; len() is one epoch
+        return self.batches_per_epoch
