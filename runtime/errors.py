@@ -48,13 +48,19 @@ def one_line_errors(input_exit_code: int = 1) -> Iterator[None]:
     try:
         yield
     except Stopped as err:
-        print(str(err), file=sys.stderr)
+        _say(str(err))
         raise SystemExit(err.exit_code) from None
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _say(f"error: {err}")
         raise SystemExit(input_exit_code if isinstance(err, InputError) else err.exit_code) from None
     except OSError as err:
         if err.errno not in IO_ERRNOS or not err.filename:
             raise
-        print(f"error: {err.strerror}: {err.filename}", file=sys.stderr)
+        _say(f"error: {err.strerror}: {err.filename}")
         raise SystemExit(1) from None
+
+
+def _say(line: str) -> None:
+    """One line to stderr in one write, so that the lines of several processes never interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()

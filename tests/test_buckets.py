@@ -87,3 +87,26 @@ def test_a_resumed_stream_and_two_ranks_equal_one_rank():
     for k in range(60):
         assert sorted(ranks[0][k] + ranks[1][k]) == sorted(one[k])  # the same global batch, split across ranks
     assert one[:len(sampler(bucket_of, 8))] != one[len(sampler(bucket_of, 8)):2 * len(sampler(bucket_of, 8))]  # a new order each epoch
+
+
+def test_prepare_data_folder_keeps_aspect_ratios_when_asked_and_reports_the_bucket_histogram(tmp_path, capsys):
+    import json
+
+    from tests.conftest import write_imagefolder
+    from training.prepare_data import main
+
+    sizes = {"tall.png": (60, 200), "wide.png": (300, 90), "square.png": (80, 80), "photo.png": (640, 427), "small.png": (20, 14)}
+    images = {name: Image.new("RGB", wh, (40 * i, 90, 200)) for i, (name, wh) in enumerate(sizes.items())}
+    write_imagefolder(tmp_path / "src", images, {name: name.split(".")[0] for name in sizes})
+    main(["folder", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--size", "32", "--keep-aspect"])
+    counts = json.loads(capsys.readouterr().out.splitlines()[-1])
+    buckets = make_buckets(32, 8, 16, 64, 8)
+    assert sum(counts["buckets"].values()) == counts["train"] == 5 and counts["upscaled"] == 1  # small.png
+    rows = [json.loads(line) for line in (tmp_path / "out" / "train" / "metadata.jsonl").read_text().splitlines()]
+    for row in rows:
+        w, h = sizes[row["text"] + ".png"]
+        out = Image.open(tmp_path / "out" / "train" / row["file_name"])
+        bh, bw = buckets[nearest_bucket(w, h, buckets)]
+        assert out.width >= bw and out.height >= bh and (out.width == bw or out.height == bh)  # just covers its bucket
+        assert abs(out.width / out.height - w / h) < 0.05 * (w / h) + 1 / min(out.size)  # the aspect ratio kept
+    assert list(counts["buckets"].items()) == [("64x16", 1), ("32x32", 1), ("24x40", 2), ("16x64", 1)]  # tallest first

@@ -133,11 +133,20 @@ def write_metadata(folder: Path, rows: list[dict]) -> None:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def prepare_folder(src: Path, out: Path, size: int, caption: str | None = None) -> dict[str, int]:
-    """``src`` (any imagefolder the jobs read) -> ``out/train/`` at ``size`` x ``size`` with metadata.jsonl.
+def prepare_folder(src: Path, out: Path, size: int, caption: str | None = None, keep_aspect: bool = False,
+                   bucket_step: int = 8) -> dict:  # fmt: skip
+    """``src`` (any imagefolder the jobs read) -> ``out/train/`` with metadata.jsonl: at ``size`` x
+    ``size`` (resized and centre-cropped), or with ``keep_aspect`` each image at its own aspect ratio,
+    resized to just cover its aspect-ratio bucket (``size``² pixels, sides multiples of
+    ``bucket_step``) and not cropped; the counts then include the histogram of buckets.
 
     Raises :class:`training.data.DataError` for a missing caption or an unreadable image (naming it)."""
+    from training.buckets import make_buckets, nearest_bucket
     from training.data import DataConfig, DataError, describe, load_records, open_rgb, resize_center_crop
+
+    buckets = make_buckets(size, bucket_step, max(bucket_step, size // 2 // bucket_step * bucket_step), size * 2 // bucket_step * bucket_step,
+                           bucket_step)  # fmt: skip
+    histogram: dict[str, int] = {}
 
     records = load_records(src, DataConfig(path=str(src), caption=caption, split="train"), captions=True)
     images, upscaled = [], 0
@@ -146,14 +155,25 @@ def prepare_folder(src: Path, out: Path, size: int, caption: str | None = None) 
             img = open_rgb(row["image"])
         except Exception as err:  # noqa: BLE001  (any decoder error: name the file)
             raise DataError(f"cannot read image '{describe(row['image'])}': {err}; remove it or replace it") from None
-        upscaled += min(img.size) < size
-        images.append(resize_center_crop(img, size))
+        if keep_aspect:
+            h, w = buckets[nearest_bucket(img.width, img.height, buckets)]
+            histogram[f"{h}x{w}"] = histogram.get(f"{h}x{w}", 0) + 1
+            scale = max(h / img.height, w / img.width)
+            upscaled += scale > 1
+            img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))), Image.Resampling.BICUBIC)
+            images.append(img)
+        else:
+            upscaled += min(img.size) < size
+            images.append(resize_center_crop(img, size))
     with atomic_dir(out) as tmp:
         (tmp / "train").mkdir()
         for i, img in enumerate(images):
             img.save(tmp / "train" / f"{i:06d}.png")
         write_metadata(tmp / "train", [{"file_name": f"{i:06d}.png", "text": text} for i, text in enumerate(records["text"])])
-    return {"train": len(images), "upscaled": upscaled}
+    counts: dict = {"train": len(images), "upscaled": upscaled}
+    if keep_aspect:  # height x width -> images, tallest first
+        counts["buckets"] = {k: histogram[k] for k in sorted(histogram, key=lambda k: int(k.split("x")[1]) / int(k.split("x")[0]))}
+    return counts
 
 
 
@@ -338,6 +358,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--src", type=Path, default=None, help="folder: your images (metadata.jsonl, .txt captions, or --caption)")
     parser.add_argument("--caption", default=None, help="folder: one caption for every image, e.g. 'a photo of sks dog'")
     parser.add_argument("--shard-size", type=int, default=5000, help="parquet / webdataset: images per file")
+    parser.add_argument("--keep-aspect", action="store_true", help="folder: keep each image's aspect ratio (for data.buckets), "
+                        "resized to cover its bucket of about --size^2 pixels; prints the bucket histogram")  # fmt: skip
+    parser.add_argument("--bucket-step", type=int, default=8, help="folder --keep-aspect: bucket sides are multiples of this")
     args = parser.parse_args(argv)
     runtime.configure()
     if args.size < 8:
@@ -350,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.dataset in ("parquet", "webdataset"):
             counts = convert(args.src, args.out, args.dataset, args.shard_size)
         elif args.dataset == "folder":
-            counts = prepare_folder(args.src, args.out, args.size, args.caption)
+            counts = prepare_folder(args.src, args.out, args.size, args.caption, args.keep_aspect, args.bucket_step)
             if counts["upscaled"]:
                 print(f"warning: {counts['upscaled']} images were smaller than {args.size}px and were upscaled")
         elif args.dataset in ("generic", "ood"):
