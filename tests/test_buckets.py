@@ -3,12 +3,14 @@ batch sampler that never mixes shapes, resumes at any batch and is the same for 
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections import Counter
 from itertools import islice
 
 import pytest
+import torch
 from PIL import Image
 
 from runtime.errors import InputError
@@ -90,8 +92,6 @@ def test_a_resumed_stream_and_two_ranks_equal_one_rank():
 
 
 def test_prepare_data_folder_keeps_aspect_ratios_when_asked_and_reports_the_bucket_histogram(tmp_path, capsys):
-    import json
-
     from tests.conftest import write_imagefolder
     from training.prepare_data import main
 
@@ -110,3 +110,46 @@ def test_prepare_data_folder_keeps_aspect_ratios_when_asked_and_reports_the_buck
         assert out.width >= bw and out.height >= bh and (out.width == bw or out.height == bh)  # just covers its bucket
         assert abs(out.width / out.height - w / h) < 0.05 * (w / h) + 1 / min(out.size)  # the aspect ratio kept
     assert list(counts["buckets"].items()) == [("64x16", 1), ("32x32", 1), ("24x40", 2), ("16x64", 1)]  # tallest first
+
+
+# ---- stage 1 on buckets ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixed_shapes(tmp_path_factory):
+    """48 captioned images in three shapes (tall, square, wide), with a held-out split."""
+    import numpy as np
+
+    from tests.conftest import write_imagefolder
+
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("mixed") / "data"
+    shapes = [(24, 72), (40, 40), (80, 28)]  # (width, height): wide, square, tall
+    for split, n in (("train", 48), ("test", 6)):
+        images = {f"{i:03d}.png": Image.fromarray(rng.integers(0, 255, (shapes[i % 3][1], shapes[i % 3][0], 3), dtype=np.uint8))
+                  for i in range(n)}  # fmt: skip
+        write_imagefolder(root / split, images, {name: "a pattern" for name in images})
+    return root
+
+
+def test_stage_1_trains_on_buckets_and_resumes_exactly(mixed_shapes, tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.conftest import fresh_state
+    from tests.test_train_autoencoder import tiny_cfg
+    from training.train_autoencoder import train as job
+
+    train = fresh_state(job)
+    on = ["data.buckets.enabled=true", "train.max_steps=6", "train.checkpoint_every=2", "train.sample_every=100"]
+    train(tiny_cfg(mixed_shapes, tmp_path / "full", *on))
+    train(tiny_cfg(mixed_shapes, tmp_path / "resumed", *on), stop_after_steps=4)
+    train(tiny_cfg(mixed_shapes, tmp_path / "resumed", *on))
+    a, b = (load_file(str(tmp_path / r / "vae" / "diffusion_pytorch_model.safetensors")) for r in ("full", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    (event,) = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines() if '"buckets"' in line]
+    sizes = dict(zip(event["sizes"], event["images"]))  # tiny autoencoder: f=4, buckets of 32^2 pixels in steps of 4
+    assert (sizes["48x20"], sizes["32x32"], sizes["20x48"]) == (16, 16, 16) and sum(event["images"]) == 48  # tall, square, wide
+    with pytest.raises(InputError, match="data.buckets: stage 2 does not train on aspect-ratio buckets yet"):
+        from tests.test_train_ldm import cfg_for
+
+        cfg_for(mixed_shapes, tmp_path, tmp_path / "x", "data.buckets.enabled=true")

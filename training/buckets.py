@@ -14,7 +14,9 @@ run resumes at any step and 2 ranks with batch 4 see what 1 rank with batch 8 se
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -22,6 +24,49 @@ from PIL import Image
 from training.config import ConfigError
 
 Size = tuple[int, int]  # (height, width)
+
+
+@dataclass(frozen=True)
+class BucketConfig:
+    """``data.buckets``: off by default (every image resized and centre-cropped to a square)."""
+
+    enabled: bool = False
+    min_side: int | None = None  # default: data.resolution / 2 (down to a multiple of step)
+    max_side: int | None = None  # default: data.resolution * 2
+    step: int | None = None  # default: the model's total downsampling (autoencoder, x U-Net for stage 2)
+    sizes: list[list[int]] | None = None  # [[height, width], ...]: these buckets instead of generated ones
+
+
+def bucket_sizes(cfg: BucketConfig, resolution: int, divisor: int) -> list[Size]:
+    """The buckets ``cfg`` asks for, at ``resolution``² pixels, for a model that downsamples by ``divisor``."""
+    if cfg.sizes:
+        return check_buckets(cfg.sizes, divisor)
+    step = cfg.step or divisor
+    lo = cfg.min_side or max(step, resolution // 2 // step * step)
+    hi = cfg.max_side or resolution * 2 // step * step
+    return make_buckets(resolution, divisor, lo, hi, step)
+
+
+def image_size(source: Any) -> tuple[int, int] | None:
+    """(width, height) from an image's header (a path, bytes or datasets' ``{"bytes", "path"}``);
+    None if it cannot be read (the loader then skips or names it, as without buckets)."""
+    if isinstance(source, dict):
+        source = BytesIO(source["bytes"]) if source.get("bytes") else source["path"]
+    elif isinstance(source, (bytes, bytearray)):
+        source = BytesIO(source)
+    try:
+        if isinstance(source, Image.Image):
+            return source.size
+        with Image.open(source) as img:
+            return img.size
+    except Exception:  # noqa: BLE001  (any undecodable file)
+        return None
+
+
+def assign_buckets(sources: Sequence[Any], buckets: Sequence[Size]) -> list[int]:
+    """Each image's bucket (an unreadable one gets the squarest: it is skipped when loaded)."""
+    square = nearest_bucket(1, 1, buckets)
+    return [square if (wh := image_size(src)) is None else nearest_bucket(wh[0], wh[1], buckets) for src in sources]
 
 
 def make_buckets(resolution: int, divisor: int, min_side: int, max_side: int, step: int) -> list[Size]:
@@ -65,14 +110,14 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[Size]) -> int:
 
 
 def cover_and_crop(img: Image.Image, bucket: Size) -> tuple[Image.Image, tuple[int, int]]:
-    """``img`` resized (bicubic) to the smallest size that covers ``bucket`` and centre-cropped to
+    """``img`` resized (Lanczos down, bicubic up, as the square crop) to the smallest size that covers ``bucket`` and centre-cropped to
     it; returns the image and the crop's (top, left) in the resized image (Stable Diffusion XL's
     crop coordinates)."""
     h, w = bucket
     scale = max(h / img.height, w / img.width)
     rh, rw = max(h, round(img.height * scale)), max(w, round(img.width * scale))
     top, left = (rh - h) // 2, (rw - w) // 2
-    resized = img.resize((rw, rh), Image.Resampling.BICUBIC)
+    resized = img.resize((rw, rh), Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
     return resized.crop((left, top, left + w, top + h)), (top, left)
 
 

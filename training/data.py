@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,6 +27,7 @@ from PIL import Image
 from runtime.errors import InputError
 from runtime.images import to_rgb
 from training import formats
+from training.buckets import BucketBatchSampler, BucketConfig, Size, cover_and_crop
 from training.config import ConfigError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -49,6 +50,7 @@ class DataConfig:
     random_flip: bool = False  # off by default: flipping changes meaning ("left arrow")
     on_bad_image: OnBadImage = OnBadImage.skip
     num_workers: int = 0
+    buckets: BucketConfig = field(default_factory=BucketConfig)  # aspect-ratio buckets instead of square crops
 
     def __post_init__(self) -> None:
         if self.resolution < 1:
@@ -248,10 +250,12 @@ def describe(source: Any) -> str:
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """Decodes and transforms one record; the key may be ``index`` or ``(index, flip)``."""
 
-    def __init__(self, records: datasets.Dataset, cfg: DataConfig) -> None:
+    def __init__(self, records: datasets.Dataset, cfg: DataConfig, buckets: list[Size] | None = None,
+                 bucket_of: list[int] | None = None) -> None:  # fmt: skip
         self.records = records
         self.resolution = cfg.resolution
         self.on_bad_image = OnBadImage(cfg.on_bad_image)
+        self.buckets, self.bucket_of = buckets, bucket_of  # with buckets: each image covers its own, centre-cropped
 
     def __len__(self) -> int:
         return len(self.records)
@@ -265,8 +269,13 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             if self.on_bad_image == OnBadImage.error:
                 raise DataError(f"cannot read image '{describe(row['image'])}': {err} (set data.on_bad_image=skip to skip such files)") from None
             return {"bad": describe(row["image"])}
-        upscaled = min(img.size) < self.resolution
-        x = to_tensor(resize_center_crop(img, self.resolution))  # (3, R, R)
+        if self.buckets is not None:
+            h, w = self.buckets[self.bucket_of[int(index)]]
+            upscaled = img.height < h or img.width < w
+            x = to_tensor(cover_and_crop(img, (h, w))[0])  # (3, h, w)
+        else:
+            upscaled = min(img.size) < self.resolution
+            x = to_tensor(resize_center_crop(img, self.resolution))  # (3, R, R)
         if flip:
             x = x.flip(-1)
         return {"pixel_values": x, "text": row["text"], "index": int(index), "upscaled": upscaled}
@@ -334,10 +343,15 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
 
 
 def train_loader(records: datasets.Dataset, cfg: DataConfig, batch_size: int, seed: int, start_batch: int = 0,
-                 rank: int = 0, world_size: int = 1) -> torch.utils.data.DataLoader:
-    sampler = ResumableBatchSampler(len(records), batch_size, seed, start_batch, rank, world_size, True, cfg.random_flip)
+                 rank: int = 0, world_size: int = 1, buckets: tuple[list[Size], list[int]] | None = None) -> torch.utils.data.DataLoader:
+    """Endless shuffled batches from ``start_batch`` on; with ``buckets`` (the sizes, and each image's
+    bucket) every batch holds images of one bucket, each covering it and centre-cropped."""
+    if buckets is not None:
+        sampler = BucketBatchSampler(buckets[1], len(buckets[0]), batch_size, seed, start_batch, rank, world_size, cfg.random_flip)
+    else:
+        sampler = ResumableBatchSampler(len(records), batch_size, seed, start_batch, rank, world_size, True, cfg.random_flip)
     return torch.utils.data.DataLoader(
-        ImageCaptionDataset(records, cfg), batch_sampler=sampler, collate_fn=collate,
+        ImageCaptionDataset(records, cfg, *(buckets or (None, None))), batch_sampler=sampler, collate_fn=collate,
         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
         generator=_own_generator(seed),
     )

@@ -31,6 +31,7 @@ from autoencoder import (
     set_latent_normalization,
 )
 from autoencoder.discriminator import PatchDiscriminator
+from autoencoder.latents import downsampling_factor
 from autoencoder.losses import AutoencoderLoss
 from autoencoder.metrics import psnr, reconstruct
 from autoencoder.perceptual import LPIPS
@@ -43,6 +44,7 @@ from training.evaluate import autoencoder_report, load_images, ood_sets
 from training.guard import StopGuard, check_finite, guarded
 from training.runs import data_layout, due, resume_or_start, start_accelerator
 from runtime.files import write_json_atomic
+from training.buckets import assign_buckets, bucket_sizes
 from training.tracking import RunLog
 from training.utils import run_job, save_grid
 
@@ -123,8 +125,9 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
     log.write(step=step, event="resume" if step else "start", device=str(accelerator.device), processes=accelerator.num_processes,
               cpu_threads=threads, mixed_precision=accelerator.mixed_precision,
               precision_reason=cfg.train.mixed_precision.reason(str(accelerator.device)), train_images=len(records))
+    buckets = _buckets(records, cfg, raw_vae, accelerator.num_processes, log, step) if cfg.data.buckets.enabled else None
     loader = train_loader(records, cfg.data, cfg.train.batch_size, cfg.seed, start_batch=micro,
-                          rank=accelerator.process_index, world_size=accelerator.num_processes)
+                          rank=accelerator.process_index, world_size=accelerator.num_processes, buckets=buckets)
     batches = iter(loader)
     # fixed images for sample grids and a running held-out PSNR (up to eval.batch_size of them)
     preview = _preview_batch(held_out if held_out is not None else records, cfg, cfg.eval.batch_size)
@@ -224,6 +227,20 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
     log.close()
     accelerator.end_training()
     return out / "vae"
+
+
+def _buckets(records, cfg: AutoencoderJobConfig, vae, processes: int, log, step: int) -> tuple[list, list[int]]:
+    """The bucket sizes and each training image's bucket (read from the image headers), with the
+    histogram in log.jsonl and a word about buckets too small for one global batch."""
+    sizes = bucket_sizes(cfg.data.buckets, cfg.data.resolution, downsampling_factor(vae))
+    bucket_of = assign_buckets([row["image"] for row in records.select_columns(["image"])], sizes)
+    counts = [bucket_of.count(b) for b in range(len(sizes))]
+    log.write(step=step, event="buckets", sizes=[f"{h}x{w}" for h, w in sizes], images=counts)
+    batch = cfg.train.batch_size * processes
+    for (h, w), n in zip(sizes, counts):
+        if 0 < n < batch:
+            print(f"bucket {h}x{w} holds {n} images, fewer than a global batch of {batch}: its batches repeat them")
+    return sizes, bucket_of
 
 
 def _preview_batch(records, cfg: AutoencoderJobConfig, n: int) -> torch.Tensor:
