@@ -58,6 +58,7 @@ demo: data
 		--ood $(OOD)/photos $(OOD)/glyphs --grid runs/autoencoder-openmoji-32-f4/eval-grid.png --out runs/autoencoder-openmoji-32-f4/eval.json
 	$(VENV)/bin/accelerate launch --num_processes 1 -m training.train_ldm --config $(LDM_CONFIG)
 	$(PY) -m ldm.generate --model $(LDM_RUN)/pipeline $(DEMO_PROMPTS) --num-images 6 --grid --out $(LDM_RUN)/demo-grid.png
+	@echo "curves and sample grids: .venv/bin/tensorboard --logdir runs/ ; generate in a web page: .venv/bin/python -m ldm.app --model $(LDM_RUN)/pipeline"
 
 # Side-by-side benchmarks (never part of `make test`): writes benchmarks/RESULTS.md, ~15-20 min.
 bench: data

@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--model", default="runs/ldm-openmoji-32/pipeline")
     p.add_argument("--logdir", default="runs/")
     p.add_argument("--prompt", default="red apple")
+    p.add_argument("--tags", default="^(loss|lr|images_per_s)$|samples", help="tensorboard: the tags shown (regex)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     from playwright.sync_api import expect, sync_playwright
@@ -61,9 +62,12 @@ def main() -> None:
                 page.get_by_role("button", name="Generate").click()
                 expect(page.locator("#gallery img")).to_have_count(8, timeout=300_000)
                 time.sleep(1)
-            else:
+            else:  # the stage-2 run's curves and sample grids
                 page.wait_for_selector("text=loss", timeout=60_000)
-                time.sleep(5)  # the charts draw
+                page.locator("input[placeholder='Filter tags (regex)']").first.fill(args.tags)
+                page.keyboard.press("Escape")  # the tag suggestions
+                page.get_by_text("Settings", exact=True).last.click()  # the settings pane, open at first
+                time.sleep(8)  # the charts draw
             page.screenshot(path=str(args.out), full_page=True)
             browser.close()
     finally:
