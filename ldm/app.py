@@ -12,8 +12,10 @@ only, unless ``--host`` says otherwise.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import random
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -92,7 +94,8 @@ def build_app(pipe, has_lora: bool = False, title: str | None = None):
             files.append((str(path), f"seed {seed + i}"))
         return files, seed
 
-    with gr.Blocks(title=title or "latent diffusion", analytics_enabled=False) as app:
+    atexit.register(shutil.rmtree, out_dir, ignore_errors=True)
+    with gr.Blocks(title=title or "latent diffusion", analytics_enabled=False, delete_cache=(3600, 3600)) as app:  # hour-old files go
         gr.Markdown(f"### {title or 'latent diffusion'}")
         with gr.Row():
             with gr.Column(scale=1):

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from runtime.errors import InputError
-from training.buckets import BucketBatchSampler, check_buckets, cover_and_crop, kept_area, make_buckets, nearest_bucket
+from training.buckets import BucketBatchSampler, BucketConfig, check_buckets, cover_and_crop, kept_area, make_buckets, nearest_bucket
 
 
 @pytest.mark.parametrize("resolution,divisor,lo,hi,step", [(32, 8, 16, 64, 8), (64, 8, 32, 128, 8), (512, 64, 256, 1024, 64),
@@ -153,3 +153,29 @@ def test_stage_1_trains_on_buckets_and_resumes_exactly(mixed_shapes, tmp_path):
         from tests.test_train_ldm import cfg_for
 
         cfg_for(mixed_shapes, tmp_path, tmp_path / "x", "data.buckets.enabled=true")
+
+
+def test_the_loader_gives_each_batch_at_its_bucket_shape(mixed_shapes):
+    from training.buckets import assign_buckets, bucket_sizes
+    from training.data import DataConfig, load_records, train_loader
+
+    data = DataConfig(path=str(mixed_shapes), resolution=32, buckets=BucketConfig(enabled=True))
+    records = load_records(mixed_shapes, data)
+    sizes = bucket_sizes(data.buckets, 32, 4)
+    bucket_of = assign_buckets([row["image"] for row in records], sizes)
+    shapes = set()
+    for batch in islice(iter(train_loader(records, data, 8, seed=0, buckets=(sizes, bucket_of))), 12):
+        (bucket,) = {bucket_of[i] for i in batch["index"]}
+        assert tuple(batch["pixel_values"].shape) == (8, 3, *sizes[bucket])
+        shapes.add(tuple(batch["pixel_values"].shape[2:]))
+    assert shapes == {(48, 20), (32, 32), (20, 48)}
+
+
+def test_a_turned_phone_photo_goes_to_the_bucket_of_its_shape_as_seen(tmp_path):
+    from training.buckets import image_size
+    from training.data import open_rgb
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait (turned 90 degrees)
+    Image.new("RGB", (400, 200)).save(tmp_path / "phone.jpg", exif=exif)
+    assert image_size(str(tmp_path / "phone.jpg")) == open_rgb(str(tmp_path / "phone.jpg")).size == (200, 400)

@@ -110,3 +110,14 @@ def test_report_to_names_an_unknown_or_missing_tracker_before_any_work(openmoji_
     with pytest.raises(InputError, match=f"train.report_to: '{missing}' is not installed; pip install {missing}, or choose none"):
         cfg_for(openmoji_small, tiny_vae, tmp_path / "run", f"train.report_to=tensorboard,{missing}")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_relaunch_with_no_checkpoint_and_a_torn_last_line_shows_each_step_once(openmoji_small, tiny_vae, tmp_path):
+    steps = ["train.max_steps=4", "train.log_every=1", "train.checkpoint_every=100", "train.sample_every=100", "model.check_images=0"]
+    out = tmp_path / "run"
+    train_ldm(cfg_for(openmoji_small, tiny_vae, out, *steps), stop_after_steps=3)  # killed before any checkpoint
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"time": 1, "step": 4, "lo')  # a line cut short by the kill
+    train_ldm(cfg_for(openmoji_small, tiny_vae, out, *steps))  # starts again from step 0
+    logged = assert_same_scalars(out, "train_ldm")
+    assert [s for s, _ in logged["loss"]] == [1, 2, 3, 4]

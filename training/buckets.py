@@ -48,7 +48,7 @@ def bucket_sizes(cfg: BucketConfig, resolution: int, divisor: int) -> list[Size]
 
 
 def image_size(source: Any) -> tuple[int, int] | None:
-    """(width, height) from an image's header (a path, bytes or datasets' ``{"bytes", "path"}``);
+    """(width, height) from an image's header, after its EXIF orientation (a path, bytes or datasets' ``{"bytes", "path"}``);
     None if it cannot be read (the loader then skips or names it, as without buckets)."""
     if isinstance(source, dict):
         source = BytesIO(source["bytes"]) if source.get("bytes") else source["path"]
@@ -58,7 +58,8 @@ def image_size(source: Any) -> tuple[int, int] | None:
         if isinstance(source, Image.Image):
             return source.size
         with Image.open(source) as img:
-            return img.size
+            w, h = img.size
+            return (h, w) if img.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)  # turned, as open_rgb turns it
     except Exception:  # noqa: BLE001  (any undecodable file)
         return None
 

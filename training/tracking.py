@@ -8,14 +8,15 @@ accelerate's own tracking API.
 
 A record's numbers go to the trackers under their log.jsonl keys (``loss``, ``lr``, ``val_psnr``);
 an event's under ``event/key`` (``autoencoder_check/vae_psnr``), except the start, resume and stop
-records, which describe the run rather than measure it. A run resumed from step S drops the lines
-a killed run had written after S from log.jsonl, and TensorBoard purges the same (``purge_step``):
-both continue the same curves at the right steps, each step once.
+records, which describe the run rather than measure it. A relaunch resumed from step S (0 without
+a checkpoint) drops the lines the last launch wrote after S from log.jsonl, and TensorBoard purges
+the same (``purge_step``): both continue the same curves at the right steps, each step once.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -87,11 +88,12 @@ class RunLog:
     def __init__(self, accelerator, out: Path, job: str, cfg, step: int) -> None:
         self.accelerator, self.path = accelerator, Path(out) / "log.jsonl"
         self.enabled = accelerator.is_main_process
-        if self.enabled and step:
+        again = self.path.is_file()  # a relaunch: resumed at `step`, or from 0 when no checkpoint was made
+        if self.enabled and again:
             self._drop_after(step)
-        if accelerator.log_with:  # a fresh run records its config; a resumed one purges what a killed run wrote after `step`
-            accelerator.init_trackers(job, config=None if step else hyperparameters(cfg),
-                                      init_kwargs={"tensorboard": {"purge_step": step + 1}} if step else {})  # fmt: skip
+        if accelerator.log_with:  # a first launch records the config; a relaunch purges what the last one wrote after `step`
+            accelerator.init_trackers(job, config=None if again else hyperparameters(cfg),
+                                      init_kwargs={"tensorboard": {"purge_step": step + 1}} if again else {})  # fmt: skip
             _OPEN.append(self)
 
     def close(self) -> None:
@@ -109,7 +111,7 @@ class RunLog:
         if not self.path.is_file():
             return
         lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        kept = [line for line in lines if _step_of(line) <= step]
         if len(kept) < len(lines):
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(kept), encoding="utf-8")
@@ -139,6 +141,14 @@ class RunLog:
                 tracker.log_images({tag: image}, step=step)
             elif hasattr(tracker, "log_images"):
                 tracker.log_images({tag: [image]}, step=step)
+
+
+def _step_of(line: str) -> float:
+    """A log line's step; a line cut short (a kill or a full disk mid-write) counts as after every step."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return math.inf
 
 
 def close_all() -> None:

@@ -118,6 +118,8 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
 
     # 3. Resume: models, optimizers, scheduler, RNG states; data position from trainer_state.
     layout = data_layout(cfg.train, accelerator, cfg.seed)
+    if cfg.data.buckets.enabled:  # the bucket set fixes the data stream too
+        layout["buckets"] = [f"{h}x{w}" for h, w in bucket_sizes(cfg.data.buckets, cfg.data.resolution, downsampling_factor(raw_vae))]
     state = resume_or_start(accelerator, out, cfg, layout, {"step": 0, "micro_batches": 0, "bad_images": 0})
     step, micro = state["step"], state["micro_batches"]
     bad_images = state["bad_images"] if is_main else 0  # per-process count; summed when reported
