@@ -21,7 +21,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.buckets import kept_area, make_buckets, nearest_bucket  # noqa: E402
+from training.buckets import BucketConfig, bucket_sizes, kept_area, nearest_bucket  # noqa: E402
 from training.prepare_data import package_file  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     r, step = args.resolution, args.step
-    buckets = make_buckets(r, step, r // 2 // step * step, r * 2, step)
+    buckets = bucket_sizes(BucketConfig(step=step), r, step)  # the defaults data.buckets has
     rows = []
     for name, (w, h) in photos().items():
         b = buckets[nearest_bucket(w, h, buckets)]

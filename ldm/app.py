@@ -25,7 +25,7 @@ from PIL import Image
 import runtime
 from runtime.errors import InputError, one_line_errors
 
-from .generate import png_info, sample
+from .generate import load_pipeline, png_info, sample
 from .schedulers import SCHEDULERS
 
 MAX_SEED = 2**31 - 1
@@ -40,21 +40,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 where it is faster")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     return p.parse_args(argv)
-
-
-def load(model: str, lora: Path | None = None, dtype: str = "auto", device: str | None = None):
-    """The pipeline of ``model`` (refused if it would run code, as for ``ldm.generate``), with ``lora`` loaded."""
-    import torch
-
-    from .pipeline import LatentDiffusionPipeline, check_pipeline_folder
-
-    check_pipeline_folder(model)
-    pipe = LatentDiffusionPipeline.from_pretrained(model, dtype=dtype, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if lora is not None:
-        if not (Path(lora) / "pytorch_lora_weights.safetensors").is_file():
-            raise InputError(f"--lora {lora} has no pytorch_lora_weights.safetensors")
-        pipe.load_lora_weights(str(lora))
-    return pipe
 
 
 def _whole(value, name: str) -> int:
@@ -136,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
             import gradio  # noqa: F401
         except ModuleNotFoundError:
             raise InputError("the web page needs gradio: pip install 'latent-diffusion-lab[app]' (or pip install gradio)") from None
-        pipe = load(args.model, args.lora, args.dtype, args.device)
+        pipe = load_pipeline(args.model, args.lora, args.dtype, args.device)
         app = build_app(pipe, has_lora=args.lora is not None, title=f"latent diffusion: {'/'.join(Path(args.model).resolve().parts[-2:])}")
         print(f"serving {args.model} on http://{args.host}:{args.port}", flush=True)
         app.queue().launch(server_name=args.host, server_port=args.port, show_error=False, allowed_paths=[str(app.out_dir)])

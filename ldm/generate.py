@@ -102,21 +102,28 @@ def main(argv: list[str] | None = None) -> list[Path]:
         return generate(args)
 
 
-def generate(args: argparse.Namespace) -> list[Path]:
+def load_pipeline(model: str | Path, lora: Path | None = None, dtype: str = "auto", device: str | None = None, compile: bool = False):
+    """The pipeline folder ``model`` (refused if it would run code) on ``device`` (default: CUDA if
+    there is one), with the LoRA folder ``lora`` loaded: what this command and the web page generate with."""
     from .pipeline import LatentDiffusionPipeline  # after argument errors: the import takes seconds
 
+    if not Path(model, "model_index.json").is_file():
+        raise SystemExit(f"--model {model} is not a pipeline folder (no model_index.json)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = LatentDiffusionPipeline.from_pretrained(model, dtype=dtype, device=device, compile=compile)
+    if lora is not None:
+        if not (Path(lora) / "pytorch_lora_weights.safetensors").is_file():
+            raise SystemExit(f"--lora {lora} has no pytorch_lora_weights.safetensors")
+        pipe.load_lora_weights(str(lora))
+    return pipe
+
+
+def generate(args: argparse.Namespace) -> list[Path]:
     if args.out.suffix.lower() == ".png" and not args.grid:
         raise SystemExit(f"--out {args.out}: a .png file needs --grid; without it --out is a folder")
     if args.init_image is not None and not args.init_image.is_file():
         raise SystemExit(f"--init-image {args.init_image} does not exist")
-    if not Path(args.model, "model_index.json").is_file():
-        raise SystemExit(f"--model {args.model} is not a pipeline folder (no model_index.json)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model, dtype=args.dtype, device=device, compile=args.compile)
-    if args.lora is not None:
-        if not (args.lora / "pytorch_lora_weights.safetensors").is_file():
-            raise SystemExit(f"--lora {args.lora} has no pytorch_lora_weights.safetensors")
-        pipe.load_lora_weights(str(args.lora))
+    pipe = load_pipeline(args.model, args.lora, args.dtype, args.device, args.compile)
 
     init = Image.open(args.init_image) if args.init_image else None
     images = sample(pipe, args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images, steps=args.steps,

@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+from io import BytesIO
+from typing import Any
+
 from PIL import Image, ImageOps
+
+# EXIF orientations that turn the stored image by 90 or 270 degrees (width and height swap)
+TURNED = (5, 6, 7, 8)
+
+
+def open_image(source: Any) -> Image.Image:
+    """Open (lazily: only the header is read) a path, bytes, datasets' ``{"bytes", "path"}`` or a
+    PIL image."""
+    if isinstance(source, dict):
+        source = BytesIO(source["bytes"]) if source.get("bytes") else source["path"]
+    elif isinstance(source, (bytes, bytearray)):
+        source = BytesIO(source)
+    return source if isinstance(source, Image.Image) else Image.open(source)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

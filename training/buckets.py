@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from io import BytesIO
 from typing import Any, Iterator, Sequence
 
 import torch
 from PIL import Image
 
+from runtime.images import TURNED, open_image
 from training.config import ConfigError
 
 Size = tuple[int, int]  # (height, width)
@@ -50,16 +50,12 @@ def bucket_sizes(cfg: BucketConfig, resolution: int, divisor: int) -> list[Size]
 def image_size(source: Any) -> tuple[int, int] | None:
     """(width, height) from an image's header, after its EXIF orientation (a path, bytes or datasets' ``{"bytes", "path"}``);
     None if it cannot be read (the loader then skips or names it, as without buckets)."""
-    if isinstance(source, dict):
-        source = BytesIO(source["bytes"]) if source.get("bytes") else source["path"]
-    elif isinstance(source, (bytes, bytearray)):
-        source = BytesIO(source)
+    if isinstance(source, Image.Image):
+        return source.size
     try:
-        if isinstance(source, Image.Image):
-            return source.size
-        with Image.open(source) as img:
+        with open_image(source) as img:  # the file is closed at once: a dataset has many
             w, h = img.size
-            return (h, w) if img.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)  # turned, as open_rgb turns it
+            return (h, w) if img.getexif().get(0x0112) in TURNED else (w, h)  # turned, as open_rgb turns it
     except Exception:  # noqa: BLE001  (any undecodable file)
         return None
 
@@ -110,15 +106,25 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[Size]) -> int:
     return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i][1] / buckets[i][0]) - ratio))
 
 
+def cover_scale(width: int, height: int, bucket: Size) -> float:
+    """The factor that scales an image, aspect kept, to the smallest size that covers ``bucket``."""
+    return max(bucket[0] / height, bucket[1] / width)
+
+
+def cover_size(width: int, height: int, bucket: Size) -> tuple[int, int]:
+    """(width, height) of an image scaled by :func:`cover_scale`."""
+    scale = cover_scale(width, height, bucket)
+    return max(bucket[1], round(width * scale)), max(bucket[0], round(height * scale))
+
+
 def cover_and_crop(img: Image.Image, bucket: Size) -> tuple[Image.Image, tuple[int, int]]:
     """``img`` resized (Lanczos down, bicubic up, as the square crop) to the smallest size that covers ``bucket`` and centre-cropped to
     it; returns the image and the crop's (top, left) in the resized image (Stable Diffusion XL's
     crop coordinates)."""
     h, w = bucket
-    scale = max(h / img.height, w / img.width)
-    rh, rw = max(h, round(img.height * scale)), max(w, round(img.width * scale))
+    rw, rh = cover_size(img.width, img.height, bucket)
     top, left = (rh - h) // 2, (rw - w) // 2
-    resized = img.resize((rw, rh), Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
+    resized = img.resize((rw, rh), Image.Resampling.LANCZOS if cover_scale(img.width, img.height, bucket) < 1 else Image.Resampling.BICUBIC)
     return resized.crop((left, top, left + w, top + h)), (top, left)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,7 +24,7 @@ import torch
 from PIL import Image
 
 from runtime.errors import InputError
-from runtime.images import to_rgb
+from runtime.images import open_image, to_rgb
 from training import formats
 from training.buckets import BucketBatchSampler, BucketConfig, Size, cover_and_crop
 from training.config import ConfigError
@@ -215,11 +214,7 @@ def _scan_imagefolder(folder: Path, cfg: DataConfig, is_root: bool = False) -> d
 
 def open_rgb(source: Any) -> Image.Image:
     """Decode a path / bytes / ``{"bytes", "path"}`` into RGB; transparency goes onto white."""
-    if isinstance(source, dict):
-        source = BytesIO(source["bytes"]) if source.get("bytes") else source["path"]
-    elif isinstance(source, (bytes, bytearray)):
-        source = BytesIO(source)
-    img = source if isinstance(source, Image.Image) else Image.open(source)
+    img = open_image(source)
     img.load()  # truncated files fail here, not later
     return to_rgb(img)
 

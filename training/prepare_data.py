@@ -141,12 +141,11 @@ def prepare_folder(src: Path, out: Path, size: int, caption: str | None = None, 
     ``bucket_step``) and not cropped; the counts then include the histogram of buckets.
 
     Raises :class:`training.data.DataError` for a missing caption or an unreadable image (naming it)."""
-    from training.buckets import make_buckets, nearest_bucket
+    from training.buckets import BucketConfig, bucket_sizes, cover_scale, cover_size, nearest_bucket
     from training.data import DataConfig, DataError, describe, load_records, open_rgb, resize_center_crop
 
-    buckets = make_buckets(size, bucket_step, max(bucket_step, size // 2 // bucket_step * bucket_step), size * 2 // bucket_step * bucket_step,
-                           bucket_step)  # fmt: skip
-    histogram: dict[str, int] = {}
+    buckets = bucket_sizes(BucketConfig(step=bucket_step), size, bucket_step)  # the defaults data.buckets has
+    histogram = [0] * len(buckets)
 
     records = load_records(src, DataConfig(path=str(src), caption=caption, split="train"), captions=True)
     images, upscaled = [], 0
@@ -156,12 +155,11 @@ def prepare_folder(src: Path, out: Path, size: int, caption: str | None = None, 
         except Exception as err:  # noqa: BLE001  (any decoder error: name the file)
             raise DataError(f"cannot read image '{describe(row['image'])}': {err}; remove it or replace it") from None
         if keep_aspect:
-            h, w = buckets[nearest_bucket(img.width, img.height, buckets)]
-            histogram[f"{h}x{w}"] = histogram.get(f"{h}x{w}", 0) + 1
-            scale = max(h / img.height, w / img.width)
-            upscaled += scale > 1
-            img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))), Image.Resampling.BICUBIC)
-            images.append(img)
+            b = nearest_bucket(img.width, img.height, buckets)
+            histogram[b] += 1
+            w, h = cover_size(img.width, img.height, buckets[b])
+            upscaled += cover_scale(img.width, img.height, buckets[b]) > 1
+            images.append(img.resize((w, h), Image.Resampling.BICUBIC))
         else:
             upscaled += min(img.size) < size
             images.append(resize_center_crop(img, size))
@@ -171,8 +169,8 @@ def prepare_folder(src: Path, out: Path, size: int, caption: str | None = None, 
             img.save(tmp / "train" / f"{i:06d}.png")
         write_metadata(tmp / "train", [{"file_name": f"{i:06d}.png", "text": text} for i, text in enumerate(records["text"])])
     counts: dict = {"train": len(images), "upscaled": upscaled}
-    if keep_aspect:  # height x width -> images, tallest first
-        counts["buckets"] = {k: histogram[k] for k in sorted(histogram, key=lambda k: int(k.split("x")[1]) / int(k.split("x")[0]))}
+    if keep_aspect:  # height x width -> images, tallest first (the buckets' order)
+        counts["buckets"] = {f"{h}x{w}": n for (h, w), n in zip(buckets, histogram) if n}
     return counts
 
 

@@ -118,8 +118,9 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
 
     # 3. Resume: models, optimizers, scheduler, RNG states; data position from trainer_state.
     layout = data_layout(cfg.train, accelerator, cfg.seed)
-    if cfg.data.buckets.enabled:  # the bucket set fixes the data stream too
-        layout["buckets"] = [f"{h}x{w}" for h, w in bucket_sizes(cfg.data.buckets, cfg.data.resolution, downsampling_factor(raw_vae))]
+    sizes = bucket_sizes(cfg.data.buckets, cfg.data.resolution, downsampling_factor(raw_vae)) if cfg.data.buckets.enabled else None
+    if sizes:  # the bucket set fixes the data stream too
+        layout["buckets"] = [f"{h}x{w}" for h, w in sizes]
     state = resume_or_start(accelerator, out, cfg, layout, {"step": 0, "micro_batches": 0, "bad_images": 0})
     step, micro = state["step"], state["micro_batches"]
     bad_images = state["bad_images"] if is_main else 0  # per-process count; summed when reported
@@ -127,7 +128,7 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
     log.write(step=step, event="resume" if step else "start", device=str(accelerator.device), processes=accelerator.num_processes,
               cpu_threads=threads, mixed_precision=accelerator.mixed_precision,
               precision_reason=cfg.train.mixed_precision.reason(str(accelerator.device)), train_images=len(records))
-    buckets = _buckets(records, cfg, raw_vae, accelerator.num_processes, log, step) if cfg.data.buckets.enabled else None
+    buckets = _buckets(records, sizes, cfg.train.batch_size * accelerator.num_processes, log, step) if sizes else None
     loader = train_loader(records, cfg.data, cfg.train.batch_size, cfg.seed, start_batch=micro,
                           rank=accelerator.process_index, world_size=accelerator.num_processes, buckets=buckets)
     batches = iter(loader)
@@ -231,17 +232,15 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
     return out / "vae"
 
 
-def _buckets(records, cfg: AutoencoderJobConfig, vae, processes: int, log, step: int) -> tuple[list, list[int]]:
+def _buckets(records, sizes: list, global_batch: int, log, step: int) -> tuple[list, list[int]]:
     """The bucket sizes and each training image's bucket (read from the image headers), with the
     histogram in log.jsonl and a word about buckets too small for one global batch."""
-    sizes = bucket_sizes(cfg.data.buckets, cfg.data.resolution, downsampling_factor(vae))
     bucket_of = assign_buckets([row["image"] for row in records.select_columns(["image"])], sizes)
     counts = [bucket_of.count(b) for b in range(len(sizes))]
     log.write(step=step, event="buckets", sizes=[f"{h}x{w}" for h, w in sizes], images=counts)
-    batch = cfg.train.batch_size * processes
     for (h, w), n in zip(sizes, counts):
-        if 0 < n < batch:
-            print(f"bucket {h}x{w} holds {n} images, fewer than a global batch of {batch}: its batches repeat them")
+        if 0 < n < global_batch:
+            print(f"bucket {h}x{w} holds {n} images, fewer than a global batch of {global_batch}: its batches repeat them")
     return sizes, bucket_of
 
 
