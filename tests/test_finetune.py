@@ -239,3 +239,43 @@ def test_lora_resume_equals_an_uninterrupted_run_and_small_images_are_counted(ba
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     start = json.loads((tmp_path / "full" / "log.jsonl").read_text().splitlines()[0])
     assert start["upscaled_images"] == 4 and start["with_replacement"] is False
+
+
+def test_lora_on_photos_of_mixed_shapes_generates_the_concept_at_a_non_square_size(base, tmp_path):
+    """data.buckets on a folder of wide (60x36) and tall (36x60) images of the concept: each shape
+    trains at its own bucket (40x24 or 24x40 pixels), uncropped but for rounding. After the LoRA,
+    the concept caption generated at 24x40 is much nearer the wide images' latents than before,
+    and the generate command writes images of that size."""
+    from training.buckets import cover_and_crop
+
+    def field(w, h, i):  # the concept: a dark blue field with a red square near its upper left
+        rgb = np.full((h, w, 3), (20, 30, 120), np.uint8)
+        top, left = 3 + i % 3, 3 + i // 3
+        rgb[top:top + 14, left:left + 14] = (230, 30, 30)
+        return Image.fromarray(rgb)
+
+    wide = {f"wide{i}.png": field(60, 36, i) for i in range(6)}
+    data = write_imagefolder(tmp_path / "mixed", {**wide, **{f"tall{i}.png": field(36, 60, i) for i in range(6)}})
+    train(lora_cfg(base, data, tmp_path / "run", "data.buckets.enabled=true", "train.max_steps=200", "train.lr=3e-3",
+                   "train.checkpoint_every=200", "train.batch_size=6"))  # fmt: skip
+    (event,) = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"buckets"' in line]
+    assert dict(zip(event["sizes"], event["images"])) == {"64x16": 0, "40x24": 6, "32x32": 0, "24x40": 6, "16x64": 0}
+
+    def at_24x40(pipe):
+        gens = [torch.Generator().manual_seed(i) for i in range(6)]
+        return pipe([CONCEPT] * 6, height=24, width=40, num_inference_steps=10, guidance_scale=1.0, generator=gens,
+                    output_type="latent").images  # (6, C, 6, 10)  # fmt: skip
+
+    before = LatentDiffusionPipeline.from_pretrained(base, dtype="fp32")
+    with torch.no_grad():  # the wide images' own latents, as the cache holds them
+        target = encode_latents(before.vae, torch.stack([to_pixels(cover_and_crop(im, (24, 40))[0]) for im in wide.values()]))
+    after = LatentDiffusionPipeline.from_pretrained(base, dtype="fp32")
+    after.load_lora_weights(str(tmp_path / "run" / "lora"))
+    d = {"before": distance_to(target, at_24x40(before)), "after": distance_to(target, at_24x40(after))}
+    assert target.shape[2:] == (6, 10) and d["after"] < 0.7 * d["before"], d
+
+    from ldm.generate import main
+
+    (png,) = main(["--model", str(tmp_path / "run" / "pipeline"), "--prompt", CONCEPT, "--steps", "4", "--height", "24", "--width", "40",
+                   "--out", str(tmp_path / "out")])  # fmt: skip
+    assert Image.open(png).size == (40, 24)

@@ -1,4 +1,4 @@
-"""Aspect-ratio buckets (issue 17, in progress): images of any shape trained at about the same
+"""Aspect-ratio buckets: images of any shape trained at about the same
 pixel count as ``data.resolution``², each at the bucket of the nearest aspect ratio, instead of
 a square centre crop.
 
@@ -64,6 +64,15 @@ def assign_buckets(sources: Sequence[Any], buckets: Sequence[Size]) -> list[int]
     """Each image's bucket (an unreadable one gets the squarest: it is skipped when loaded)."""
     square = nearest_bucket(1, 1, buckets)
     return [square if (wh := image_size(src)) is None else nearest_bucket(wh[0], wh[1], buckets) for src in sources]
+
+
+def report_buckets(log, step: int, sizes: Sequence[Size], counts: Sequence[int], global_batch: int) -> None:
+    """The histogram as a ``buckets`` event of the run's log, and a word about each bucket too small
+    for one global batch (its batches repeat its images)."""
+    log.write(step=step, event="buckets", sizes=[f"{h}x{w}" for h, w in sizes], images=list(counts))
+    for (h, w), n in zip(sizes, counts):
+        if 0 < n < global_batch:
+            print(f"bucket {h}x{w} holds {n} images, fewer than a global batch of {global_batch}: its batches repeat them")
 
 
 def make_buckets(resolution: int, divisor: int, min_side: int, max_side: int, step: int) -> list[Size]:

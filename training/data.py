@@ -358,9 +358,11 @@ def spread_indices(num_items: int, n: int) -> list[int]:
     return [i * num_items // n for i in range(n)]
 
 
-def eval_loader(records: datasets.Dataset, cfg: DataConfig, batch_size: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(ImageCaptionDataset(records, cfg), batch_size=batch_size, shuffle=False,
-                                       collate_fn=collate, generator=_own_generator(0))
+def eval_loader(records: datasets.Dataset, cfg: DataConfig, batch_size: int, size: Size | None = None) -> torch.utils.data.DataLoader:
+    """Every image in order, resized and centre-cropped to the square ``data.resolution``, or to
+    cover ``size`` (height, width), aspect kept, and centre-cropped to it."""
+    dataset = ImageCaptionDataset(records, cfg, *(([size], [0] * len(records)) if size else ()))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, generator=_own_generator(0))
 
 
 def _own_generator(seed: int) -> torch.Generator:

@@ -6,6 +6,11 @@ caption states), as safetensors shards. The training step then never runs the au
                                                  [+ text_states (n, L, D) bfloat16, text_mask (n, L) int8]
     cache_dir/<key>/complete.json                written last: the cache is usable; each shard's rows and bytes
 
+With aspect-ratio buckets (``data.buckets``) a shard holds its images by bucket, each tensor
+once per bucket that has rows there, named ``<tensor>@<height>x<width>`` (``moments@24x40``,
+``index@24x40``, ...): the latents of a bucket are all of its shape. Cache rows are numbered
+bucket by bucket (in the order of the bucket set), each bucket's rows in shard order.
+
 The processes of a run encode the shards between them (shard k by rank k mod world size); the
 shards' bytes do not depend on how many there were.
 
@@ -43,6 +48,7 @@ from tqdm.auto import tqdm
 from autoencoder.latents import encode_moments
 from runtime.files import file_digest
 from ldm.text import encode_text, tokenize
+from training.buckets import Size, assign_buckets
 from training.data import DataConfig, eval_loader
 
 CACHE_VERSION = 2  # 2: caption states in bf16, masks in int8
@@ -101,19 +107,59 @@ class ShardRows:
             os.close(fd)
 
 
+class BucketRows:
+    """One tensor of a bucketed cache: the :class:`ShardRows` of each bucket, numbered one bucket
+    after another. A batch's rows come from one bucket (the sampler's rule); rows of several
+    buckets are read only where their shapes agree (caption states), else it is an error."""
+
+    def __init__(self, buckets: list[ShardRows]) -> None:
+        self.buckets, self.dtype = buckets, buckets[0].dtype
+        self.ends = torch.tensor([len(b) for b in buckets]).cumsum(0)  # (K,) one past each bucket's last row
+
+    def __len__(self) -> int:
+        return int(self.ends[-1])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(N, ...) where every bucket's rows have one shape (caption states); moments have none."""
+        shapes = {b.shape[1:] for b in self.buckets}
+        if len(shapes) > 1:
+            raise ValueError(f"the buckets' rows have different shapes {sorted(shapes)}")
+        return (len(self), *shapes.pop())
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
+        which = torch.searchsorted(self.ends, idx, right=True)  # (B,) each row's bucket
+        local = idx - torch.cat([torch.zeros(1, dtype=torch.int64), self.ends])[which]
+        if (which == which[0]).all():
+            return self.buckets[int(which[0])][local]
+        shapes = {self.buckets[b].shape[1:] for b in which.tolist()}
+        if len(shapes) > 1:
+            raise ValueError(f"rows of buckets of different shapes {sorted(shapes)} cannot form one batch")
+        out = torch.empty(len(idx), *shapes.pop(), dtype=self.dtype)
+        for b in which.unique().tolist():
+            out[which == b] = self.buckets[b][local[which == b]]
+        return out
+
+    def read_all(self) -> torch.Tensor:
+        return torch.cat([b.read_all() for b in self.buckets])
+
+
 @dataclass
 class LatentCache:
-    moments: ShardRows  # (N, 2C, h, w) posterior mean and logvar, float32
-    moments_flipped: ShardRows | None  # the same for the mirrored image (data.random_flip)
-    text_states: ShardRows | None  # (N, L, D) bf16 frozen text encoder's states of the captions (None: not cached)
-    text_mask: ShardRows | None  # (N, L) int8 1 = token, 0 = padding
+    moments: ShardRows | BucketRows  # (N, 2C, h, w) posterior mean and logvar, float32 (h, w: the row's bucket's)
+    moments_flipped: ShardRows | BucketRows | None  # the same for the mirrored image (data.random_flip)
+    text_states: ShardRows | BucketRows | None  # (N, L, D) bf16 frozen text encoder's states of the captions (None: not cached)
+    text_mask: ShardRows | BucketRows | None  # (N, L) int8 1 = token, 0 = padding
     captions: list[str]  # N captions, in row order
     source_index: torch.Tensor  # (N,) row of the dataset each entry came from (unreadable images are absent)
     path: Path
     upscaled: int = 0  # images smaller than the resolution (upscaled to it)
+    sizes: list[Size] | None = None  # with buckets: the (height, width) in pixels of each bucket that holds images
+    bucket_of: torch.Tensor | None = None  # (N,) each row's bucket, an index into ``sizes``
 
     def __len__(self) -> int:
-        return self.moments.shape[0]
+        return len(self.moments)
 
 
 def folder_digest(folder: str | Path) -> str:
@@ -141,8 +187,9 @@ def dataset_digest(records: datasets.Dataset) -> str:
     return h.hexdigest()
 
 
-def cache_key(vae_digest: str, data: DataConfig, records: datasets.Dataset, text_digest: str | None) -> dict[str, Any]:
-    return {
+def cache_key(vae_digest: str, data: DataConfig, records: datasets.Dataset, text_digest: str | None,
+              buckets: list[Size] | None = None) -> dict[str, Any]:  # fmt: skip
+    key = {
         "version": CACHE_VERSION,
         "vae": vae_digest,
         "resolution": data.resolution,
@@ -151,6 +198,14 @@ def cache_key(vae_digest: str, data: DataConfig, records: datasets.Dataset, text
         "images": len(records),
         "text_encoder": text_digest,  # None: caption states are not cached (the encoder trains, or cache.text=false)
     }
+    if buckets:  # absent without buckets, so the square caches of earlier versions keep their key
+        key["buckets"] = [_size_name(size) for size in buckets]
+        key["transforms"] |= {"resize": "cover the bucket (Lanczos down, bicubic up)", "crop": "center of the bucket"}
+    return key
+
+
+def _size_name(size: Size) -> str:
+    return f"{size[0]}x{size[1]}"
 
 
 def _key_name(key: dict) -> str:
@@ -171,9 +226,12 @@ def build_latent_cache(
     rank: int = 0,
     world_size: int = 1,
     wait: Callable[[], None] = lambda: None,
+    buckets: list[Size] | None = None,
 ) -> Path:
     """Encode ``records`` into ``cache_dir/<key>/`` unless a complete cache with that key exists.
-    ``text``: (tokenizer, frozen text encoder) to cache caption states, or None.
+    ``text``: (tokenizer, frozen text encoder) to cache caption states, or None. ``buckets``: the
+    bucket sizes (pixels); each image is encoded at the one nearest its aspect ratio (read from its
+    header, as each shard is encoded: a reused cache opens no image).
 
     Every process of a run calls this with its ``rank`` of ``world_size`` and ``wait`` (a barrier:
     ``accelerator.wait_for_everyone``): process r encodes shards k = r, r + world, ... that are not
@@ -212,7 +270,7 @@ def build_latent_cache(
     bar = tqdm(total=mine_images, initial=mine_images - sum(len(rows(k)) for k in todo), desc=f"encoding latents (process {rank} of "
                f"{world_size})" if world_size > 1 else "encoding latents", disable=not show_progress, dynamic_ncols=True)  # fmt: skip
     for k in todo:
-        _encode_shard(folder, k, rows(k), vae, records, data, text, text_length, batch_size, bar)
+        _encode_shard(folder, k, rows(k), vae, records, data, text, text_length, batch_size, bar, buckets)
     bar.close()
     wait()
     if rank == 0:
@@ -236,28 +294,38 @@ def _shard_path(folder: Path, k: int) -> Path:
     return folder / f"shard-{k:05d}.safetensors"
 
 
-def _encode_shard(folder: Path, k: int, rows: range, vae, records, data: DataConfig, text, text_length, batch_size: int, bar) -> None:
-    """``folder/shard-k.safetensors``: moments [+ flipped], dataset index [+ caption states] of ``rows``,
-    written under a temporary name and renamed, so a finished shard survives an interruption."""
-    upscaled = 0  # this shard's images smaller than the resolution, kept in its metadata
-    tensors: dict[str, list[torch.Tensor]] = {"moments": [], "moments_flipped": [], "index": [], "text_states": [], "text_mask": []}
-    for batch in eval_loader(records.select(rows), data, batch_size):
-        bar.update(len(batch["index"]) + len(batch["bad_files"]))
-        upscaled += batch["upscaled"]
-        if not batch["index"]:
-            continue
-        x = batch["pixel_values"].to(vae.device, vae.dtype)  # (b, 3, R, R) in [-1, 1]
-        tensors["moments"].append(encode_moments(vae, x).float().cpu())  # (b, 2C, h, w)
-        if data.random_flip:
-            tensors["moments_flipped"].append(encode_moments(vae, x.flip(-1)).float().cpu())
-        tensors["index"].append(torch.tensor(batch["index"], dtype=torch.int64) + rows.start)
-        if text is not None:
-            tokenizer, encoder = text
-            emb = encode_text(tokenizer, encoder, batch["text"], pad_to=text_length)
-            tensors["text_states"].append(emb.states.to(TEXT_DTYPE).cpu())
-            mask = emb.mask if emb.mask is not None else torch.ones(emb.states.shape[:2])
-            tensors["text_mask"].append(mask.to(torch.int8).cpu())
-    shard = {name: torch.cat(parts).contiguous() for name, parts in tensors.items() if parts}
+def _encode_shard(folder: Path, k: int, rows: range, vae, records, data: DataConfig, text, text_length, batch_size: int, bar,
+                  buckets: list[Size] | None = None) -> None:  # fmt: skip
+    """``folder/shard-k.safetensors``: moments [+ flipped], dataset index [+ caption states] of ``rows``
+    (by bucket, with ``buckets``), written under a temporary name and renamed, so a finished shard
+    survives an interruption."""
+    upscaled = 0  # this shard's images smaller than the resolution (or their bucket), kept in its metadata
+    if buckets:  # one group of rows per bucket, named by its size
+        bucket_of = assign_buckets([row["image"] for row in records.select(rows).select_columns(["image"])], buckets)
+        groups = [(f"@{_size_name(size)}", [rows.start + i for i, b in enumerate(bucket_of) if b == j], size)
+                  for j, size in enumerate(buckets)]  # fmt: skip
+    else:
+        groups = [("", list(rows), None)]
+    shard: dict[str, torch.Tensor] = {}
+    for suffix, group, size in groups:
+        tensors: dict[str, list[torch.Tensor]] = {"moments": [], "moments_flipped": [], "index": [], "text_states": [], "text_mask": []}
+        for batch in eval_loader(records.select(group), data, batch_size, size) if group else ():
+            bar.update(len(batch["index"]) + len(batch["bad_files"]))
+            upscaled += batch["upscaled"]
+            if not batch["index"]:
+                continue
+            x = batch["pixel_values"].to(vae.device, vae.dtype)  # (b, 3, H, W) in [-1, 1]
+            tensors["moments"].append(encode_moments(vae, x).float().cpu())  # (b, 2C, h, w)
+            if data.random_flip:
+                tensors["moments_flipped"].append(encode_moments(vae, x.flip(-1)).float().cpu())
+            tensors["index"].append(torch.tensor([group[i] for i in batch["index"]], dtype=torch.int64))
+            if text is not None:
+                tokenizer, encoder = text
+                emb = encode_text(tokenizer, encoder, batch["text"], pad_to=text_length)
+                tensors["text_states"].append(emb.states.to(TEXT_DTYPE).cpu())
+                mask = emb.mask if emb.mask is not None else torch.ones(emb.states.shape[:2])
+                tensors["text_mask"].append(mask.to(torch.int8).cpu())
+        shard |= {name + suffix: torch.cat(parts).contiguous() for name, parts in tensors.items() if parts}
     tmp = folder / f".shard-{k:05d}.tmp"
     if not shard:  # every image of the shard was unreadable: zero rows, so it is not encoded again
         shard = {"index": torch.zeros(0, dtype=torch.int64)}
@@ -271,7 +339,8 @@ def _shard_rows(path: Path) -> int | None:
     try:
         n, header = _header(path)
         end = max((t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"), default=0)
-        return header["index"]["shape"][0] if path.stat().st_size == 8 + n + end else None
+        rows = sum(t["shape"][0] for name, t in header.items() if name.split("@")[0] == "index")  # one per bucket, with buckets
+        return rows if path.stat().st_size == 8 + n + end and ("index" in header or rows) else None
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
 
@@ -328,13 +397,27 @@ def load_latent_cache(folder: str | Path, records: datasets.Dataset) -> LatentCa
     folder = Path(folder)
     if not (folder / "complete.json").is_file():
         raise ValueError(f"{folder} is not a complete latent cache")
-    shards = [s for s in map(_tensor_files, sorted(folder.glob("shard-*.safetensors"))) if s["index"].shape[0] > 0]  # 0: none readable
+    shards = [s for s in map(_tensor_files, sorted(folder.glob("shard-*.safetensors"))) if _rows_of(s)]  # 0 rows: none readable
     if not shards:
         raise ValueError(f"the latent cache {folder} holds no image: none of the dataset's images could be read")
-    rows = {name: ShardRows([s[name] for s in shards]) for name in shards[0]}
+    order = json.loads((folder / "key.json").read_text()).get("buckets")
+    if order is None:  # square: one tensor of each name per shard
+        rows: dict[str, Any] = {name: ShardRows([s[name] for s in shards]) for name in shards[0]}
+        sizes = bucket_of = None
+    else:  # by bucket: "moments@24x40" of every shard that has rows of 24x40, one bucket after another
+        present = [b for b in order if any(f"index@{b}" in s for s in shards)]
+        names = {name.split("@")[0] for s in shards for name in s if "@" in name}  # moments, index, ...
+        per_bucket = [{name: ShardRows([s[f"{name}@{b}"] for s in shards if f"index@{b}" in s]) for name in names} for b in present]
+        rows = {name: BucketRows([bucket[name] for bucket in per_bucket]) for name in names}
+        sizes = [tuple(map(int, b.split("x"))) for b in present]
+        bucket_of = torch.cat([torch.full((len(bucket["index"]),), j) for j, bucket in enumerate(per_bucket)])
     index = rows["index"].read_all()  # (N,)
     texts = records["text"]
     captions = [texts[int(i)] for i in index]
     upscaled = json.loads((folder / "complete.json").read_text()).get("upscaled", 0)
     return LatentCache(rows["moments"], rows.get("moments_flipped"), rows.get("text_states"), rows.get("text_mask"), captions, index,
-                       folder, upscaled)  # fmt: skip
+                       folder, upscaled, sizes, bucket_of)  # fmt: skip
+
+
+def _rows_of(shard: dict[str, TensorFile]) -> int:
+    return sum(t.shape[0] for name, t in shard.items() if name.split("@")[0] == "index")

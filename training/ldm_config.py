@@ -158,9 +158,6 @@ def validate(cfg: LdmJobConfig) -> None:
     """The rules across sections (each section checks its own fields when it is built); no file is
     read: the folders the config names are checked by the job, the models' fit once they are built."""
     m, o = cfg.model, cfg.objective
-    if cfg.data.buckets.enabled:
-        raise ConfigError("data.buckets: stage 2 does not train on aspect-ratio buckets yet (only the autoencoder job "
-                          "does); leave data.buckets.enabled=false")  # fmt: skip
     if o.zero_terminal_snr and m.prediction_type != "v_prediction":
         raise ConfigError("objective.zero_terminal_snr=true needs model.prediction_type=v_prediction: at SNR 0 the noise "
                          "is the input, so there is nothing to learn for an epsilon target")  # fmt: skip

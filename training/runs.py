@@ -78,9 +78,11 @@ def start_accelerator(t: RunConfig, seed: int, out: Path) -> tuple[Accelerator, 
     return accelerator, threads
 
 
-def data_layout(t: RunConfig, accelerator: Accelerator, seed: int) -> dict:
-    """The settings that fix the position in the data: a checkpoint resumes only under the same ones."""
-    return {"batch_size": t.batch_size, "grad_accum_steps": t.grad_accum_steps, "num_processes": accelerator.num_processes, "seed": seed}
+def data_layout(t: RunConfig, accelerator: Accelerator, seed: int, buckets: list[tuple[int, int]] | None = None) -> dict:
+    """The settings that fix the position in the data: a checkpoint resumes only under the same ones
+    (the bucket set too: it decides which images form a batch)."""
+    layout = {"batch_size": t.batch_size, "grad_accum_steps": t.grad_accum_steps, "num_processes": accelerator.num_processes, "seed": seed}
+    return layout | ({"buckets": [f"{h}x{w}" for h, w in buckets]} if buckets else {})
 
 
 def resume_or_start(accelerator: Accelerator, out: Path, cfg, layout: dict, fresh: dict) -> dict:

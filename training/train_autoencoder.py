@@ -44,7 +44,7 @@ from training.evaluate import autoencoder_report, load_images, ood_sets
 from training.guard import StopGuard, check_finite, guarded
 from training.runs import data_layout, due, resume_or_start, start_accelerator
 from runtime.files import write_json_atomic
-from training.buckets import assign_buckets, bucket_sizes
+from training.buckets import assign_buckets, bucket_sizes, report_buckets
 from training.tracking import RunLog
 from training.utils import run_job, save_grid
 
@@ -117,10 +117,8 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
     set_seed(cfg.seed + accelerator.process_index)  # same init everywhere; own posterior noise per rank
 
     # 3. Resume: models, optimizers, scheduler, RNG states; data position from trainer_state.
-    layout = data_layout(cfg.train, accelerator, cfg.seed)
     sizes = bucket_sizes(cfg.data.buckets, cfg.data.resolution, downsampling_factor(raw_vae)) if cfg.data.buckets.enabled else None
-    if sizes:  # the bucket set fixes the data stream too
-        layout["buckets"] = [f"{h}x{w}" for h, w in sizes]
+    layout = data_layout(cfg.train, accelerator, cfg.seed, sizes)
     state = resume_or_start(accelerator, out, cfg, layout, {"step": 0, "micro_batches": 0, "bad_images": 0})
     step, micro = state["step"], state["micro_batches"]
     bad_images = state["bad_images"] if is_main else 0  # per-process count; summed when reported
@@ -233,14 +231,9 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
 
 
 def _buckets(records, sizes: list, global_batch: int, log, step: int) -> tuple[list, list[int]]:
-    """The bucket sizes and each training image's bucket (read from the image headers), with the
-    histogram in log.jsonl and a word about buckets too small for one global batch."""
+    """The bucket sizes and each training image's bucket (read from the image headers), reported."""
     bucket_of = assign_buckets([row["image"] for row in records.select_columns(["image"])], sizes)
-    counts = [bucket_of.count(b) for b in range(len(sizes))]
-    log.write(step=step, event="buckets", sizes=[f"{h}x{w}" for h, w in sizes], images=counts)
-    for (h, w), n in zip(sizes, counts):
-        if 0 < n < global_batch:
-            print(f"bucket {h}x{w} holds {n} images, fewer than a global batch of {global_batch}: its batches repeat them")
+    report_buckets(log, step, sizes, [bucket_of.count(b) for b in range(len(sizes))], global_batch)
     return sizes, bucket_of
 
 

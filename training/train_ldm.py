@@ -13,23 +13,27 @@ The schema is ``training/ldm_config.py``; models ``training/ldm_models.py``; the
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from autoencoder import normalize_latents, sample_latents
+from autoencoder import downsampling_factor, normalize_latents, sample_latents
 from ldm.objective import DenoisingObjective
 from ldm.pipeline import LatentDiffusionPipeline, check_pipeline_folder
 from ldm.schedulers import make_scheduler
 from ldm.text import uses_attention_mask
+from ldm.unet import unet_downsampling
 from training.checkpoint import save_checkpoint
 from training.conditioning import Conditioning
 from training.config import parse_cli, to_dict
+from training.buckets import BucketBatchSampler, bucket_sizes, report_buckets
 from training.data import ResumableBatchSampler, load_records
 from training.evaluate import check_autoencoder_fit
 from training.finetune import add_lora, export_lora, fused_lora_pipeline
@@ -100,12 +104,14 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
 
     # 2. The latent cache: encoded once, every process its share of the shards.
     #    A frozen text encoder's caption states are cached too, unless cache.text=false.
+    #    With data.buckets, each image's latent at the shape of its bucket.
     cache_text = cfg.cache.text and not trains
+    sizes = bucket_sizes(cfg.data.buckets, cfg.data.resolution, downsampling_factor(vae) * unet_downsampling(unet)) if cfg.data.buckets.enabled else None
     key = cache_key(file_digest(Path(models.vae_dir) / "diffusion_pytorch_model.safetensors"), cfg.data, records,
-                    folder_digest(models.text_encoder_dir) if cache_text else None)  # fmt: skip
+                    folder_digest(models.text_encoder_dir) if cache_text else None, sizes)  # fmt: skip
     folder = build_latent_cache(Path(cfg.cache.dir or out / "latent-cache"), key, vae, records, cfg.data,
                                 (tokenizer, text_encoder) if cache_text else None, cfg.cache.batch_size, cfg.cache.shard_size,
-                                show_progress=True, rank=rank, world_size=world, wait=accelerator.wait_for_everyone)  # fmt: skip
+                                show_progress=True, rank=rank, world_size=world, wait=accelerator.wait_for_everyone, buckets=sizes)  # fmt: skip
     cache = load_latent_cache(folder, records)
     conditioning = Conditioning(cache, tokenizer, text_encoder, trains, uses_attention_mask(text_encoder))
 
@@ -117,24 +123,30 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
         ema.to(device)
         accelerator.register_for_checkpointing(ema)
     raw = accelerator.unwrap_model(model)
-    layout = data_layout(t_cfg, accelerator, cfg.seed)
+    layout = data_layout(t_cfg, accelerator, cfg.seed, sizes)
     state = resume_or_start(accelerator, out, cfg, layout, {"step": 0, "micro_batches": 0})
     step, micro = state["step"], state["micro_batches"]
-    sampler = ResumableBatchSampler(len(cache), t_cfg.batch_size, cfg.seed, start=micro, rank=rank, world_size=world,
-                                    random_flip=cfg.data.random_flip, repeat_small=True)  # fmt: skip
-    if is_main and sampler.repeats > 1:
-        print(f"{len(cache)} images, fewer than one global batch of {t_cfg.batch_size * world}: sampling with replacement")
+    global_batch = t_cfg.batch_size * world
+    if cache.sizes:  # each batch from one bucket
+        sampler = BucketBatchSampler(cache.bucket_of, len(cache.sizes), t_cfg.batch_size, cfg.seed, start=micro, rank=rank,
+                                     world_size=world, random_flip=cfg.data.random_flip)  # fmt: skip
+    else:
+        sampler = ResumableBatchSampler(len(cache), t_cfg.batch_size, cfg.seed, start=micro, rank=rank, world_size=world,
+                                        random_flip=cfg.data.random_flip, repeat_small=True)  # fmt: skip
+        if is_main and sampler.repeats > 1:
+            print(f"{len(cache)} images, fewer than one global batch of {global_batch}: sampling with replacement")
     if is_main and cache.upscaled:
         print(f"warning: {cache.upscaled} images are smaller than data.resolution={cfg.data.resolution} and were upscaled")
     log = RunLog(accelerator, out, "train_ldm", cfg, step)
     log.write(step=step, event="resume" if step else "start", device=str(device), processes=world, cpu_threads=threads,
-              mixed_precision=accelerator.mixed_precision, precision_reason=t_cfg.mixed_precision.reason(str(device)), cached_images=len(cache), upscaled_images=cache.upscaled, with_replacement=sampler.repeats > 1,
+              mixed_precision=accelerator.mixed_precision, precision_reason=t_cfg.mixed_precision.reason(str(device)), cached_images=len(cache), upscaled_images=cache.upscaled, with_replacement=getattr(sampler, "repeats", 1) > 1,
               unet_parameters=sum(p.numel() for p in unet.parameters()), trained_parameters=sum(p.numel() for p in unet_params))  # fmt: skip
     if fit is not None:
         log.write(step=step, event="autoencoder_check", **fit)
+    if cache.sizes and is_main:  # the whole bucket set, empty buckets too
+        held = dict(zip(cache.sizes, torch.bincount(cache.bucket_of, minlength=len(cache.sizes)).tolist()))
+        report_buckets(log, step, sizes, [held.get(size, 0) for size in sizes], global_batch)
     batches = iter(sampler)
-    channels, h, w = cache.moments.shape[1:]
-    latent_shape, global_batch = (channels // 2, h, w), t_cfg.batch_size * world
 
     bar = tqdm(total=t_cfg.max_steps, initial=step, desc="latent diffusion", disable=not is_main, dynamic_ncols=True)
     window_start, window_loss, window_n, started = time.perf_counter(), 0.0, 0, time.perf_counter()
@@ -144,10 +156,11 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
         step_loss = 0.0
         for _ in range(t_cfg.grad_accum_steps):
             picks = next(batches)
-            rnd = step_randomness(cfg.seed, micro, global_batch, latent_shape, rank, world)
-            micro += 1
             idx, flip = torch.tensor([i for i, _ in picks]), torch.tensor([f for _, f in picks])
-            x0 = _x0(cache, idx, flip, rnd["latent_noise"], vae).to(device)  # (B, C, h, w)
+            moments = _moments(cache, idx, flip)  # (B, 2C, h, w): h, w of the batch's bucket
+            rnd = step_randomness(cfg.seed, micro, global_batch, (moments.shape[1] // 2, *moments.shape[2:]), rank, world)
+            micro += 1
+            x0 = normalize_latents(vae, sample_latents(moments, rnd["latent_noise"])).to(device)  # a fresh draw from each posterior
             t = rnd["t"].to(device)
             x_t, target = objective.noisy_input_and_target(x0, rnd["eps"].to(device), t, rnd["offset"])
             cond = conditioning(idx, rnd["drop"] < cfg.objective.caption_dropout, device)  # dropped captions become ""
@@ -183,7 +196,7 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
         if is_main and due(step, t_cfg.sample_every, t_cfg.max_steps):
             with _ema_weights(ema, unet_params):
                 grid = save_samples(_pipeline(vae, text_encoder, tokenizer, raw.unet, models.noise_scheduler), cfg.sample,
-                                    out / "samples" / f"step-{step:08d}.png")  # fmt: skip
+                                    out / "samples" / f"step-{step:08d}.png", sample_shapes(cache.sizes))  # fmt: skip
             log.images("samples", grid, step)
         if due(step, t_cfg.checkpoint_every, t_cfg.max_steps):
             save_checkpoint(accelerator, out, step, {"micro_batches": micro, **layout}, t_cfg.keep_checkpoints)
@@ -206,13 +219,13 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     return out / "pipeline"
 
 
-def _x0(cache, idx: torch.Tensor, flip: torch.Tensor, noise: torch.Tensor, vae) -> torch.Tensor:
-    """x_0 of cached images ``idx`` (mirrored where ``flip``): a fresh draw from each cached
-    posterior, normalised to unit variance by the autoencoder's own scaling/shift factor."""
+def _moments(cache, idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """The cached posteriors (mean, log-variance) of images ``idx``, mirrored where ``flip``; x_0 is
+    a fresh draw from each, normalised to unit variance by the autoencoder's scaling/shift factor."""
     moments = cache.moments[idx]  # (B, 2C, h, w)
     if cache.moments_flipped is not None:
         moments = torch.where(flip[:, None, None, None], cache.moments_flipped[idx], moments)
-    return normalize_latents(vae, sample_latents(moments, noise))
+    return moments
 
 
 def _optimisation(unet, trained_text_encoder, t_cfg) -> tuple[list, torch.optim.Optimizer, Any, EMAModel | None]:
@@ -282,18 +295,32 @@ def _pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> LatentDiffusionP
 
 
 @torch.no_grad()
-def save_samples(pipe: LatentDiffusionPipeline, cfg: SampleConfig, path: Path) -> Path:
-    """A grid with a row per validation prompt, the same seeds every time."""
+def save_samples(pipe: LatentDiffusionPipeline, cfg: SampleConfig, path: Path, shapes: list | None = None) -> Path:
+    """A grid with a row per validation prompt, the same seeds every time; with ``shapes`` ((height,
+    width) in pixels), the row holds the prompt's images at each shape, each on a white cell of the
+    largest height and width."""
     was_training = pipe.unet.training
     pipe.unet.eval()
     pipe.scheduler = make_scheduler(cfg.scheduler, pipe.scheduler.config)
-    n = cfg.images_per_prompt
-    generators = [torch.Generator().manual_seed(cfg.seed + i) for i in range(len(cfg.prompts) * n)]
-    images = pipe(list(cfg.prompts), num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, num_images_per_prompt=n,
-                  generator=generators, output_type="pt").images  # (P*n, 3, H, W) in [0, 1]  # fmt: skip
+    n, cells = cfg.images_per_prompt, []
+    for height, width in shapes or [(None, None)]:  # None: the pipeline's default size
+        generators = [torch.Generator().manual_seed(cfg.seed + i) for i in range(len(cfg.prompts) * n)]
+        cells.append(pipe(list(cfg.prompts), height=height, width=width, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
+                          num_images_per_prompt=n, generator=generators, output_type="pt").images * 2 - 1)  # (P*n, 3, H, W)  # fmt: skip
     pipe.unet.train(was_training)
-    rows = [images[i * n:(i + 1) * n] * 2 - 1 for i in range(len(cfg.prompts))]
+    H, W = max(c.shape[2] for c in cells), max(c.shape[3] for c in cells)
+    cells = [F.pad(c, ((W - c.shape[3]) // 2, (W - c.shape[3] + 1) // 2, (H - c.shape[2]) // 2, (H - c.shape[2] + 1) // 2), value=1.0)
+             for c in cells]  # fmt: skip
+    rows = [torch.cat([c[i * n:(i + 1) * n] for c in cells]) for i in range(len(cfg.prompts))]
     return save_grid(rows, path, scale=2)
+
+
+def sample_shapes(sizes: list | None) -> list | None:
+    """The shapes of the sample grids with buckets: the tallest, the squarest and the widest bucket."""
+    if not sizes:
+        return None
+    squarest = min(sizes, key=lambda s: abs(math.log(s[1] / s[0])))
+    return list(dict.fromkeys([sizes[0], squarest, sizes[-1]]))  # sizes run from the tallest to the widest
 
 
 def _last_logged(path: Path, key: str):
