@@ -183,6 +183,45 @@ def cpu_bf16_speedup() -> float:
     return bf16_decision()[0]
 
 
+# bf16 stride-2 convolutions on maps 1 to 3 pixels wide, against fp32, after filling freed memory
+# with NaN (the faulty kernels read memory they did not write). Exits 1 if any result is off.
+_NARROW_PROBE = """
+import sys, torch
+torch.manual_seed(0)
+bad = 0
+for width, padding in ((1, 1), (2, 1), (3, 1), (3, 0)):
+    conv = torch.nn.Conv2d(64, 64, 3, stride=2, padding=padding)
+    x = torch.randn(16, 64, 8, width)
+    with torch.no_grad():
+        ref = conv(x)
+        for _ in range(3):
+            junk = [torch.full((1 << 20,), float("nan")) for _ in range(64)]
+            del junk
+            with torch.autocast("cpu", torch.bfloat16):
+                out = conv(x).float()
+            bad += not bool(torch.isfinite(out).all()) or (out - ref).abs().max().item() > 0.2
+sys.exit(1 if bad else 0)
+"""
+NARROW_MAP = 4  # the narrowest map a stride-2 convolution may get where bf16_narrow_maps_ok() is False
+
+
+@lru_cache(maxsize=1)
+def bf16_narrow_maps_ok() -> bool:
+    """Whether bf16 convolutions with stride 2 compute what fp32 does on maps narrower than
+    :data:`NARROW_MAP` pixels. On a Xeon VM with AMX (torch 2.13's oneDNN) they do not: a 3x3,
+    stride-2 convolution of an 8x2 map read memory it had not written (NaN, or errors of ~2.6),
+    which a U-Net meets at a 4:1 bucket of a small model. Capped below AMX they were right.
+    Probed once per boot in a child process (after :func:`configure_cpu`)."""
+    if platform.system() != "Linux" or not _cpu_flags() & {"amx_bf16", "avx512_bf16"}:
+        return True  # no bf16 units: bf16 is never chosen on this CPU
+
+    def probe() -> bool:
+        configure_cpu()
+        return subprocess.run([sys.executable, "-c", _NARROW_PROBE], capture_output=True, timeout=300).returncode == 0
+
+    return bool(_cached("bf16_narrow_maps_ok", probe))
+
+
 _configured = False
 
 

@@ -263,3 +263,37 @@ def test_two_ranks_on_buckets(job, mixed_shapes, tiny_vae, tmp_path):
         assert len(loss[0]) == 2 and np.allclose(loss[0], loss[1], atol=1e-5)
     else:
         assert (tmp_path / "two" / "vae" / "config.json").is_file() and "g_loss" in [r for r in log if "l1" in r][-1]
+
+
+def test_buckets_that_bf16_computes_wrongly_on_this_cpu_are_refused_in_training_and_generation(monkeypatch):
+    """On a CPU whose bf16 stride-2 convolutions go wrong on maps under 4 pixels wide (probed;
+    the AMX Xeon VM is one), a bucket or a generated size that makes such maps is an error naming
+    it and the fix; elsewhere it runs. The rule: the last downsampling convolution sees the image
+    shrunk by half the total downsampling."""
+    import training.buckets as buckets
+    from runtime import NARROW_MAP
+    from runtime.errors import InputError as Refused
+    from tests.conftest import tiny_pipeline
+
+    assert NARROW_MAP == 4
+    assert buckets.narrow_buckets(make_buckets(32, 16, 16, 64, 16), 16) == [(64, 16), (16, 64)]  # 16 * 2 // 16 = 2 wide
+    assert buckets.narrow_buckets(make_buckets(64, 16, 32, 128, 16), 16) == []  # the 64-pixel defaults: 32 * 2 // 16 = 4
+    for ok in (True, False):
+        monkeypatch.setattr(buckets, "bf16_narrow_maps_ok", lambda ok=ok: ok)
+        if ok:
+            buckets.refuse_narrow_buckets([(64, 16), (32, 32)], 16, "the U-Net")
+        else:
+            with pytest.raises(Refused, match=r"data.buckets: 64x16 leave maps 2 pixels wide .* set data.buckets.min_side=32 .*"
+                                              r"train.mixed_precision=fp32"):  # fmt: skip
+                buckets.refuse_narrow_buckets([(64, 16), (32, 32)], 16, "the U-Net")
+
+    import ldm.pipeline
+
+    pipe = tiny_pipeline().prepare_for_inference(device="cpu", dtype="bf16")  # total downsampling 8
+    run = lambda h, w: pipe(["sun"], height=h, width=w, num_inference_steps=1, output_type="latent").images  # noqa: E731
+    monkeypatch.setattr(ldm.pipeline, "bf16_narrow_maps_ok", lambda: False)
+    with pytest.raises(Refused, match=r"8x32 \(height x width\) leaves maps 2 pixels wide .* sides of at least 16, or fp32"):
+        run(8, 32)
+    assert run(16, 32).shape[2:] == (4, 8)  # 16 * 2 // 8 = 4: fine
+    monkeypatch.setattr(ldm.pipeline, "bf16_narrow_maps_ok", lambda: True)
+    assert run(8, 32).shape[2:] == (2, 8)

@@ -20,6 +20,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from PIL import Image
 
+from runtime import NARROW_MAP, bf16_narrow_maps_ok
 from runtime.images import TURNED, open_image
 from training.config import ConfigError
 
@@ -73,6 +74,24 @@ def report_buckets(log, step: int, sizes: Sequence[Size], counts: Sequence[int],
     for (h, w), n in zip(sizes, counts):
         if 0 < n < global_batch:
             print(f"bucket {h}x{w} holds {n} images, fewer than a global batch of {global_batch}: its batches repeat them")
+
+
+def narrow_buckets(sizes: Sequence[Size], downsampling: int) -> list[Size]:
+    """The buckets whose narrower side reaches a model's last downsampling convolution (its input is
+    the image shrunk by ``downsampling / 2``) less than :data:`runtime.NARROW_MAP` pixels wide."""
+    return [s for s in sizes if min(s) * 2 // downsampling < NARROW_MAP]
+
+
+def refuse_narrow_buckets(sizes: Sequence[Size], downsampling: int, model: str) -> None:
+    """For a bf16 run on a CPU: an error naming the buckets that bf16 would compute wrongly here
+    (:func:`runtime.bf16_narrow_maps_ok`), and what to change. Nothing where the CPU computes them right."""
+    narrow = narrow_buckets(sizes, downsampling)
+    if narrow and not bf16_narrow_maps_ok():
+        width = min(min(s) for s in narrow) * 2 // downsampling
+        raise ConfigError(f"data.buckets: {', '.join(f'{h}x{w}' for h, w in narrow)} leave maps {width} pixels wide at {model}'s last "
+                          f"downsampling convolution, and bf16 convolutions of maps narrower than {NARROW_MAP} come out wrong on this "
+                          f"CPU (oneDNN's AMX kernels; probed); set data.buckets.min_side={2 * downsampling} (or list sizes with sides "
+                          f">= {2 * downsampling}), or train in fp32 (train.mixed_precision=fp32)")  # fmt: skip
 
 
 def make_buckets(resolution: int, divisor: int, min_side: int, max_side: int, step: int) -> list[Size]:

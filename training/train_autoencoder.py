@@ -44,7 +44,7 @@ from training.evaluate import autoencoder_report, load_images, ood_sets
 from training.guard import StopGuard, check_finite, guarded
 from training.runs import data_layout, due, resume_or_start, start_accelerator
 from runtime.files import write_json_atomic
-from training.buckets import assign_buckets, bucket_sizes, report_buckets
+from training.buckets import assign_buckets, bucket_sizes, refuse_narrow_buckets, report_buckets
 from training.tracking import RunLog
 from training.utils import run_job, save_grid
 
@@ -118,6 +118,8 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
 
     # 3. Resume: models, optimizers, scheduler, RNG states; data position from trainer_state.
     sizes = bucket_sizes(cfg.data.buckets, cfg.data.resolution, downsampling_factor(raw_vae)) if cfg.data.buckets.enabled else None
+    if sizes and accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu":
+        refuse_narrow_buckets(sizes, downsampling_factor(raw_vae), "the encoder")
     layout = data_layout(cfg.train, accelerator, cfg.seed, sizes)
     state = resume_or_start(accelerator, out, cfg, layout, {"step": 0, "micro_batches": 0, "bad_images": 0})
     step, micro = state["step"], state["micro_batches"]

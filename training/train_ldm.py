@@ -33,7 +33,7 @@ from ldm.unet import unet_downsampling
 from training.checkpoint import save_checkpoint
 from training.conditioning import Conditioning
 from training.config import parse_cli, to_dict
-from training.buckets import BucketBatchSampler, bucket_sizes, report_buckets
+from training.buckets import BucketBatchSampler, bucket_sizes, refuse_narrow_buckets, report_buckets
 from training.data import ResumableBatchSampler, load_records
 from training.evaluate import check_autoencoder_fit
 from training.finetune import add_lora, export_lora, fused_lora_pipeline
@@ -106,7 +106,10 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     #    A frozen text encoder's caption states are cached too, unless cache.text=false.
     #    With data.buckets, each image's latent at the shape of its bucket.
     cache_text = cfg.cache.text and not trains
-    sizes = bucket_sizes(cfg.data.buckets, cfg.data.resolution, downsampling_factor(vae) * unet_downsampling(unet)) if cfg.data.buckets.enabled else None
+    total = downsampling_factor(vae) * unet_downsampling(unet)
+    sizes = bucket_sizes(cfg.data.buckets, cfg.data.resolution, total) if cfg.data.buckets.enabled else None
+    if sizes and accelerator.mixed_precision == "bf16" and device.type == "cpu":
+        refuse_narrow_buckets(sizes, total, "the U-Net")
     key = cache_key(file_digest(Path(models.vae_dir) / "diffusion_pytorch_model.safetensors"), cfg.data, records,
                     folder_digest(models.text_encoder_dir) if cache_text else None, sizes)  # fmt: skip
     folder = build_latent_cache(Path(cfg.cache.dir or out / "latent-cache"), key, vae, records, cfg.data,
