@@ -283,8 +283,8 @@ def test_buckets_that_bf16_computes_wrongly_on_this_cpu_are_refused_in_training_
         if ok:
             buckets.refuse_narrow_buckets([(64, 16), (32, 32)], 16, "the U-Net")
         else:
-            with pytest.raises(Refused, match=r"data.buckets: 64x16 leave maps 2 pixels wide .* set data.buckets.min_side=32 .*"
-                                              r"train.mixed_precision=fp32"):  # fmt: skip
+            with pytest.raises(Refused, match=r"data.buckets: 64x16 leave maps 2 pixels wide .* data.buckets.min_side=32, or a list such as "
+                                              r"data.buckets.sizes=\[\[48,32\],\[32,32\],\[32,48\]\] .*train.mixed_precision=fp32"):  # fmt: skip
                 buckets.refuse_narrow_buckets([(64, 16), (32, 32)], 16, "the U-Net")
 
     import ldm.pipeline
