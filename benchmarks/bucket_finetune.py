@@ -9,9 +9,10 @@ every third on a tall one (32x48) and the rest square, each with its own caption
 ``configs/finetune/full-openmoji.yaml`` and ``data.buckets.sizes=[[48,32],[32,32],[32,48]]`` (height
 x width), so each shape trains at its own size, uncropped.
 
-Measured on 8 held-out prompts x 4 seeds at each of 32x48 and 48x32, before and after: the share
-of "ink" (pixels with a channel below 200) in the margins (the 8-pixel strips at the two ends of
-the long side, white in every training image of that shape) and in the centre square. A grid of
+Measured on 8 prompts (7 of them captions in the training split, where they come square, wide
+or tall) x 4 seeds at each of 32x48 and 48x32, before and after: the share of "ink" (pixels with
+a channel below 200) in the margins (the 8-pixel strips at the two ends of the long side, white
+in every training image of that shape) and in the centre square. A grid of
 both, base and fine-tuned, goes to ``--grid``.
 """
 

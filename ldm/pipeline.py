@@ -348,7 +348,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
                 and not bf16_narrow_maps_ok()):  # fmt: skip
             raise InputError(f"{height}x{width} (height x width) leaves maps {min(height, width) * 2 // f} pixels wide at the U-Net's last "
                              f"downsampling convolution, and bf16 convolutions of maps narrower than {NARROW_MAP} come out wrong on this "
-                             f"CPU (oneDNN's AMX kernels; probed); use sides of at least {2 * f}, or fp32 (dtype='fp32', --dtype fp32)")
+                             f"CPU (oneDNN; probed); use sides of at least {2 * f}, or fp32 (dtype='fp32', --dtype fp32)")
         if not 0.0 < strength <= 1.0:
             raise InputError(f"strength must be in (0, 1], got {strength}")
         if output_type not in OUTPUT_TYPES:

@@ -183,15 +183,16 @@ def cpu_bf16_speedup() -> float:
     return bf16_decision()[0]
 
 
-# bf16 stride-2 convolutions on maps 1 to 3 pixels wide, against fp32, after filling freed memory
-# with NaN (the faulty kernels read memory they did not write). Exits 1 if any result is off.
+# bf16 stride-2 convolutions on maps 1 to 3 pixels wide or high, against fp32, after filling freed
+# memory with NaN (the faulty kernels read memory they did not write). Exits 1 if any result is off.
 _NARROW_PROBE = """
 import sys, torch
 torch.manual_seed(0)
 bad = 0
-for width, padding in ((1, 1), (2, 1), (3, 1), (3, 0)):
+cases = [(shape, padding) for side, padding in ((1, 1), (2, 1), (3, 1), (3, 0)) for shape in ((8, side), (side, 8))]
+for shape, padding in cases:
     conv = torch.nn.Conv2d(64, 64, 3, stride=2, padding=padding)
-    x = torch.randn(16, 64, 8, width)
+    x = torch.randn(16, 64, *shape)
     with torch.no_grad():
         ref = conv(x)
         for _ in range(3):
@@ -210,16 +211,18 @@ def bf16_narrow_maps_ok() -> bool:
     """Whether bf16 convolutions with stride 2 compute what fp32 does on maps narrower than
     :data:`NARROW_MAP` pixels. On a Xeon VM with AMX (torch 2.13's oneDNN) they do not: a 3x3,
     stride-2 convolution of an 8x2 map read memory it had not written (NaN, or errors of ~2.6),
-    which a U-Net meets at a 4:1 bucket of a small model. Capped below AMX they were right.
+    which a U-Net meets at a 4:1 bucket of a small model. Capped below AMX they were right (the
+    verdict is kept per ISA cap).
     Probed once per boot in a child process (after :func:`configure_cpu`)."""
     if platform.system() != "Linux" or not _cpu_flags() & {"amx_bf16", "avx512_bf16"}:
         return True  # no bf16 units: bf16 is never chosen on this CPU
 
     def probe() -> bool:
-        configure_cpu()
         return subprocess.run([sys.executable, "-c", _NARROW_PROBE], capture_output=True, timeout=300).returncode == 0
 
-    return bool(_cached("bf16_narrow_maps_ok", probe))
+    configure_cpu()  # the verdict holds for the kernels this process runs: one per oneDNN ISA cap
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "uncapped"
+    return bool(_cached(f"bf16_narrow_maps_ok|{cap}", probe))
 
 
 _configured = False

@@ -224,7 +224,47 @@ def test_the_cache_key_changes_with_the_bucket_set_and_stays_as_it_was_without_b
     square = cache_key("vae", data, records, None)
     keys = {_key_name(k) for k in (square, cache_key("vae", data, records, None, [(32, 32), (16, 64)]),
                                    cache_key("vae", data, records, None, [(32, 32), (24, 40)]))}  # fmt: skip
-    assert len(keys) == 3 and "buckets" not in square  # an earlier square cache is still found
+    assert len(keys) == 3
+    from training.latent_cache import dataset_digest
+
+    assert square == {"version": 2, "vae": "vae", "resolution": 32, "images": 54 - 6, "text_encoder": None,  # as before buckets:
+                      "transforms": {"resize": "shorter-side bicubic", "crop": "center", "random_flip": False},  # an earlier
+                      "dataset": dataset_digest(records)}  # fmt: skip  (square cache is still found)
+
+
+def test_each_cached_row_is_its_own_images_latent_at_its_bucket_across_uneven_shards(tmp_path):
+    """5 tall images, 4 wide and an unreadable file, in shards of 3: one shard holds only tall
+    images, one both shapes, one only wide, and the last none readable. Row j of the cache is
+    the latent of image source_index[j], at the bucket bucket_of[j] names."""
+    import numpy as np
+
+    from autoencoder.latents import encode_moments
+    from autoencoder.model import build_autoencoder
+    from tests.conftest import write_imagefolder
+    from training.data import DataConfig, load_records, open_rgb, to_tensor
+    from training.latent_cache import build_latent_cache, load_latent_cache
+
+    rng = np.random.default_rng(0)
+    images = {f"{i}.png": Image.fromarray(rng.integers(0, 255, (72, 24, 3) if i < 5 else (24, 72, 3), dtype=np.uint8)) for i in range(9)}
+    images["9.png"] = b"not an image"
+    root = write_imagefolder(tmp_path / "data", images)
+    data = DataConfig(path=str(root), resolution=32)
+    records = load_records(root, data)
+    torch.manual_seed(0)
+    vae = build_autoencoder("tiny", 32).eval()
+    sizes = [(48, 20), (32, 32), (20, 48)]
+    folder = build_latent_cache(tmp_path / "cache", {"k": 1}, vae, records, data, batch_size=2, shard_size=3, show_progress=False,
+                                buckets=sizes)  # fmt: skip
+    cache = load_latent_cache(folder, records)
+    assert cache.sizes == [(48, 20), (20, 48)] and cache.bucket_of.tolist() == [0] * 5 + [1] * 4
+    assert cache.source_index.tolist() == list(range(9))  # tall first, then wide, each in shard order
+    with torch.no_grad():
+        for j in range(len(cache)):
+            size = cache.sizes[int(cache.bucket_of[j])]
+            x = to_tensor(cover_and_crop(open_rgb(records[int(cache.source_index[j])]["image"]), size)[0])[None]
+            row = cache.moments[[j]]
+            assert row.shape[2:] == (size[0] // 4, size[1] // 4)
+            torch.testing.assert_close(row, encode_moments(vae, x).float(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("job", ["train_ldm", "train_autoencoder"])
@@ -281,11 +321,13 @@ def test_buckets_that_bf16_computes_wrongly_on_this_cpu_are_refused_in_training_
     for ok in (True, False):
         monkeypatch.setattr(buckets, "bf16_narrow_maps_ok", lambda ok=ok: ok)
         if ok:
-            buckets.refuse_narrow_buckets([(64, 16), (32, 32)], 16, "the U-Net")
+            buckets.refuse_narrow_buckets([(64, 16), (32, 32)], 16, "the U-Net", 32)
         else:
-            with pytest.raises(Refused, match=r"data.buckets: 64x16 leave maps 2 pixels wide .* data.buckets.min_side=32, or a list such as "
-                                              r"data.buckets.sizes=\[\[48,32\],\[32,32\],\[32,48\]\] .*train.mixed_precision=fp32"):  # fmt: skip
-                buckets.refuse_narrow_buckets([(64, 16), (32, 32)], 16, "the U-Net")
+            with pytest.raises(Refused, match=r"data.buckets: 64x16 leave maps 2 pixels wide .* at least 32: a list such as "
+                                              r"data.buckets.sizes=\[\[48,32\],\[32,32\],\[32,48\]\], or .*mixed_precision=fp32"):  # fmt: skip
+                buckets.refuse_narrow_buckets([(64, 16), (32, 32)], 16, "the U-Net", 32)  # min_side=32 would leave only 32x32
+            with pytest.raises(Refused, match=r"at least 32: data.buckets.min_side=32, or a list"):
+                buckets.refuse_narrow_buckets([(128, 16), (64, 64)], 16, "the U-Net", 64)
 
     import ldm.pipeline
 

@@ -82,17 +82,17 @@ def narrow_buckets(sizes: Sequence[Size], downsampling: int) -> list[Size]:
     return [s for s in sizes if min(s) * 2 // downsampling < NARROW_MAP]
 
 
-def refuse_narrow_buckets(sizes: Sequence[Size], downsampling: int, model: str) -> None:
+def refuse_narrow_buckets(sizes: Sequence[Size], downsampling: int, model: str, resolution: int) -> None:
     """For a bf16 run on a CPU: an error naming the buckets that bf16 would compute wrongly here
     (:func:`runtime.bf16_narrow_maps_ok`), and what to change. Nothing where the CPU computes them right."""
     narrow = narrow_buckets(sizes, downsampling)
     if narrow and not bf16_narrow_maps_ok():
         width, a, b = min(min(s) for s in narrow) * 2 // downsampling, 2 * downsampling, 3 * downsampling
+        fix = f"data.buckets.min_side={a}, or " if a < resolution else ""  # at resolution <= a only the square would be left
         raise ConfigError(f"data.buckets: {', '.join(f'{h}x{w}' for h, w in narrow)} leave maps {width} pixels wide at {model}'s last "
                           f"downsampling convolution, and bf16 convolutions of maps narrower than {NARROW_MAP} come out wrong on this "
-                          f"CPU (oneDNN's AMX kernels; probed); use sides of at least {a}: data.buckets.min_side={a}, or a list such as "
-                          f"data.buckets.sizes=[[{b},{a}],[{a},{a}],[{a},{b}]] (a small model has room for few shapes), or train in "
-                          "fp32 (train.mixed_precision=fp32)")  # fmt: skip
+                          f"CPU (oneDNN; probed); use sides of at least {a}: {fix}a list such as "
+                          f"data.buckets.sizes=[[{b},{a}],[{a},{a}],[{a},{b}]], or train in fp32 (train.mixed_precision=fp32)")  # fmt: skip
 
 
 def make_buckets(resolution: int, divisor: int, min_side: int, max_side: int, step: int) -> list[Size]:

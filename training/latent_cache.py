@@ -9,7 +9,8 @@ caption states), as safetensors shards. The training step then never runs the au
 With aspect-ratio buckets (``data.buckets``) a shard holds its images by bucket, each tensor
 once per bucket that has rows there, named ``<tensor>@<height>x<width>`` (``moments@24x40``,
 ``index@24x40``, ...): the latents of a bucket are all of its shape. Cache rows are numbered
-bucket by bucket (in the order of the bucket set), each bucket's rows in shard order.
+bucket by bucket (from the tallest to the widest, as the bucket set runs), each bucket's rows in
+shard order.
 
 The processes of a run encode the shards between them (shard k by rank k mod world size); the
 shards' bytes do not depend on how many there were.
@@ -400,12 +401,12 @@ def load_latent_cache(folder: str | Path, records: datasets.Dataset) -> LatentCa
     shards = [s for s in map(_tensor_files, sorted(folder.glob("shard-*.safetensors"))) if _rows_of(s)]  # 0 rows: none readable
     if not shards:
         raise ValueError(f"the latent cache {folder} holds no image: none of the dataset's images could be read")
-    order = json.loads((folder / "key.json").read_text()).get("buckets")
-    if order is None:  # square: one tensor of each name per shard
+    named = {name.split("@")[1] for s in shards for name in s if "@" in name}  # the buckets that hold images: "24x40", ...
+    if not named:  # square: one tensor of each name per shard
         rows: dict[str, Any] = {name: ShardRows([s[name] for s in shards]) for name in shards[0]}
         sizes = bucket_of = None
-    else:  # by bucket: "moments@24x40" of every shard that has rows of 24x40, one bucket after another
-        present = [b for b in order if any(f"index@{b}" in s for s in shards)]
+    else:  # by bucket: "moments@24x40" of every shard that has rows of 24x40, one bucket after another (tallest first)
+        present = sorted(named, key=lambda b: (int(b.split("x")[1]) / int(b.split("x")[0]), int(b.split("x")[0])))
         names = {name.split("@")[0] for s in shards for name in s if "@" in name}  # moments, index, ...
         per_bucket = [{name: ShardRows([s[f"{name}@{b}"] for s in shards if f"index@{b}" in s]) for name in names} for b in present]
         rows = {name: BucketRows([bucket[name] for bucket in per_bucket]) for name in names}

@@ -109,7 +109,7 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     total = downsampling_factor(vae) * unet_downsampling(unet)
     sizes = bucket_sizes(cfg.data.buckets, cfg.data.resolution, total) if cfg.data.buckets.enabled else None
     if sizes and accelerator.mixed_precision == "bf16" and device.type == "cpu":
-        refuse_narrow_buckets(sizes, total, "the U-Net")
+        refuse_narrow_buckets(sizes, total, "the U-Net", cfg.data.resolution)
     key = cache_key(file_digest(Path(models.vae_dir) / "diffusion_pytorch_model.safetensors"), cfg.data, records,
                     folder_digest(models.text_encoder_dir) if cache_text else None, sizes)  # fmt: skip
     folder = build_latent_cache(Path(cfg.cache.dir or out / "latent-cache"), key, vae, records, cfg.data,
@@ -139,7 +139,8 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
         if is_main and sampler.repeats > 1:
             print(f"{len(cache)} images, fewer than one global batch of {global_batch}: sampling with replacement")
     if is_main and cache.upscaled:
-        print(f"warning: {cache.upscaled} images are smaller than data.resolution={cfg.data.resolution} and were upscaled")
+        target = "their bucket" if cache.sizes else f"data.resolution={cfg.data.resolution}"
+        print(f"warning: {cache.upscaled} images are smaller than {target} and were upscaled")
     log = RunLog(accelerator, out, "train_ldm", cfg, step)
     log.write(step=step, event="resume" if step else "start", device=str(device), processes=world, cpu_threads=threads,
               mixed_precision=accelerator.mixed_precision, precision_reason=t_cfg.mixed_precision.reason(str(device)), cached_images=len(cache), upscaled_images=cache.upscaled, with_replacement=getattr(sampler, "repeats", 1) > 1,
