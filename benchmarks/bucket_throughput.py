@@ -1,6 +1,6 @@
 """Training throughput with and without aspect-ratio buckets, both jobs, on one mixed-shape set.
 
-    .venv/bin/python benchmarks/bucket_throughput.py [--steps 40] [--ae-steps 40] [--json benchmarks/BUCKET_THROUGHPUT.json]
+    .venv/bin/python benchmarks/bucket_throughput.py [--steps 100] [--ae-steps 200] [--json benchmarks/BUCKET_THROUGHPUT.json]
 
 The set: every photo scikit-image and scikit-learn ship (as benchmarks/bucket_area.py), each cut
 into 8 crops of random aspect ratio (1:3 to 3:1) and written by ``prepare_data folder
@@ -101,8 +101,8 @@ def run(job: str, data: Path, tmp: Path, steps: int, buckets: bool) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=40, help="stage-2 steps per run (batch 64)")
-    p.add_argument("--ae-steps", type=int, default=40, help="stage-1 steps per run (batch 8)")
+    p.add_argument("--steps", type=int, default=100, help="stage-2 steps per run (batch 64)")
+    p.add_argument("--ae-steps", type=int, default=200, help="stage-1 steps per run (batch 8)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     runtime.configure()
