@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import runtime
 from autoencoder.latents import denormalize_latents, downsampling_factor, encode_latents
-from runtime import NARROW_MAP, bf16_narrow_maps_ok, fast_bf16
+from runtime import NARROW_MAP, bf16_wrong_sizes, fast_bf16
 from runtime.errors import InputError
 from runtime.files import atomic_dir
 from runtime.images import to_rgb
@@ -344,8 +344,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
                     f"{name}={size} is not divisible by {f} (autoencoder x{self.vae_scale_factor} times U-Net "
                     f"x{f // self.vae_scale_factor}); nearest valid: {max(f, round(size / f) * f)}"
                 )
-        if (min(height, width) * 2 // f < NARROW_MAP and self.unet.dtype == torch.bfloat16 and self._execution_device.type == "cpu"
-                and not bf16_narrow_maps_ok()):  # fmt: skip
+        if self.unet.dtype == torch.bfloat16 and self._execution_device.type == "cpu" and bf16_wrong_sizes([(height, width)], f):
             raise InputError(f"{height}x{width} (height x width) leaves maps {min(height, width) * 2 // f} pixels wide at the U-Net's last "
                              f"downsampling convolution, and bf16 convolutions of maps narrower than {NARROW_MAP} come out wrong on this "
                              f"CPU (oneDNN; probed); use sides of at least {2 * f}, or fp32 (dtype='fp32', --dtype fp32)")

@@ -225,6 +225,15 @@ def bf16_narrow_maps_ok() -> bool:
     return bool(_cached(f"bf16_narrow_maps_ok|{cap}", probe))
 
 
+def bf16_wrong_sizes(sizes, downsampling: int) -> list:
+    """Of ``sizes`` ((height, width) images), those bf16 would compute wrongly on this CPU: the ones
+    whose narrower side reaches a model's last downsampling convolution (its input is the image
+    shrunk by ``downsampling / 2``) under :data:`NARROW_MAP` pixels, where :func:`bf16_narrow_maps_ok`
+    is False. Empty elsewhere (the probe runs only when a size is that narrow)."""
+    narrow = [tuple(s) for s in sizes if min(s) * 2 // downsampling < NARROW_MAP]
+    return narrow if narrow and not bf16_narrow_maps_ok() else []
+
+
 _configured = False
 
 

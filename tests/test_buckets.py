@@ -310,32 +310,36 @@ def test_buckets_that_bf16_computes_wrongly_on_this_cpu_are_refused_in_training_
     the AMX Xeon VM is one), a bucket or a generated size that makes such maps is an error naming
     it and the fix; elsewhere it runs. The rule: the last downsampling convolution sees the image
     shrunk by half the total downsampling."""
+    from types import SimpleNamespace
+
+    import runtime.hardware
     import training.buckets as buckets
-    from runtime import NARROW_MAP
+    from runtime import NARROW_MAP, bf16_wrong_sizes
     from runtime.errors import InputError as Refused
     from tests.conftest import tiny_pipeline
 
     assert NARROW_MAP == 4
-    assert buckets.narrow_buckets(make_buckets(32, 16, 16, 64, 16), 16) == [(64, 16), (16, 64)]  # 16 * 2 // 16 = 2 wide
-    assert buckets.narrow_buckets(make_buckets(64, 16, 32, 128, 16), 16) == []  # the 64-pixel defaults: 32 * 2 // 16 = 4
+    bf16_cpu, fp32_cpu = (SimpleNamespace(mixed_precision=p, device=torch.device("cpu")) for p in ("bf16", "no"))
+    monkeypatch.setattr(runtime.hardware, "bf16_narrow_maps_ok", lambda: False)
+    assert bf16_wrong_sizes(make_buckets(32, 16, 16, 64, 16), 16) == [(64, 16), (16, 64)]  # 16 * 2 // 16 = 2 wide
+    assert bf16_wrong_sizes(make_buckets(64, 16, 32, 128, 16), 16) == []  # the 64-pixel defaults: 32 * 2 // 16 = 4
+    buckets.refuse_narrow_buckets([(64, 16), (32, 32)], 16, "the U-Net", 32, fp32_cpu)  # fp32 computes them right
     for ok in (True, False):
-        monkeypatch.setattr(buckets, "bf16_narrow_maps_ok", lambda ok=ok: ok)
+        monkeypatch.setattr(runtime.hardware, "bf16_narrow_maps_ok", lambda ok=ok: ok)
         if ok:
-            buckets.refuse_narrow_buckets([(64, 16), (32, 32)], 16, "the U-Net", 32)
+            buckets.refuse_narrow_buckets([(64, 16), (32, 32)], 16, "the U-Net", 32, bf16_cpu)
         else:
             with pytest.raises(Refused, match=r"data.buckets: 64x16 leave maps 2 pixels wide .* at least 32: a list such as "
                                               r"data.buckets.sizes=\[\[48,32\],\[32,32\],\[32,48\]\], or .*mixed_precision=fp32"):  # fmt: skip
-                buckets.refuse_narrow_buckets([(64, 16), (32, 32)], 16, "the U-Net", 32)  # min_side=32 would leave only 32x32
+                buckets.refuse_narrow_buckets([(64, 16), (32, 32)], 16, "the U-Net", 32, bf16_cpu)  # min_side=32 would leave only 32x32
             with pytest.raises(Refused, match=r"at least 32: data.buckets.min_side=32, or a list"):
-                buckets.refuse_narrow_buckets([(128, 16), (64, 64)], 16, "the U-Net", 64)
-
-    import ldm.pipeline
+                buckets.refuse_narrow_buckets([(128, 16), (64, 64)], 16, "the U-Net", 64, bf16_cpu)
 
     pipe = tiny_pipeline().prepare_for_inference(device="cpu", dtype="bf16")  # total downsampling 8
     run = lambda h, w: pipe(["sun"], height=h, width=w, num_inference_steps=1, output_type="latent").images  # noqa: E731
-    monkeypatch.setattr(ldm.pipeline, "bf16_narrow_maps_ok", lambda: False)
+    monkeypatch.setattr(runtime.hardware, "bf16_narrow_maps_ok", lambda: False)
     with pytest.raises(Refused, match=r"8x32 \(height x width\) leaves maps 2 pixels wide .* sides of at least 16, or fp32"):
         run(8, 32)
     assert run(16, 32).shape[2:] == (4, 8)  # 16 * 2 // 8 = 4: fine
-    monkeypatch.setattr(ldm.pipeline, "bf16_narrow_maps_ok", lambda: True)
+    monkeypatch.setattr(runtime.hardware, "bf16_narrow_maps_ok", lambda: True)
     assert run(8, 32).shape[2:] == (2, 8)

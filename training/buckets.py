@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from PIL import Image
 
-from runtime import NARROW_MAP, bf16_narrow_maps_ok
+from runtime import NARROW_MAP, bf16_wrong_sizes
 from runtime.images import TURNED, open_image
 from training.config import ConfigError
 
@@ -76,17 +76,14 @@ def report_buckets(log, step: int, sizes: Sequence[Size], counts: Sequence[int],
             print(f"bucket {h}x{w} holds {n} images, fewer than a global batch of {global_batch}: its batches repeat them")
 
 
-def narrow_buckets(sizes: Sequence[Size], downsampling: int) -> list[Size]:
-    """The buckets whose narrower side reaches a model's last downsampling convolution (its input is
-    the image shrunk by ``downsampling / 2``) less than :data:`runtime.NARROW_MAP` pixels wide."""
-    return [s for s in sizes if min(s) * 2 // downsampling < NARROW_MAP]
-
-
-def refuse_narrow_buckets(sizes: Sequence[Size], downsampling: int, model: str, resolution: int) -> None:
+def refuse_narrow_buckets(sizes: Sequence[Size], downsampling: int, model: str, resolution: int, accelerator) -> None:
     """For a bf16 run on a CPU: an error naming the buckets that bf16 would compute wrongly here
-    (:func:`runtime.bf16_narrow_maps_ok`), and what to change. Nothing where the CPU computes them right."""
-    narrow = narrow_buckets(sizes, downsampling)
-    if narrow and not bf16_narrow_maps_ok():
+    (:func:`runtime.bf16_wrong_sizes`), and what to change. Nothing in fp32, on a GPU, or where the
+    CPU computes them right."""
+    if accelerator.mixed_precision != "bf16" or accelerator.device.type != "cpu":
+        return
+    narrow = bf16_wrong_sizes(sizes, downsampling)
+    if narrow:
         width, a, b = min(min(s) for s in narrow) * 2 // downsampling, 2 * downsampling, 3 * downsampling
         fix = f"data.buckets.min_side={a}, or " if a < resolution else ""  # at resolution <= a only the square would be left
         raise ConfigError(f"data.buckets: {', '.join(f'{h}x{w}' for h, w in narrow)} leave maps {width} pixels wide at {model}'s last "

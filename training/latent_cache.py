@@ -110,8 +110,8 @@ class ShardRows:
 
 class BucketRows:
     """One tensor of a bucketed cache: the :class:`ShardRows` of each bucket, numbered one bucket
-    after another. A batch's rows come from one bucket (the sampler's rule); rows of several
-    buckets are read only where their shapes agree (caption states), else it is an error."""
+    after another. A batch's rows come from one bucket (the sampler's rule): asking for rows of
+    several is an error."""
 
     def __init__(self, buckets: list[ShardRows]) -> None:
         self.buckets, self.dtype = buckets, buckets[0].dtype
@@ -132,15 +132,9 @@ class BucketRows:
         idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
         which = torch.searchsorted(self.ends, idx, right=True)  # (B,) each row's bucket
         local = idx - torch.cat([torch.zeros(1, dtype=torch.int64), self.ends])[which]
-        if (which == which[0]).all():
-            return self.buckets[int(which[0])][local]
-        shapes = {self.buckets[b].shape[1:] for b in which.tolist()}
-        if len(shapes) > 1:
-            raise ValueError(f"rows of buckets of different shapes {sorted(shapes)} cannot form one batch")
-        out = torch.empty(len(idx), *shapes.pop(), dtype=self.dtype)
-        for b in which.unique().tolist():
-            out[which == b] = self.buckets[b][local[which == b]]
-        return out
+        if not (which == which[0]).all():
+            raise ValueError(f"rows {idx.tolist()} lie in {len(which.unique())} buckets; a batch comes from one")
+        return self.buckets[int(which[0])][local]
 
     def read_all(self) -> torch.Tensor:
         return torch.cat([b.read_all() for b in self.buckets])
@@ -340,7 +334,7 @@ def _shard_rows(path: Path) -> int | None:
     try:
         n, header = _header(path)
         end = max((t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"), default=0)
-        rows = sum(t["shape"][0] for name, t in header.items() if name.split("@")[0] == "index")  # one per bucket, with buckets
+        rows = _index_rows({name: t["shape"] for name, t in header.items() if name != "__metadata__"})
         return rows if path.stat().st_size == 8 + n + end and ("index" in header or rows) else None
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
@@ -398,7 +392,7 @@ def load_latent_cache(folder: str | Path, records: datasets.Dataset) -> LatentCa
     folder = Path(folder)
     if not (folder / "complete.json").is_file():
         raise ValueError(f"{folder} is not a complete latent cache")
-    shards = [s for s in map(_tensor_files, sorted(folder.glob("shard-*.safetensors"))) if _rows_of(s)]  # 0 rows: none readable
+    shards = [s for s in map(_tensor_files, sorted(folder.glob("shard-*.safetensors"))) if _index_rows({n: t.shape for n, t in s.items()})]  # fmt: skip  (0 rows: none readable)
     if not shards:
         raise ValueError(f"the latent cache {folder} holds no image: none of the dataset's images could be read")
     named = {name.split("@")[1] for s in shards for name in s if "@" in name}  # the buckets that hold images: "24x40", ...
@@ -420,5 +414,6 @@ def load_latent_cache(folder: str | Path, records: datasets.Dataset) -> LatentCa
                        folder, upscaled, sizes, bucket_of)  # fmt: skip
 
 
-def _rows_of(shard: dict[str, TensorFile]) -> int:
-    return sum(t.shape[0] for name, t in shard.items() if name.split("@")[0] == "index")
+def _index_rows(shapes: dict[str, Any]) -> int:
+    """The rows a shard holds, from its tensors' shapes: its ``index``, or one ``index@HxW`` per bucket."""
+    return sum(shape[0] for name, shape in shapes.items() if name.split("@")[0] == "index")

@@ -108,8 +108,6 @@ class RunLog:
     def _drop_after(self, step: int) -> None:
         """Keep the lines up to ``step`` (the checkpoint this run resumes from): a killed run's later
         lines describe steps that are trained again."""
-        if not self.path.is_file():
-            return
         lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
         kept = [line for line in lines if _step_of(line) <= step]
         if len(kept) < len(lines):

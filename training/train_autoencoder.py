@@ -118,8 +118,8 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
 
     # 3. Resume: models, optimizers, scheduler, RNG states; data position from trainer_state.
     sizes = bucket_sizes(cfg.data.buckets, cfg.data.resolution, downsampling_factor(raw_vae)) if cfg.data.buckets.enabled else None
-    if sizes and accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu":
-        refuse_narrow_buckets(sizes, downsampling_factor(raw_vae), "the encoder", cfg.data.resolution)
+    if sizes:
+        refuse_narrow_buckets(sizes, downsampling_factor(raw_vae), "the encoder", cfg.data.resolution, accelerator)
     layout = data_layout(cfg.train, accelerator, cfg.seed, sizes)
     state = resume_or_start(accelerator, out, cfg, layout, {"step": 0, "micro_batches": 0, "bad_images": 0})
     step, micro = state["step"], state["micro_batches"]

@@ -108,8 +108,8 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     cache_text = cfg.cache.text and not trains
     total = downsampling_factor(vae) * unet_downsampling(unet)
     sizes = bucket_sizes(cfg.data.buckets, cfg.data.resolution, total) if cfg.data.buckets.enabled else None
-    if sizes and accelerator.mixed_precision == "bf16" and device.type == "cpu":
-        refuse_narrow_buckets(sizes, total, "the U-Net", cfg.data.resolution)
+    if sizes:
+        refuse_narrow_buckets(sizes, total, "the U-Net", cfg.data.resolution, accelerator)
     key = cache_key(file_digest(Path(models.vae_dir) / "diffusion_pytorch_model.safetensors"), cfg.data, records,
                     folder_digest(models.text_encoder_dir) if cache_text else None, sizes)  # fmt: skip
     folder = build_latent_cache(Path(cfg.cache.dir or out / "latent-cache"), key, vae, records, cfg.data,
@@ -130,20 +130,22 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     state = resume_or_start(accelerator, out, cfg, layout, {"step": 0, "micro_batches": 0})
     step, micro = state["step"], state["micro_batches"]
     global_batch = t_cfg.batch_size * world
-    if cache.sizes:  # each batch from one bucket
+    if cache.sizes:  # each batch from one bucket; a small bucket fills its batches from its own images (reported below)
         sampler = BucketBatchSampler(cache.bucket_of, len(cache.sizes), t_cfg.batch_size, cfg.seed, start=micro, rank=rank,
                                      world_size=world, random_flip=cfg.data.random_flip)  # fmt: skip
+        with_replacement = False
     else:
         sampler = ResumableBatchSampler(len(cache), t_cfg.batch_size, cfg.seed, start=micro, rank=rank, world_size=world,
                                         random_flip=cfg.data.random_flip, repeat_small=True)  # fmt: skip
-        if is_main and sampler.repeats > 1:
+        with_replacement = sampler.repeats > 1
+        if is_main and with_replacement:
             print(f"{len(cache)} images, fewer than one global batch of {global_batch}: sampling with replacement")
     if is_main and cache.upscaled:
         target = "their bucket" if cache.sizes else f"data.resolution={cfg.data.resolution}"
         print(f"warning: {cache.upscaled} images are smaller than {target} and were upscaled")
     log = RunLog(accelerator, out, "train_ldm", cfg, step)
     log.write(step=step, event="resume" if step else "start", device=str(device), processes=world, cpu_threads=threads,
-              mixed_precision=accelerator.mixed_precision, precision_reason=t_cfg.mixed_precision.reason(str(device)), cached_images=len(cache), upscaled_images=cache.upscaled, with_replacement=getattr(sampler, "repeats", 1) > 1,
+              mixed_precision=accelerator.mixed_precision, precision_reason=t_cfg.mixed_precision.reason(str(device)), cached_images=len(cache), upscaled_images=cache.upscaled, with_replacement=with_replacement,
               unet_parameters=sum(p.numel() for p in unet.parameters()), trained_parameters=sum(p.numel() for p in unet_params))  # fmt: skip
     if fit is not None:
         log.write(step=step, event="autoencoder_check", **fit)
