@@ -34,8 +34,12 @@ $(STAMP): pyproject.toml Makefile
 test: install
 	$(PY) -m pytest -q
 
+# Pyflakes, syntax and bugbear everywhere; the library obeys `ruff format` (line length 130, pyproject.toml;
+# `# fmt: skip` only on aligned tables); tests/test_layout.py checks which package may import which.
 lint: install
 	$(VENV)/bin/ruff check autoencoder ldm runtime training tests benchmarks --select F,E9,B --ignore B008,B905
+	$(VENV)/bin/ruff format --check autoencoder ldm runtime training
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_layout.py
 
 $(DATA)/train/metadata.jsonl: | install
 	$(PY) -m training.prepare_data openmoji --size 32 --out $(DATA)

@@ -16,6 +16,7 @@ from typing import Iterable
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 
 def downsampling_factor(vae: AutoencoderKL) -> int:
@@ -28,6 +29,12 @@ def encode_moments(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
     return vae.encode(x).latent_dist.parameters
 
 
+def posterior(moments: torch.Tensor) -> DiagonalGaussianDistribution:
+    """The posterior q(z | x) = N(mean, exp(logvar)) of moments (B, 2C, h, w), as the stage-1 loss reads it (its KL to
+    N(0, I), a draw); diffusers' own distribution, so the clamp and the KL are the autoencoder's."""
+    return DiagonalGaussianDistribution(moments)
+
+
 def sample_latents(moments: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """One raw draw z = mean + exp(logvar / 2) * n from posterior moments (B, 2C, h, w)
     (the autoencoder's DiagonalGaussianDistribution, with its logvar clamp)."""
@@ -36,7 +43,9 @@ def sample_latents(moments: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return mean + (0.5 * logvar).exp() * noise
 
 
-def encode_latents(vae: AutoencoderKL, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+def encode_latents(
+    vae: AutoencoderKL, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> normalised float32 latents (B, C, H/f, W/f): the posterior mean, or a draw."""
     posterior = vae.encode(x).latent_dist
     return normalize_latents(vae, (posterior.sample(generator) if sample else posterior.mode()).float())

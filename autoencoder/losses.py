@@ -35,7 +35,9 @@ class LossConfig:
     max_adaptive_weight: float = 1e4
 
 
-def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
+def adaptive_gan_weight(
+    rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4
+) -> torch.Tensor:
     """Balance the GAN gradient against the reconstruction gradient at ``last_layer``."""
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
@@ -92,7 +94,9 @@ class AutoencoderLoss(nn.Module):
         logs["ae_loss"] = loss.item()
         return loss, logs
 
-    def discriminator_loss(self, discriminator: nn.Module, x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def discriminator_loss(
+        self, discriminator: nn.Module, x: torch.Tensor, x_hat: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         logits_real = discriminator(x.detach()).float()
         logits_fake = discriminator(x_hat.detach()).float()
         loss = hinge_d_loss(logits_real, logits_fake)

@@ -69,4 +69,3 @@ def compare_codes(codes: dict[str, Code], batches: Iterable[torch.Tensor], lpips
 def autoencoder_code(vae: AutoencoderKL) -> Code:
     """The autoencoder as a code: fp32 ``decode(mode(encode(x)))`` on the autoencoder's device."""
     return lambda x: reconstruct(vae, x.to(vae.device, vae.dtype)).float().cpu()
-

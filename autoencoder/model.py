@@ -36,7 +36,9 @@ def build_autoencoder(preset: str, resolution: int, **overrides) -> AutoencoderK
         raise InputError(f"model.preset='{preset}' is unknown; valid presets: {', '.join(AUTOENCODER_PRESETS)}")
     spec = dict(AUTOENCODER_PRESETS[preset]) | {k: v for k, v in overrides.items() if v is not None}
     if min(spec["block_out_channels"]) % spec["norm_num_groups"]:
-        raise InputError(f"model.norm_num_groups={spec['norm_num_groups']} does not divide the preset's channel widths {spec['block_out_channels']}")
+        raise InputError(
+            f"model.norm_num_groups={spec['norm_num_groups']} does not divide the preset's channel widths {spec['block_out_channels']}"
+        )
     n = len(spec["block_out_channels"])
     factor = 2 ** (n - 1)
     if resolution % factor:
@@ -56,7 +58,9 @@ def load_autoencoder(path: str | Path) -> AutoencoderKL:
     path = Path(path)
     config = path / "config.json"
     if not config.is_file():
-        raise InputError(f"'{path}' is not an autoencoder folder: it has no config.json (expected the vae/ folder of a run or a pipeline)")
+        raise InputError(
+            f"'{path}' is not an autoencoder folder: it has no config.json (expected the vae/ folder of a run or a pipeline)"
+        )
     name = json.loads(config.read_text()).get("_class_name")
     if name != "AutoencoderKL":
         raise InputError(f"'{path}' holds a {name or 'unknown model'}, not an AutoencoderKL")

@@ -56,19 +56,46 @@ def build_app(pipe, has_lora: bool = False, title: str | None = None):
     size = pipe.default_resolution
     out_dir = Path(tempfile.mkdtemp(prefix="ldm-app-"))
 
-    def generate(prompt, negative, steps, guidance, seed, random_seed, sampler, num_images, height, width, lora_scale, init,
-                 strength, progress=gr.Progress(track_tqdm=True)):  # fmt: skip
+    def generate(
+        prompt,
+        negative,
+        steps,
+        guidance,
+        seed,
+        random_seed,
+        sampler,
+        num_images,
+        height,
+        width,
+        lora_scale,
+        init,
+        strength,
+        progress=gr.Progress(track_tqdm=True),
+    ):
         try:
             seed = random.randint(0, MAX_SEED) if random_seed else _whole(seed, "Seed")
-            steps, num_images, height, width = (_whole(v, name) for v, name in ((steps, "Steps"), (num_images, "Images"),
-                                                                                (height, "Height"), (width, "Width")))  # fmt: skip
+            steps, num_images, height, width = (
+                _whole(v, name) for v, name in ((steps, "Steps"), (num_images, "Images"), (height, "Height"), (width, "Width"))
+            )
             if not prompt or not prompt.strip():
                 raise InputError("write a prompt first")
             if init is not None and init.size != (width, height):  # as other Stable Diffusion pages do
                 init = init.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
-            images = sample(pipe, [prompt], negative_prompt=negative or None, num_images=num_images, steps=steps,
-                            guidance=float(guidance), seed=seed, scheduler=sampler, height=height, width=width,
-                            init_image=init, strength=float(strength), lora_scale=float(lora_scale) if has_lora else None)  # fmt: skip
+            images = sample(
+                pipe,
+                [prompt],
+                negative_prompt=negative or None,
+                num_images=num_images,
+                steps=steps,
+                guidance=float(guidance),
+                seed=seed,
+                scheduler=sampler,
+                height=height,
+                width=width,
+                init_image=init,
+                strength=float(strength),
+                lora_scale=float(lora_scale) if has_lora else None,
+            )
         except InputError as err:  # a setting that does not fit: said in the page
             raise gr.Error(str(err), print_exception=False) from None
         folder = Path(tempfile.mkdtemp(dir=out_dir))
@@ -80,7 +107,9 @@ def build_app(pipe, has_lora: bool = False, title: str | None = None):
         return files, seed
 
     atexit.register(shutil.rmtree, out_dir, ignore_errors=True)
-    with gr.Blocks(title=title or "latent diffusion", analytics_enabled=False, delete_cache=(3600, 3600)) as app:  # hour-old files go
+    with gr.Blocks(
+        title=title or "latent diffusion", analytics_enabled=False, delete_cache=(3600, 3600)
+    ) as app:  # hour-old files go
         gr.Markdown(f"### {title or 'latent diffusion'}")
         with gr.Row():
             with gr.Column(scale=1):
@@ -104,10 +133,29 @@ def build_app(pipe, has_lora: bool = False, title: str | None = None):
                     strength = gr.Slider(0.05, 1.0, value=0.8, step=0.05, label="Strength (1 ignores the image)")
                 button = gr.Button("Generate", variant="primary")
             with gr.Column(scale=1):
-                gallery = gr.Gallery(label="Images", columns=4, format="png", buttons=["download", "fullscreen"], elem_id="gallery")
+                gallery = gr.Gallery(
+                    label="Images", columns=4, format="png", buttons=["download", "fullscreen"], elem_id="gallery"
+                )
                 used_seed = gr.Number(label="Seed used", interactive=False, precision=0)
-        button.click(generate, [prompt, negative, steps, guidance, seed, random_seed, sampler, num_images, height, width, lora_scale,
-                                init, strength], [gallery, used_seed])  # fmt: skip
+        button.click(
+            generate,
+            [
+                prompt,
+                negative,
+                steps,
+                guidance,
+                seed,
+                random_seed,
+                sampler,
+                num_images,
+                height,
+                width,
+                lora_scale,
+                init,
+                strength,
+            ],
+            [gallery, used_seed],
+        )
     app.out_dir = out_dir
     return app
 
@@ -120,9 +168,13 @@ def main(argv: list[str] | None = None) -> None:
         try:
             import gradio  # noqa: F401
         except ModuleNotFoundError:
-            raise InputError("the web page needs gradio: pip install 'latent-diffusion-lab[app]' (or pip install gradio)") from None
+            raise InputError(
+                "the web page needs gradio: pip install 'latent-diffusion-lab[app]' (or pip install gradio)"
+            ) from None
         pipe = load_pipeline(args.model, args.lora, args.dtype, args.device)
-        app = build_app(pipe, has_lora=args.lora is not None, title=f"latent diffusion: {'/'.join(Path(args.model).resolve().parts[-2:])}")
+        app = build_app(
+            pipe, has_lora=args.lora is not None, title=f"latent diffusion: {'/'.join(Path(args.model).resolve().parts[-2:])}"
+        )
         print(f"serving {args.model} on http://{args.host}:{args.port}", flush=True)
         app.queue().launch(server_name=args.host, server_port=args.port, show_error=False, allowed_paths=[str(app.out_dir)])
 

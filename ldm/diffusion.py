@@ -11,6 +11,8 @@ and the network predicts eps ("epsilon") or v = sqrt(abar_t) eps - sqrt(1 - abar
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import DDPMScheduler
 
@@ -26,8 +28,7 @@ def training_scheduler(prediction_type: str = "epsilon", zero_terminal_snr: bool
     pure noise, as at sampling time; samplers must then space timesteps "trailing", which is
     written into the config so every sampler built from it does.
     """
-    if prediction_type not in PREDICTION_TYPES:
-        raise InputError(f"prediction_type '{prediction_type}' is unknown; valid: {', '.join(PREDICTION_TYPES)}")
+    check_prediction_type(prediction_type)
     return DDPMScheduler(
         num_train_timesteps=1000,
         beta_schedule="scaled_linear",
@@ -39,6 +40,21 @@ def training_scheduler(prediction_type: str = "epsilon", zero_terminal_snr: bool
         rescale_betas_zero_snr=zero_terminal_snr,
         timestep_spacing="trailing" if zero_terminal_snr else "leading",
     )
+
+
+def training_scheduler_of(folder: str | Path) -> DDPMScheduler:
+    """The training schedule of a pipeline folder's ``scheduler/`` (fine-tuning keeps the model's own), its prediction
+    type checked as :func:`training_scheduler` checks a new one's."""
+    scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(folder))
+    check_prediction_type(scheduler.config.prediction_type, where=f"{folder}: ")
+    return scheduler
+
+
+def check_prediction_type(prediction_type: str, where: str = "") -> str:
+    """The prediction types the objective and the samplers know, checked where a schedule is made: eps or v."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise InputError(f"{where}prediction_type '{prediction_type}' is unknown; valid: {', '.join(PREDICTION_TYPES)}")
+    return prediction_type
 
 
 def _per_sample(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -76,9 +92,7 @@ def min_snr_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float,
     clipped = torch.minimum(s, torch.full_like(s, gamma))
     if prediction_type == "epsilon":
         return clipped / s.clamp_min(1e-8)  # at SNR = 0 (zero terminal SNR) the weight is 0, not 0/0
-    if prediction_type == "v_prediction":
-        return clipped / (s + 1)
-    raise InputError(f"prediction_type '{prediction_type}' is unknown; valid: {', '.join(PREDICTION_TYPES)}")
+    return clipped / (s + 1)  # v_prediction (the schedule's factory checked it is one of the two)
 
 
 def offset_noise(eps: torch.Tensor, strength: float, per_channel: torch.Tensor) -> torch.Tensor:

@@ -60,9 +60,22 @@ def grid(images: list[Image.Image], columns: int) -> Image.Image:
     return canvas
 
 
-def sample(pipe, prompts: list[str], *, negative_prompt: str | None = None, num_images: int = 1, steps: int = 25,
-           guidance: float = 7.5, seed: int = 0, scheduler: str = "dpm++", height: int | None = None, width: int | None = None,
-           init_image: Image.Image | None = None, strength: float = 0.8, lora_scale: float | None = None) -> list[Image.Image]:
+def sample(
+    pipe,
+    prompts: list[str],
+    *,
+    negative_prompt: str | None = None,
+    num_images: int = 1,
+    steps: int = 25,
+    guidance: float = 7.5,
+    seed: int = 0,
+    scheduler: str = "dpm++",
+    height: int | None = None,
+    width: int | None = None,
+    init_image: Image.Image | None = None,
+    strength: float = 0.8,
+    lora_scale: float | None = None,
+) -> list[Image.Image]:
     """The images of ``prompts`` (``num_images`` each) from a loaded pipeline, as this command and
     the web page (``ldm.app``) make them: image ``k`` of prompt ``p`` from the seed
     ``seed + p * num_images + k``. Each image's ``info["parameters"]`` holds its settings (the
@@ -70,14 +83,31 @@ def sample(pipe, prompts: list[str], *, negative_prompt: str | None = None, num_
     pipe.set_scheduler(scheduler)
     generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts) * num_images)]
     try:
-        images = pipe(prompts, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance, height=height,
-                      width=width, num_images_per_prompt=num_images, generator=generators, image=init_image, strength=strength,
-                      cross_attention_kwargs={"scale": lora_scale} if lora_scale is not None else None, output_type="pil").images  # fmt: skip
+        images = pipe(
+            prompts,
+            negative_prompt=negative_prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=height,
+            width=width,
+            num_images_per_prompt=num_images,
+            generator=generators,
+            image=init_image,
+            strength=strength,
+            cross_attention_kwargs={"scale": lora_scale} if lora_scale is not None else None,
+            output_type="pil",
+        ).images
     except ValueError as e:  # the pipeline's input checks (and diffusers' own): say what is wrong, without a traceback
         raise InputError(str(e)) from None
     for i, im in enumerate(images):
-        settings = [f"Steps: {steps}", f"Sampler: {scheduler}", f"CFG scale: {guidance}", f"Seed: {seed + i}",
-                    f"Size: {im.width}x{im.height}", f"Model: {Path(str(pipe.name_or_path or 'pipeline')).name}"]  # fmt: skip
+        settings = [
+            f"Steps: {steps}",
+            f"Sampler: {scheduler}",
+            f"CFG scale: {guidance}",
+            f"Seed: {seed + i}",
+            f"Size: {im.width}x{im.height}",
+            f"Model: {Path(str(pipe.name_or_path or 'pipeline')).name}",
+        ]
         if init_image is not None:
             settings.append(f"Denoising strength: {strength}")
         if lora_scale is not None:
@@ -102,7 +132,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
         return generate(args)
 
 
-def load_pipeline(model: str | Path, lora: Path | None = None, dtype: str = "auto", device: str | None = None, compile: bool = False):
+def load_pipeline(
+    model: str | Path, lora: Path | None = None, dtype: str = "auto", device: str | None = None, compile: bool = False
+):
     """The pipeline folder ``model`` (refused if it would run code) on ``device`` (default: CUDA if
     there is one), with the LoRA folder ``lora`` loaded: what this command and the web page generate with."""
     from .pipeline import LatentDiffusionPipeline  # after argument errors: the import takes seconds
@@ -126,9 +158,21 @@ def generate(args: argparse.Namespace) -> list[Path]:
     pipe = load_pipeline(args.model, args.lora, args.dtype, args.device, args.compile)
 
     init = Image.open(args.init_image) if args.init_image else None
-    images = sample(pipe, args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images, steps=args.steps,
-                    guidance=args.guidance, seed=args.seed, scheduler=args.scheduler, height=args.height, width=args.width,
-                    init_image=init, strength=args.strength, lora_scale=args.lora_scale if args.lora is not None else None)  # fmt: skip
+    images = sample(
+        pipe,
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        num_images=args.num_images,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        scheduler=args.scheduler,
+        height=args.height,
+        width=args.width,
+        init_image=init,
+        strength=args.strength,
+        lora_scale=args.lora_scale if args.lora is not None else None,
+    )
 
     if args.grid:
         path = args.out if args.out.suffix.lower() == ".png" else args.out / "grid.png"

@@ -15,20 +15,18 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from ldm.diffusion import PREDICTION_TYPES, add_noise, min_snr_weights, offset_noise, v_target
-from runtime.errors import InputError
+from ldm.diffusion import add_noise, min_snr_weights, offset_noise, v_target
 
 
 class DenoisingObjective:
     def __init__(self, scheduler: DDPMScheduler, min_snr_gamma: float | None = None, offset_noise: float = 0.0) -> None:
         self.alphas_cumprod = scheduler.alphas_cumprod  # (T,)
-        self.prediction_type = scheduler.config.prediction_type
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise InputError(f"prediction_type '{self.prediction_type}' is unknown; valid: {', '.join(PREDICTION_TYPES)}")
+        self.prediction_type = scheduler.config.prediction_type  # eps or v: checked where the schedule was made
         self.min_snr_gamma, self.offset_noise = min_snr_gamma, offset_noise
 
-    def noisy_input_and_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
-                               offset_draws: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def noisy_input_and_target(
+        self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, offset_draws: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t, target), both (B, C, h, w). ``offset_draws``: (B, C) standard normal draws (offset noise)."""
         if self.offset_noise:
             eps = offset_noise(eps, self.offset_noise, offset_draws)

@@ -11,12 +11,9 @@ scheduler/), so a pipeline with a CLIP text encoder also loads in diffusers'
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-import numpy as np
-import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
@@ -28,56 +25,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import runtime
 from autoencoder.latents import denormalize_latents, downsampling_factor, encode_latents
-from runtime import NARROW_MAP, bf16_wrong_sizes, fast_bf16
+from runtime import bf16_narrow_refusal
 from runtime.errors import InputError
 from runtime.files import atomic_dir
-from runtime.images import to_rgb
 
+from .folders import check_pipeline_folder, resolve_dtype
+from .guidance import classifier_free_guidance
+from .inputs import OUTPUT_TYPES, ImageInput, image_tensor, negative_prompts
 from .schedulers import make_scheduler, step_kwargs
 from .text import encode_text, uses_attention_mask
 from .unet import unet_downsampling
-
-ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, list]
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-}  # fmt: skip
-# Libraries a pipeline folder may name for its components. Anything else (a module name that
-# diffusers would import from a .py file inside the folder) is refused: loading runs no code.
-_TRUSTED_LIBRARIES = ("diffusers", "transformers")
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch.dtype:
-    """``"auto"``: bf16 where it is faster than fp32 (CUDA with bf16; a CPU whose bf16 convolution
-    measured faster, see :func:`runtime.hardware.cpu_bf16_speedup`), fp32 elsewhere."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if fast_bf16(str(torch.device(device))) else torch.float32
-    if dtype not in _DTYPES:
-        raise InputError(f"unknown dtype '{dtype}'; valid: auto, {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
-def check_pipeline_folder(path: str | Path) -> dict:
-    """model_index.json of a local pipeline folder, refused if it would make diffusers run code."""
-    index_file = Path(path) / "model_index.json"
-    if not index_file.is_file():
-        raise InputError(f"'{path}' is not a pipeline folder: it has no model_index.json")
-    index = json.loads(index_file.read_text())
-    if not isinstance(index.get("_class_name"), str):
-        raise InputError(f"{index_file}: _class_name {index.get('_class_name')!r} points at custom code; refused")
-    for name, entry in index.items():
-        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
-            continue
-        if entry[0] not in _TRUSTED_LIBRARIES:
-            raise InputError(
-                f"{index_file}: component '{name}' comes from '{entry[0]}', which would be imported as code; "
-                f"only {', '.join(_TRUSTED_LIBRARIES)} components are loaded"
-            )
-    return index
 
 
 class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
@@ -181,7 +138,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
     @property
     def downsampling(self) -> int:
         """Total downsampling from pixels to the U-Net's deepest level: sizes must divide by it."""
-        return self.vae_scale_factor * unet_downsampling(self.unet)
+        return total_downsampling(self.vae, self.unet)
 
     # ---- generation ----------------------------------------------------------------------
 
@@ -207,9 +164,9 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         (img2img): ``strength`` 1 ignores it, towards 0 returns it (through the autoencoder)."""
         # 0. Check every input before any work.
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = self._negative_prompts(negative_prompt, len(prompts))
+        negatives = negative_prompts(negative_prompt, len(prompts))
         if image is not None:
-            image = self._image_tensor(image, len(prompts))  # (1 or B, 3, H, W) in [-1, 1]
+            image = image_tensor(image, len(prompts))  # (1 or B, 3, H, W) in [-1, 1]
             asked = (height or image.shape[-2], width or image.shape[-1])
             if asked != tuple(image.shape[-2:]):
                 raise InputError(
@@ -219,7 +176,9 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
             height, width = image.shape[-2:]
         height, width = height or self.default_resolution, width or self.default_resolution
         batch = len(prompts) * num_images_per_prompt
-        self._check_inputs(prompts, num_inference_steps, height, width, num_images_per_prompt, output_type, strength, generator, batch)
+        self._check_inputs(
+            prompts, num_inference_steps, height, width, num_images_per_prompt, output_type, strength, generator, batch
+        )
         device, do_cfg = self._execution_device, guidance_scale > 1.0
 
         # 1. Encode the prompts (and, for guidance, the negative/empty prompts in the same batch);
@@ -268,8 +227,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
                     return_dict=False,
                 )[0].float()
                 if do_cfg:
-                    pred_uncond, pred_text = pred.chunk(2)
-                    pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)
+                    pred = classifier_free_guidance(*pred.chunk(2), guidance_scale)  # rows: [negative, prompt]
                 latents = self.scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
                 progress.update()
 
@@ -291,43 +249,6 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         z = encode_latents(self.vae, image)  # (1 or B, C, h, w), float32
         return z.repeat_interleave(batch // z.shape[0], dim=0)
 
-    @staticmethod
-    def _negative_prompts(negative_prompt: str | list[str] | None, n: int) -> list[str]:
-        if negative_prompt is None:
-            return [""] * n
-        if isinstance(negative_prompt, str):
-            return [negative_prompt] * n
-        if len(negative_prompt) != n:
-            raise InputError(f"negative_prompt has {len(negative_prompt)} entries for {n} prompts; give one per prompt or a single string")
-        return list(negative_prompt)
-
-    def _image_tensor(self, image: ImageInput, num_prompts: int) -> torch.Tensor:
-        """PIL image(s), numpy (H, W, 3) / (B, H, W, 3) or a tensor (3, H, W) / (B, 3, H, W), both in
-        [0, 1] as the pipeline's own "np" / "pt" outputs -> (B, 3, H, W) in [-1, 1]."""
-        if isinstance(image, PIL.Image.Image) or (isinstance(image, list) and image and isinstance(image[0], PIL.Image.Image)):
-            pils = [to_rgb(im) for im in (image if isinstance(image, list) else [image])]
-            if len({im.size for im in pils}) > 1:
-                raise InputError(f"image: all images must have the same size, got {sorted({im.size for im in pils})}")
-            image = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in pils])
-        if isinstance(image, np.ndarray):
-            if image.ndim == 3:
-                image = image[None]
-            if image.ndim != 4 or image.shape[-1] != 3:
-                raise InputError(f"image: a numpy image must be (H, W, 3) or (B, H, W, 3) in [0, 1], got shape {image.shape}")
-            image = torch.from_numpy(np.ascontiguousarray(image)).permute(0, 3, 1, 2)
-        if not isinstance(image, torch.Tensor):
-            raise InputError(f"image: expected a PIL image, a numpy array or a torch tensor, got {type(image).__name__}")
-        if image.ndim == 3:
-            image = image[None]
-        if image.ndim != 4 or image.shape[1] != 3:
-            raise InputError(f"image: a tensor image must be (3, H, W) or (B, 3, H, W), got shape {tuple(image.shape)}")
-        if image.shape[0] not in (1, num_prompts):
-            raise InputError(f"image: batch of {image.shape[0]} images for {num_prompts} prompts; give 1 or {num_prompts}")
-        image = image.float()
-        if image.min() < -1e-3 or image.max() > 1 + 1e-3:
-            raise InputError(f"image: expected values in [0, 1], got [{image.min():.3g}, {image.max():.3g}]")
-        return image * 2.0 - 1.0  # (B, 3, H, W) in [-1, 1], the autoencoder's range
-
     def _check_inputs(self, prompts, steps, height, width, per_prompt, output_type, strength, generator, batch) -> None:
         if not prompts:
             raise InputError("prompt: the list of prompts is empty")
@@ -344,10 +265,10 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
                     f"{name}={size} is not divisible by {f} (autoencoder x{self.vae_scale_factor} times U-Net "
                     f"x{f // self.vae_scale_factor}); nearest valid: {max(f, round(size / f) * f)}"
                 )
-        if self.unet.dtype == torch.bfloat16 and self._execution_device.type == "cpu" and bf16_wrong_sizes([(height, width)], f):
-            raise InputError(f"{height}x{width} (height x width) leaves maps {min(height, width) * 2 // f} pixels wide at the U-Net's last "
-                             f"downsampling convolution, and bf16 convolutions of maps narrower than {NARROW_MAP} come out wrong on this "
-                             f"CPU (oneDNN; probed); use sides of at least {2 * f}, or fp32 (dtype='fp32', --dtype fp32)")
+        if self.unet.dtype == torch.bfloat16 and self._execution_device.type == "cpu":
+            refusal = bf16_narrow_refusal([(height, width)], f, "the U-Net", ", or fp32 (dtype='fp32', --dtype fp32)")
+            if refusal:
+                raise InputError(refusal)
         if not 0.0 < strength <= 1.0:
             raise InputError(f"strength must be in (0, 1], got {strength}")
         if output_type not in OUTPUT_TYPES:
@@ -356,4 +277,10 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
             raise InputError(f"generator: {len(generator)} generators for {batch} images; give one or one per image")
 
 
-__all__ = ["LatentDiffusionPipeline", "check_pipeline_folder", "resolve_dtype", "uses_attention_mask"]
+def total_downsampling(vae: AutoencoderKL, unet: UNet2DConditionModel) -> int:
+    """Pixels per latent pixel at the U-Net's deepest level (the autoencoder's factor x the U-Net's): image sizes must
+    divide by it."""
+    return downsampling_factor(vae) * unet_downsampling(unet)
+
+
+__all__ = ["LatentDiffusionPipeline", "total_downsampling", "check_pipeline_folder", "resolve_dtype", "uses_attention_mask"]

@@ -8,6 +8,16 @@ any tensor work: nothing is configured as a side effect of an import.
 """
 
 from .hardware import configure_cpu as configure
-from .hardware import NARROW_MAP, bf16_narrow_maps_ok, bf16_wrong_sizes, cpu_bf16_speedup, fast_bf16, training_attention
+from .hardware import cpu_bf16_speedup, fast_bf16, training_attention
+from .narrow_maps import NARROW_MAP, bf16_narrow_maps_ok, bf16_narrow_refusal, bf16_wrong_sizes
 
-__all__ = ["NARROW_MAP", "bf16_narrow_maps_ok", "bf16_wrong_sizes", "configure", "cpu_bf16_speedup", "fast_bf16", "training_attention"]
+__all__ = [
+    "NARROW_MAP",
+    "bf16_narrow_maps_ok",
+    "bf16_narrow_refusal",
+    "bf16_wrong_sizes",
+    "configure",
+    "cpu_bf16_speedup",
+    "fast_bf16",
+    "training_attention",
+]

@@ -1,10 +1,14 @@
-"""Turning whatever image a user has into the RGB the autoencoder expects."""
+"""Turning whatever image a user has into the RGB the autoencoder expects, and tensors back into
+image grids."""
 
 from __future__ import annotations
 
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 # EXIF orientations that turn the stored image by 90 or 270 degrees (width and height swap)
@@ -32,3 +36,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
         canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(canvas, img).convert("RGB")
     return img.convert("RGB")
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(rows: list[torch.Tensor], path: str | Path, scale: int = 1) -> Path:
+    """Each row is a (B, 3, H, W) batch in [-1, 1]; rows are stacked top to bottom."""
+    imgs = [to_uint8(r) for r in rows]
+    grid = np.concatenate([np.concatenate(list(r), axis=1) for r in imgs], axis=0)  # (rows*H, B*W, 3)
+    img = Image.fromarray(grid)
+    if scale != 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

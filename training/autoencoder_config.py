@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from autoencoder.losses import LossConfig
 from training.config import ConfigError, MixedPrecision
-from training.data import DataConfig
-from training.runs import RunConfig
+from training.data.records import DataConfig
+from training.run.setup import RunConfig
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,10 @@ class TrainConfig(RunConfig):
         if self.scale_fit_batches < 1:
             raise ConfigError(f"train.scale_fit_batches={self.scale_fit_batches} must be >= 1")
         if self.mixed_precision is MixedPrecision.fp16:
-            raise ConfigError("train.mixed_precision=fp16 is not supported by the autoencoder job: the adaptive GAN weight "
-                             "takes unscaled gradients that underflow in fp16. Use bf16, fp32 or auto")
+            raise ConfigError(
+                "train.mixed_precision=fp16 is not supported by the autoencoder job: the adaptive GAN weight "
+                "takes unscaled gradients that underflow in fp16. Use bf16, fp32 or auto"
+            )
 
 
 @dataclass(frozen=True)
@@ -69,4 +71,6 @@ def validate(cfg: AutoencoderJobConfig) -> None:
     """The rules across sections (each section checks its own fields when it is built); no file
     is read: the folders the config names are checked by the job."""
     if cfg.train.decoder_only and not cfg.model.init_from:
-        raise ConfigError("train.decoder_only=true needs model.init_from=VAE_DIR: it fine-tunes the decoder of a trained autoencoder")
+        raise ConfigError(
+            "train.decoder_only=true needs model.init_from=VAE_DIR: it fine-tunes the decoder of a trained autoencoder"
+        )

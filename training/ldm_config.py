@@ -15,8 +15,8 @@ from ldm.schedulers import SCHEDULERS
 from ldm.text import CLIP_TEXT_PRESETS
 from ldm.unet import UNET_PRESETS
 from training.config import ConfigError
-from training.data import DataConfig
-from training.runs import RunConfig
+from training.data.records import DataConfig
+from training.run.setup import RunConfig
 
 DEFAULT_PROMPTS = ("red apple", "grinning face", "sun", "red heart", "pine tree", "dog face", "rocket", "snowflake")
 FINETUNE_METHODS = ("none", "full", "lora")
@@ -159,35 +159,48 @@ def validate(cfg: LdmJobConfig) -> None:
     read: the folders the config names are checked by the job, the models' fit once they are built."""
     m, o = cfg.model, cfg.objective
     if o.zero_terminal_snr and m.prediction_type != "v_prediction":
-        raise ConfigError("objective.zero_terminal_snr=true needs model.prediction_type=v_prediction: at SNR 0 the noise "
-                         "is the input, so there is nothing to learn for an epsilon target")  # fmt: skip
+        raise ConfigError(
+            "objective.zero_terminal_snr=true needs model.prediction_type=v_prediction: at SNR 0 the noise "
+            "is the input, so there is nothing to learn for an epsilon target"
+        )
     if m.replace_vae and not m.init_from:
-        raise ConfigError("model.replace_vae is for fine-tuning a pipeline (model.init_from=PIPELINE_DIR); "
-                         "for a new U-Net, set model.vae")  # fmt: skip
+        raise ConfigError(
+            "model.replace_vae is for fine-tuning a pipeline (model.init_from=PIPELINE_DIR); for a new U-Net, set model.vae"
+        )
     _check_finetune_conflicts(cfg)
     if cfg.train.text_lr is not None and not text_encoder_trains(cfg):
-        raise ConfigError(f"train.text_lr={cfg.train.text_lr} would be ignored: no text encoder trains here (it trains with "
-                          "model.text_encoder=clip-scratch, or finetune.train_text_encoder=true with model.init_from)")
+        raise ConfigError(
+            f"train.text_lr={cfg.train.text_lr} would be ignored: no text encoder trains here (it trains with "
+            "model.text_encoder=clip-scratch, or finetune.train_text_encoder=true with model.init_from)"
+        )
 
 
 def _check_finetune_conflicts(cfg: LdmJobConfig) -> None:
     """finetune.method and model.init_from go together; keys the chosen path would ignore are errors."""
     m, ft = cfg.model, cfg.finetune
     if m.init_from and ft.method == "none":
-        raise ConfigError(f"model.init_from={m.init_from} needs finetune.method=full (train every U-Net weight) or "
-                          "finetune.method=lora (adapters); finetune.method=none trains a new U-Net")
+        raise ConfigError(
+            f"model.init_from={m.init_from} needs finetune.method=full (train every U-Net weight) or "
+            "finetune.method=lora (adapters); finetune.method=none trains a new U-Net"
+        )
     if not m.init_from and ft.method != "none":
-        raise ConfigError(f"finetune.method={ft.method} needs model.init_from=PIPELINE_DIR: it fine-tunes a trained model "
-                          "(for a new U-Net: finetune.method=none)")
+        raise ConfigError(
+            f"finetune.method={ft.method} needs model.init_from=PIPELINE_DIR: it fine-tunes a trained model "
+            "(for a new U-Net: finetune.method=none)"
+        )
     if m.init_from:
         ignored = _changed(m, ("vae", "text_encoder", "clip_preset", "unet", "prediction_type"))
         ignored += [f"objective.{k}" for k in _changed(cfg.objective, ("zero_terminal_snr",))]
         if ignored:
             keys = ", ".join(k if "." in k else f"model.{k}" for k in ignored)
-            raise ConfigError(f"{keys} would be ignored: with model.init_from={m.init_from} the pipeline's own autoencoder, "
-                              "text encoder, U-Net and noise schedule are used as they are (to swap the autoencoder: model.replace_vae)")
+            raise ConfigError(
+                f"{keys} would be ignored: with model.init_from={m.init_from} the pipeline's own autoencoder, "
+                "text encoder, U-Net and noise schedule are used as they are (to swap the autoencoder: model.replace_vae)"
+            )
     else:
         ignored = [f"finetune.{k}" for k in _changed(ft, ("train_text_encoder",))]
         if ignored:
-            raise ConfigError(f"{', '.join(ignored)} would be ignored: it applies when fine-tuning (model.init_from with "
-                              "finetune.method=full or lora); a new model trains model.text_encoder=clip-scratch and freezes the others")
+            raise ConfigError(
+                f"{', '.join(ignored)} would be ignored: it applies when fine-tuning (model.init_from with "
+                "finetune.method=full or lora); a new model trains model.text_encoder=clip-scratch and freezes the others"
+            )

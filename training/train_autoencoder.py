@@ -17,36 +17,27 @@ import datasets
 import torch
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from autoencoder import (
     build_autoencoder,
-    fit_latent_normalization,
-    latent_normalization,
     load_autoencoder,
-    save_autoencoder,
-    set_latent_normalization,
 )
 from autoencoder.discriminator import PatchDiscriminator
-from autoencoder.latents import downsampling_factor
+from autoencoder.latents import downsampling_factor, posterior
 from autoencoder.losses import AutoencoderLoss
-from autoencoder.metrics import psnr, reconstruct
 from autoencoder.perceptual import LPIPS
-from autoencoder.references import pca_fits
-from training.checkpoint import save_checkpoint
-from training.config import parse_cli, to_dict
+from runtime.errors import one_line_errors
 from training.autoencoder_config import AutoencoderJobConfig
-from training.data import DataError, eval_loader, has_split, load_records, spread_indices, train_loader
-from training.evaluate import autoencoder_report, load_images, ood_sets
-from training.guard import StopGuard, check_finite, guarded
-from training.runs import data_layout, due, resume_or_start, start_accelerator
-from runtime.files import write_json_atomic
-from training.buckets import assign_buckets, bucket_sizes, refuse_narrow_buckets, report_buckets
-from training.tracking import RunLog
-from training.utils import run_job, save_grid
+from training import run
+from training.config import parse_cli
+from training.data.buckets import assign_buckets, bucket_sizes, refuse_narrow_buckets, report_buckets
+from training.data.loader import ReadableBatches, train_loader
+from training.data.records import DataError, has_split, load_records
+from training.data.sampler import BatchStream
+from training.stage1.export import export_autoencoder
+from training.stage1.samples import preview_batch, save_reconstructions
 
 
 class Reconstruction(torch.nn.Module):
@@ -64,113 +55,69 @@ class Reconstruction(torch.nn.Module):
         return x_hat, posterior.parameters  # moments (B, 2C, h, w): mean and logvar
 
 
-@guarded  # one run per output_dir; a signal before or after the steps stops at once
+@run.guarded  # one run per output_dir; a signal before or after the steps stops at once
 def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> Path:
     """Train (or resume) the autoencoder described by ``cfg``; returns the exported ``vae/`` folder.
+    ``stop_after_steps`` stops right after that step's checkpoint, as if killed there (tests)."""
+    out, train_cfg = Path(cfg.output_dir), cfg.train
+    accelerator, threads = run.start_accelerator(train_cfg, cfg.seed, out)  # the same initial weights on every process
+    is_main, device = accelerator.is_main_process, accelerator.device
 
-    ``stop_after_steps`` stops right after that step's checkpoint, as if the run were killed
-    there (used by the resume tests).
-    """
-    for key, paths in (("extra_data", cfg.extra_data), ("eval.ood", cfg.eval.ood)):
-        for path in paths:
-            if not Path(path).is_dir():
-                raise DataError(f"{key}: '{path}' is not a folder (make data builds data/generic-32 and data/ood-32/*)")
-    out = Path(cfg.output_dir)
-    accelerator, threads = start_accelerator(cfg.train, cfg.seed, out)  # the same initial weights on every process
-    is_main = accelerator.is_main_process
+    # 1. Data, checked before anything expensive; with buckets, each image's from its header.
+    records, held_out = _records(cfg)
+    vae = _autoencoder(cfg)
+    stream = _batch_stream(records, cfg, vae, accelerator)
 
-    # 1. Data, checked before anything expensive.
-    records = load_records(cfg.data.path, cfg.data)
-    if cfg.extra_data:
-        records = datasets.concatenate_datasets([records, *(load_records(p, replace(cfg.data, path=p)) for p in cfg.extra_data)])
-    held_out = load_records(cfg.data.path, cfg.data, cfg.data.eval_split) if has_split(cfg.data.path, cfg.data.eval_split) else None
     # 2. Networks and the loss (LPIPS weights are pretrained VGG16, frozen).
-    if cfg.model.init_from:
-        vae = load_autoencoder(cfg.model.init_from)
-    else:
-        vae = build_autoencoder(cfg.model.preset, cfg.data.resolution, latent_channels=cfg.model.latent_channels,
-                                norm_num_groups=cfg.model.norm_num_groups)
     disc = PatchDiscriminator(channels=cfg.loss.disc_channels, num_layers=cfg.loss.disc_layers)
-    lpips = LPIPS.pretrained().to(accelerator.device)
+    lpips = LPIPS.pretrained().to(device)
     loss_fn = AutoencoderLoss(lpips, cfg.loss)
-    betas = (cfg.train.adam_beta1, cfg.train.adam_beta2)
-    if cfg.train.decoder_only:  # encoder and quant_conv define the latent space: frozen
-        vae.encoder.requires_grad_(False)
-        vae.quant_conv.requires_grad_(False)
-    ae_params = [p for p in vae.parameters() if p.requires_grad]
-    opt_ae = torch.optim.AdamW(ae_params, lr=cfg.train.lr, betas=betas, weight_decay=cfg.train.weight_decay, fused=True)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.train.disc_lr or cfg.train.lr, betas=betas, weight_decay=cfg.train.weight_decay, fused=True)
-    # The autoencoder's LR follows train.lr_schedule; the discriminator's stays constant, as in
-    # the reference recipe. The scheduler is stepped once per optimizer step (not per process).
-    sched_ae = get_scheduler(cfg.train.lr_schedule, opt_ae, num_warmup_steps=cfg.train.lr_warmup_steps,
-                             num_training_steps=cfg.train.max_steps)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    ae_params, opt_ae, opt_d, sched_ae = _optimisation(vae, disc, train_cfg)
+    memory_format = torch.channels_last if train_cfg.channels_last else torch.contiguous_format
     for net in (vae, disc, lpips):
         net.to(memory_format=memory_format)
     model, disc, opt_ae, opt_d = accelerator.prepare(Reconstruction(vae), disc, opt_ae, opt_d)
-    accelerator.register_for_checkpointing(sched_ae)
-    ema = EMAModel(ae_params, decay=cfg.train.ema_decay, foreach=True) if cfg.train.ema_decay else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    raw_vae, raw_disc = accelerator.unwrap_model(model).vae, accelerator.unwrap_model(disc)
-    last_layer = raw_vae.decoder.conv_out.weight  # where the adaptive GAN weight is measured
+    ema = run.checkpoint_schedule_and_ema(accelerator, sched_ae, ae_params, train_cfg.ema_decay)
+    unwrapped_disc = accelerator.unwrap_model(disc)
+    last_layer = vae.decoder.conv_out.weight  # where the adaptive GAN weight is measured
     set_seed(cfg.seed + accelerator.process_index)  # same init everywhere; own posterior noise per rank
 
     # 3. Resume: models, optimizers, scheduler, RNG states; data position from trainer_state.
-    sizes = bucket_sizes(cfg.data.buckets, cfg.data.resolution, downsampling_factor(raw_vae)) if cfg.data.buckets.enabled else None
-    if sizes:
-        refuse_narrow_buckets(sizes, downsampling_factor(raw_vae), "the encoder", cfg.data.resolution, accelerator)
-    layout = data_layout(cfg.train, accelerator, cfg.seed, sizes)
-    state = resume_or_start(accelerator, out, cfg, layout, {"step": 0, "micro_batches": 0, "bad_images": 0})
+    layout = {**stream.layout, "grad_accum_steps": train_cfg.grad_accum_steps}
+    state = run.resume_or_start(accelerator, out, cfg, layout, {"step": 0, "micro_batches": 0, "bad_images": 0})
     step, micro = state["step"], state["micro_batches"]
-    bad_images = state["bad_images"] if is_main else 0  # per-process count; summed when reported
-    log = RunLog(accelerator, out, "train_autoencoder", cfg, step)
-    log.write(step=step, event="resume" if step else "start", device=str(accelerator.device), processes=accelerator.num_processes,
-              cpu_threads=threads, mixed_precision=accelerator.mixed_precision,
-              precision_reason=cfg.train.mixed_precision.reason(str(accelerator.device)), train_images=len(records))
-    buckets = _buckets(records, sizes, cfg.train.batch_size * accelerator.num_processes, log, step) if sizes else None
-    loader = train_loader(records, cfg.data, cfg.train.batch_size, cfg.seed, start_batch=micro,
-                          rank=accelerator.process_index, world_size=accelerator.num_processes, buckets=buckets)
-    batches = iter(loader)
+    log = run.RunLog(accelerator, out, "train_autoencoder", cfg, step)
+    run.write_start(log, step, accelerator, train_cfg, threads, train_images=len(records))
+    if stream.sizes:
+        report_buckets(log, step, stream.sizes, stream.bucket_counts, stream.global_batch)
+    # the next micro-batch with a readable image on every process; bad_images: per process, summed when reported
+    batches = ReadableBatches(train_loader(records, cfg.data, stream, start=micro), accelerator, micro, state["bad_images"])
     # fixed images for sample grids and a running held-out PSNR (up to eval.batch_size of them)
-    preview = _preview_batch(held_out if held_out is not None else records, cfg, cfg.eval.batch_size)
+    preview = preview_batch(held_out if held_out is not None else records, cfg, cfg.eval.batch_size)
 
-    def next_batch() -> dict:
-        """The next micro-batch with at least one readable image on every process (all processes
-        skip together, so they stay at the same position in the data)."""
-        nonlocal micro, bad_images
-        while True:
-            batch = next(batches)
-            micro += 1
-            bad_images += len(batch["bad_files"])
-            empty = torch.tensor(float(batch["pixel_values"].numel() == 0), device=accelerator.device)
-            if accelerator.num_processes > 1:
-                empty = accelerator.reduce(empty, "sum")
-            if empty.item() == 0:
-                return batch
+    def trainer_state() -> dict:  # a collective: every process calls it
+        return {"micro_batches": batches.micro_batches, "bad_images": batches.total_bad(), **layout}
 
-    def total_bad() -> int:
-        return int(accelerator.reduce(torch.tensor(bad_images, device=accelerator.device), "sum").item())
-
-    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="autoencoder", disable=not is_main, dynamic_ncols=True)
+    bar = tqdm(total=train_cfg.max_steps, initial=step, desc="autoencoder", disable=not is_main, dynamic_ncols=True)
     window_start, window_images, window = time.perf_counter(), 0, {}
-    stop = StopGuard(accelerator, out, bar)  # from here SIGTERM / SIGINT stop after the step, with a checkpoint
-    while step < cfg.train.max_steps:
+    # from here SIGTERM / SIGINT stop after the step, with a checkpoint
+    stop = run.StopGuard(accelerator, out, train_cfg.keep_checkpoints, bar)
+    while step < train_cfg.max_steps:
         # 4. One optimizer step = grad_accum_steps micro-batches.
         use_gan = loss_fn.gan_active(step)
+        gan_disc = unwrapped_disc if use_gan else None
         step_loss = 0.0  # every logged term of every micro-batch: one NaN anywhere shows
         lr = sched_ae.get_last_lr()[0]
-        for _ in range(cfg.train.grad_accum_steps):
-            x = next_batch()["pixel_values"].to(accelerator.device, memory_format=memory_format)  # (B, 3, H, W) in [-1, 1]
+        for _ in range(train_cfg.grad_accum_steps):
+            x = next(batches)["pixel_values"].to(device, memory_format=memory_format)  # (B, 3, H, W) in [-1, 1]
             window_images += x.shape[0] * accelerator.num_processes
             with accelerator.accumulate(model, disc), accelerator.autocast():
                 # 4a. autoencoder: reconstruct from a posterior sample; the GAN term uses the
                 # unwrapped discriminator with frozen weights so no gradient reaches it.
                 x_hat, moments = model(x)  # (B, 3, H, W), (B, 2C, h, w)
-                posterior = DiagonalGaussianDistribution(moments)
-                raw_disc.requires_grad_(False)
-                loss_ae, logs = loss_fn.generator_loss(x, x_hat, posterior, step, last_layer, raw_disc if use_gan else None)
-                raw_disc.requires_grad_(True)
+                unwrapped_disc.requires_grad_(False)
+                loss_ae, logs = loss_fn.generator_loss(x, x_hat, posterior(moments), step, last_layer, gan_disc)
+                unwrapped_disc.requires_grad_(True)
                 accelerator.backward(loss_ae)
                 opt_ae.step()  # accelerate skips it until the last micro-batch
                 opt_ae.zero_grad(set_to_none=True)
@@ -185,113 +132,93 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
             for k, v in logs.items():  # averaged over the log window
                 window[k] = window.get(k, 0.0) + v
             window["n"] = window.get("n", 0) + 1
-        sched_ae.step()
-        if ema is not None:
-            ema.step(ae_params)
+        run.after_optimizer_step(sched_ae, ema, ae_params, bar)
         step += 1
-        bar.update(1)
         if stop.after_step(step, step_loss):  # a signal on any process (a non-finite loss raises)
-            save_checkpoint(accelerator, out, step, {"micro_batches": micro, "bad_images": total_bad(), **layout},
-                            cfg.train.keep_checkpoints)  # fmt: skip
-            log.write(step=step, event="stopped", signal=stop.signal_name)
-            raise stop.stopped(step)
+            raise stop.checkpoint_and_stop(step, trainer_state(), log)
 
         # 5. Logs, sample grids, checkpoints.
-        if due(step, cfg.train.log_every, cfg.train.max_steps):
+        if run.due(step, train_cfg.log_every, train_cfg.max_steps):
             elapsed = time.perf_counter() - window_start
             n = window.pop("n")
             means = {k: round(v / n, 6) for k, v in window.items()}
-            log.write(step=step, lr=lr, images_per_s=round(window_images / elapsed, 2), bad_images=total_bad(), **means)
+            log.write(step=step, lr=lr, images_per_s=round(window_images / elapsed, 2), bad_images=batches.total_bad(), **means)
             bar.set_postfix(l1=f"{means['l1']:.4f}", lpips=f"{means['lpips']:.3f}")
             window_start, window_images, window = time.perf_counter(), 0, {}
-        if is_main and due(step, cfg.train.sample_every, cfg.train.max_steps):
+        if is_main and run.due(step, train_cfg.sample_every, train_cfg.max_steps):
             grid = out / "samples" / f"step-{step:08d}.png"
-            val_psnr = _save_reconstructions(raw_vae, preview, grid)
+            val_psnr = save_reconstructions(vae, preview, grid)
             log.write(step=step, val_psnr=round(val_psnr, 3), val_images=preview.shape[0])
             log.images("reconstructions", grid, step)
-        if due(step, cfg.train.checkpoint_every, cfg.train.max_steps):
-            save_checkpoint(accelerator, out, step, {"micro_batches": micro, "bad_images": total_bad(), **layout},
-                            cfg.train.keep_checkpoints)
+        if run.due(step, train_cfg.checkpoint_every, train_cfg.max_steps):
+            run.save_checkpoint(accelerator, out, step, trainer_state(), train_cfg.keep_checkpoints)
         if stop_after_steps is not None and step >= stop_after_steps:
             bar.close()
             return out / "vae"
-    bar.close()
-    stop.disarm()
-    bad_images = total_bad()
-    if bad_images and is_main:
-        print(f"skipped {bad_images} unreadable image(s); see log.jsonl")
-
     # 6. Export: fit the latent scale, save vae/ in the diffusers layout, held-out metrics.
-    if is_main:
-        if ema is not None:
-            ema.copy_to(ae_params)
-        _export(raw_vae, records, held_out, lpips, cfg, out, bad_images)
-    accelerator.wait_for_everyone()
-    log.close()
-    accelerator.end_training()
+    bad_images = batches.total_bad()
+    run.finish(
+        accelerator, stop, log, ema, ae_params, lambda: export_autoencoder(vae, records, held_out, lpips, cfg, out, bad_images)
+    )
     return out / "vae"
 
 
-def _buckets(records, sizes: list, global_batch: int, log, step: int) -> tuple[list, list[int]]:
-    """The bucket sizes and each training image's bucket (read from the image headers), reported."""
+def _records(cfg: AutoencoderJobConfig) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """(the training images: data.path and every extra_data folder, the held-out split or None)."""
+    for key, paths in (("extra_data", cfg.extra_data), ("eval.ood", cfg.eval.ood)):
+        for path in paths:
+            if not Path(path).is_dir():
+                raise DataError(f"{key}: '{path}' is not a folder (make data builds data/generic-32 and data/ood-32/*)")
+    records = load_records(cfg.data.path, cfg.data)
+    if cfg.extra_data:
+        records = datasets.concatenate_datasets([records, *(load_records(p, replace(cfg.data, path=p)) for p in cfg.extra_data)])
+    has_held_out = has_split(cfg.data.path, cfg.data.eval_split)
+    return records, load_records(cfg.data.path, cfg.data, cfg.data.eval_split) if has_held_out else None
+
+
+def _autoencoder(cfg: AutoencoderJobConfig) -> AutoencoderKL:
+    """The autoencoder to fine-tune (model.init_from), or a new one of model.preset."""
+    if cfg.model.init_from:
+        return load_autoencoder(cfg.model.init_from)
+    m = cfg.model
+    return build_autoencoder(m.preset, cfg.data.resolution, latent_channels=m.latent_channels, norm_num_groups=m.norm_num_groups)
+
+
+def _batch_stream(records, cfg: AutoencoderJobConfig, vae: AutoencoderKL, accelerator) -> BatchStream:
+    """The run's batches: square crops, or one aspect-ratio bucket per batch (each image's read from its header;
+    refused before any step where bf16 would compute a bucket wrongly on this CPU)."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if not cfg.data.buckets.enabled:
+        return BatchStream(len(records), cfg.train.batch_size, cfg.seed, rank, world, cfg.data.random_flip)
+    sizes = bucket_sizes(cfg.data.buckets, cfg.data.resolution, downsampling_factor(vae))
+    refuse_narrow_buckets(sizes, downsampling_factor(vae), "the encoder", cfg.data.resolution, accelerator)
     bucket_of = assign_buckets([row["image"] for row in records.select_columns(["image"])], sizes)
-    report_buckets(log, step, sizes, [bucket_of.count(b) for b in range(len(sizes))], global_batch)
-    return sizes, bucket_of
+    return BatchStream(len(records), cfg.train.batch_size, cfg.seed, rank, world, cfg.data.random_flip, sizes, bucket_of)
 
 
-def _preview_batch(records, cfg: AutoencoderJobConfig, n: int) -> torch.Tensor:
-    """``n`` images spread evenly over the split (neighbours are often near-duplicates)."""
-    loader = eval_loader(records.select(spread_indices(len(records), n)), cfg.data, n)
-    x = next(iter(loader))["pixel_values"]
-    if x.numel() == 0:
-        raise DataError(f"none of the {n} preview images (sample grids, val_psnr) could be read")
-    return x
-
-
-@torch.no_grad()
-def _save_reconstructions(vae, x: torch.Tensor, path: Path, rows: int = 8) -> float:
-    """Saves input over reconstruction (posterior mean, fp32) for ``rows`` images; returns PSNR over all of ``x``."""
-    was_training = vae.training
-    vae.eval()
-    x = x.to(vae.device)
-    x_hat = reconstruct(vae, x)
-    vae.train(was_training)
-    save_grid([x[:rows], x_hat[:rows]], path, scale=4)
-    return psnr((x + 1) / 2, (x_hat + 1) / 2).mean().item()
-
-
-def _export(vae, records, held_out, lpips: LPIPS, cfg: AutoencoderJobConfig, out: Path, bad_images: int) -> Path:
-    check_finite(vae, "autoencoder")
-    vae.eval()
-    fit_batch = min(cfg.eval.batch_size, len(records))
-    fit_loader = train_loader(records, cfg.data, fit_batch, seed=cfg.seed + 1)
-    n_fit = min(cfg.train.scale_fit_batches, math.ceil(len(records) / fit_batch))  # about one pass at most
-    fit_batches = (b["pixel_values"] for b, _ in zip(fit_loader, range(n_fit)) if b["pixel_values"].numel())
-    if cfg.train.decoder_only:  # the latent space did not change: keep its normalisation
-        scale, shift = latent_normalization(vae)
-    else:
-        scale, shift = fit_latent_normalization(vae, fit_batches, fit_shift=cfg.train.fit_shift)
-        set_latent_normalization(vae, scale, shift)
-    vae_dir = save_autoencoder(vae, out / "vae")
-    metrics: dict = {"scaling_factor": scale, "shift_factor": shift, "steps": cfg.train.max_steps, "bad_images": bad_images,
-                     "mixed_precision": cfg.train.mixed_precision.accelerate_name(str(vae.device)),
-                     "precision_reason": cfg.train.mixed_precision.reason(str(vae.device))}
-    if held_out is not None:  # in domain first, then every eval.ood folder; each beside bicubic and PCA
-        if cfg.eval.max_images:
-            held_out = held_out.select(range(min(cfg.eval.max_images, len(held_out))))
-        sets = {cfg.data.eval_split: load_images(held_out, cfg.data)}
-        sets |= ood_sets(cfg.eval.ood, cfg.data.resolution, cfg.eval.max_images)
-        train_images = load_images(records, cfg.data, cfg.eval.pca_fit_images) if pca_fits(cfg.data.resolution) else None
-        with torch.no_grad():
-            metrics |= autoencoder_report(vae, sets, train_images, lpips, cfg.eval.batch_size)
-    metrics["config"] = to_dict(cfg)
-    write_json_atomic(out / "metrics.json", metrics)
-    print(f"saved {vae_dir}; metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
-    return vae_dir
+def _optimisation(vae: AutoencoderKL, disc, train_cfg) -> tuple[list, torch.optim.Optimizer, torch.optim.Optimizer, object]:
+    """(trained autoencoder parameters, AdamW over them, AdamW over the discriminator, the autoencoder's LR schedule).
+    With ``decoder_only`` the encoder and quant_conv, which define the latent space, stay frozen. The discriminator's
+    LR stays constant, as in the reference recipe; the schedule is stepped once per optimizer step (not per process)."""
+    if train_cfg.decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    ae_params = [p for p in vae.parameters() if p.requires_grad]
+    betas, decay = (train_cfg.adam_beta1, train_cfg.adam_beta2), train_cfg.weight_decay
+    opt_ae = torch.optim.AdamW(ae_params, lr=train_cfg.lr, betas=betas, weight_decay=decay, fused=True)
+    opt_d = torch.optim.AdamW(
+        disc.parameters(), lr=train_cfg.disc_lr or train_cfg.lr, betas=betas, weight_decay=decay, fused=True
+    )
+    sched_ae = get_scheduler(
+        train_cfg.lr_schedule, opt_ae, num_warmup_steps=train_cfg.lr_warmup_steps, num_training_steps=train_cfg.max_steps
+    )
+    return ae_params, opt_ae, opt_d, sched_ae
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_job(train, parse_cli(AutoencoderJobConfig, argv, description=__doc__))
+    """The command: what a user can act on (bad input, a busy output_dir, a full disk, a stop) ends it in one line."""
+    with one_line_errors():
+        train(parse_cli(AutoencoderJobConfig, argv, description=__doc__))
 
 
 if __name__ == "__main__":

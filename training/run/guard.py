@@ -4,11 +4,11 @@ process agrees on), and a stop on a loss that is no longer finite (nothing expor
 
     @guarded                                   # the lock, and the signal handlers put back after
     def train(cfg): ...
-        stop = StopGuard(accelerator, out)     # before the loop: signals now stop at a step's end
+        stop = StopGuard(accelerator, out, keep, bar)  # before the loop: signals now stop at a step's end
         ...
-        if stop.after_step(step, loss):        # every step; raises RunError on a non-finite loss
-            save_checkpoint(...); raise stop.stopped(step)
-        stop.disarm()                          # after the loop: a signal stops at once again
+        if stop.after_step(step, loss):                # every step; raises RunError on a non-finite loss
+            raise stop.checkpoint_and_stop(step, trainer_state, log)
+        stop.disarm()                                  # after the loop: a signal stops at once again
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Iterator
 import torch
 
 from runtime.errors import RunError, Stopped
-from training.checkpoint import latest_checkpoint
-from training.tracking import close_all
+from training.run.checkpoint import latest_checkpoint, save_checkpoint
+from training.run.tracking import close_all
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 LOCK_NAME = ".lock"
@@ -52,10 +52,13 @@ def output_lock(output_dir: str | Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            raise RunError(f"output_dir '{out}' is in use by {holder}; wait for that run to end, stop it, or choose "
-                           "another output_dir") from None  # fmt: skip
+            raise RunError(
+                f"output_dir '{out}' is in use by {holder}; wait for that run to end, stop it, or choose another output_dir"
+            ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(), 0)
+        os.pwrite(
+            fd, f"process {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(), 0
+        )
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
@@ -92,8 +95,11 @@ def guarded(job):
 
 
 def _stop_now(signum, frame) -> None:
-    raise Stopped(signum, f"stopped by {signal.Signals(signum).name} before or after the training steps; every finished "
-                          "checkpoint and cache shard is kept: relaunch the same command to continue")  # fmt: skip
+    raise Stopped(
+        signum,
+        f"stopped by {signal.Signals(signum).name} before or after the training steps; every finished "
+        "checkpoint and cache shard is kept: relaunch the same command to continue",
+    )
 
 
 def die_with_parent() -> None:
@@ -113,8 +119,13 @@ class StopGuard:
     and the death of the parent process request a stop at the end of the current step; every
     process learns of a request on any of them in :meth:`after_step`, so all stop at the same step."""
 
-    def __init__(self, accelerator, output_dir: str | Path, bar=None) -> None:
-        self.accelerator, self.out, self.bar = accelerator, Path(output_dir), bar  # bar: closed before a stop is said
+    def __init__(self, accelerator, output_dir: str | Path, keep_checkpoints: int, bar=None) -> None:
+        self.accelerator, self.out, self.keep, self.bar = (
+            accelerator,
+            Path(output_dir),
+            keep_checkpoints,
+            bar,
+        )  # bar: closed before a stop is said
         self.signum: int | None = None
         self.parent = os.getppid()
         if threading.current_thread() is threading.main_thread():
@@ -139,8 +150,10 @@ class StopGuard:
         if flags[1] > 0:
             ckpt = latest_checkpoint(self.out)
             kept = f"the last checkpoint ({ckpt.name}) is kept" if ckpt else "there is no checkpoint"
-            raise RunError(f"the training loss is not finite at step {step}: the run diverged; nothing was exported and {kept}. "
-                           "Lower train.lr, or train in fp32 (train.mixed_precision=fp32), and relaunch")  # fmt: skip
+            raise RunError(
+                f"the training loss is not finite at step {step}: the run diverged; nothing was exported and {kept}. "
+                "Lower train.lr, or train in fp32 (train.mixed_precision=fp32), and relaunch"
+            )
         if flags[0] > 0 and self.signum is None:
             self.signum = signal.SIGTERM  # another process was asked to stop
         return bool(flags[0] > 0)
@@ -149,12 +162,21 @@ class StopGuard:
     def signal_name(self) -> str:
         return signal.Signals(self.signum or signal.SIGTERM).name
 
-    def stopped(self, step: int) -> Stopped:
-        return Stopped(self.signum or signal.SIGTERM, f"stopped by {self.signal_name} at step {step}: checkpoint "
-                       f"{self.out / 'checkpoints' / f'step-{step:08d}'} saved; relaunch the same command to resume")  # fmt: skip
+    def checkpoint_and_stop(self, step: int, trainer_state: dict, log) -> Stopped:
+        """The stop after ``step`` (every process calls it): the checkpoint with ``trainer_state``, the ``stopped`` record
+        in the run's log, and the :class:`Stopped` to raise."""
+        save_checkpoint(self.accelerator, self.out, step, trainer_state, self.keep)
+        log.write(step=step, event="stopped", signal=self.signal_name)
+        return Stopped(
+            self.signum or signal.SIGTERM,
+            f"stopped by {self.signal_name} at step {step}: checkpoint "
+            f"{self.out / 'checkpoints' / f'step-{step:08d}'} saved; relaunch the same command to resume",
+        )
 
     def disarm(self) -> None:
-        """After the training steps (export, evaluation): a signal stops at once again."""
+        """After the training steps (export, evaluation): the progress bar closes and a signal stops at once again."""
+        if self.bar is not None:
+            self.bar.close()
         if threading.current_thread() is threading.main_thread():
             for s in STOP_SIGNALS:
                 signal.signal(s, _stop_now)
@@ -164,5 +186,7 @@ def check_finite(module: torch.nn.Module, what: str) -> None:
     """Refuse to export ``module`` if any weight is NaN or infinite (a RunError naming them)."""
     bad = [name for name, p in module.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:
-        raise RunError(f"{len(bad)} tensors of the {what} are not finite (first: {bad[0]}); nothing was exported. The run "
-                       "diverged: lower train.lr, or train in fp32 (train.mixed_precision=fp32), and train again")  # fmt: skip
+        raise RunError(
+            f"{len(bad)} tensors of the {what} are not finite (first: {bad[0]}); nothing was exported. The run "
+            "diverged: lower train.lr, or train in fp32 (train.mixed_precision=fp32), and train again"
+        )

@@ -47,11 +47,14 @@ def tracker_names(report_to: str) -> list[str]:
     names = [n.strip() for n in report_to.split(",") if n.strip()]
     for name in names:
         if name not in LOGGER_TYPE_TO_CLASS:
-            raise ConfigError(f"train.report_to: unknown tracker '{name}'; valid: {AUTO}, {NONE}, {ALL}, or any of "
-                              f"{', '.join(LOGGER_TYPE_TO_CLASS)} joined by commas")  # fmt: skip
+            raise ConfigError(
+                f"train.report_to: unknown tracker '{name}'; valid: {AUTO}, {NONE}, {ALL}, or any of "
+                f"{', '.join(LOGGER_TYPE_TO_CLASS)} joined by commas"
+            )
         if name not in installed:
-            raise ConfigError(f"train.report_to: '{name}' is not installed; {INSTALL_HINT.get(name, f'pip install {name}')}, "
-                              f"or choose {NONE}")  # fmt: skip
+            raise ConfigError(
+                f"train.report_to: '{name}' is not installed; {INSTALL_HINT.get(name, f'pip install {name}')}, or choose {NONE}"
+            )
     return names
 
 
@@ -78,8 +81,11 @@ def tracked_values(record: dict) -> dict[str, float]:
     if event in UNTRACKED_EVENTS:
         return {}
     prefix = f"{event}/" if event else ""
-    return {f"{prefix}{k}": v for k, v in record.items()
-            if k not in ("time", "step", "event") and isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+    return {
+        f"{prefix}{k}": v
+        for k, v in record.items()
+        if k not in ("time", "step", "event") and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 class RunLog:
@@ -92,8 +98,11 @@ class RunLog:
         if self.enabled and again:
             self._drop_after(step)
         if accelerator.log_with:  # a first launch records the config; a relaunch purges what the last one wrote after `step`
-            accelerator.init_trackers(job, config=None if again else hyperparameters(cfg),
-                                      init_kwargs={"tensorboard": {"purge_step": step + 1}} if again else {})  # fmt: skip
+            accelerator.init_trackers(
+                job,
+                config=None if again else hyperparameters(cfg),
+                init_kwargs={"tensorboard": {"purge_step": step + 1}} if again else {},
+            )
             _OPEN.append(self)
 
     def close(self) -> None:

@@ -5,7 +5,7 @@ a square centre crop.
     sizes = make_buckets(32, divisor=8, min_side=16, max_side=64, step=8)   # [(16, 64), (24, 40), (32, 32), (40, 24), (64, 16)]
     b = nearest_bucket(width=640, height=427, buckets=sizes)                 # a landscape photo -> (24, 40)
     image, crop = cover_and_crop(img, sizes[b])                              # resized to cover it, centre-cropped by the rest
-    sampler = BucketBatchSampler(bucket_of, len(sizes), batch_size=8, seed=0, start=k, rank=r, world_size=w)
+    sampler = BucketBatchSampler(bucket_of, len(sizes), batch_size=8, seed=0, start=k, rank=r, world_size=w)  # training/data/sampler.py
 
 Every batch comes from one bucket; the stream is a function of (seed, batch number) alone, so a
 run resumes at any step and 2 ranks with batch 4 see what 1 rank with batch 8 sees.
@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-import torch
 from PIL import Image
 
-from runtime import NARROW_MAP, bf16_wrong_sizes
+from runtime import bf16_narrow_refusal
 from runtime.images import TURNED, open_image
 from training.config import ConfigError
 
@@ -78,18 +77,21 @@ def report_buckets(log, step: int, sizes: Sequence[Size], counts: Sequence[int],
 
 def refuse_narrow_buckets(sizes: Sequence[Size], downsampling: int, model: str, resolution: int, accelerator) -> None:
     """For a bf16 run on a CPU: an error naming the buckets that bf16 would compute wrongly here
-    (:func:`runtime.bf16_wrong_sizes`), and what to change. Nothing in fp32, on a GPU, or where the
+    (:func:`runtime.bf16_narrow_refusal`), and what to change. Nothing in fp32, on a GPU, or where the
     CPU computes them right."""
     if accelerator.mixed_precision != "bf16" or accelerator.device.type != "cpu":
         return
-    narrow = bf16_wrong_sizes(sizes, downsampling)
-    if narrow:
-        width, a, b = min(min(s) for s in narrow) * 2 // downsampling, 2 * downsampling, 3 * downsampling
-        fix = f"data.buckets.min_side={a}, or " if a < resolution else ""  # at resolution <= a only the square would be left
-        raise ConfigError(f"data.buckets: {', '.join(f'{h}x{w}' for h, w in narrow)} leave maps {width} pixels wide at {model}'s last "
-                          f"downsampling convolution, and bf16 convolutions of maps narrower than {NARROW_MAP} come out wrong on this "
-                          f"CPU (oneDNN; probed); use sides of at least {a}: {fix}a list such as "
-                          f"data.buckets.sizes=[[{b},{a}],[{a},{a}],[{a},{b}]], or train in fp32 (train.mixed_precision=fp32)")  # fmt: skip
+    a, b = 2 * downsampling, 3 * downsampling
+    fix = f"data.buckets.min_side={a}, or " if a < resolution else ""  # at resolution <= a only the square would be left
+    refusal = bf16_narrow_refusal(
+        sizes,
+        downsampling,
+        model,
+        f": {fix}a list such as data.buckets.sizes=[[{b},{a}],[{a},{a}],[{a},{b}]], "
+        "or train in fp32 (train.mixed_precision=fp32)",
+    )
+    if refusal:
+        raise ConfigError(f"data.buckets: {refusal}")
 
 
 def make_buckets(resolution: int, divisor: int, min_side: int, max_side: int, step: int) -> list[Size]:
@@ -101,8 +103,10 @@ def make_buckets(resolution: int, divisor: int, min_side: int, max_side: int, st
     if step % divisor:
         raise ConfigError(f"data.buckets.step={step} must be a multiple of the total downsampling {divisor}")
     if not 0 < min_side <= resolution <= max_side or min_side % step or max_side % step:
-        raise ConfigError(f"data.buckets: min_side={min_side} <= data.resolution={resolution} <= max_side={max_side}, "
-                          f"both multiples of step={step}, is needed")  # fmt: skip
+        raise ConfigError(
+            f"data.buckets: min_side={min_side} <= data.resolution={resolution} <= max_side={max_side}, "
+            f"both multiples of step={step}, is needed"
+        )
     area = resolution * resolution
     sides = range(min_side, max_side + 1, step)
     longest = {s: min(max_side, area // s // step * step) for s in sides}
@@ -117,8 +121,9 @@ def check_buckets(sizes: Sequence[Sequence[int]], divisor: int) -> list[Size]:
     out = []
     for size in sizes:
         if len(size) != 2 or any(int(s) != s or s <= 0 or s % divisor for s in size):
-            raise ConfigError(f"data.buckets.sizes: {list(size)} is not a [height, width] pair of multiples of the total "
-                              f"downsampling {divisor}")  # fmt: skip
+            raise ConfigError(
+                f"data.buckets.sizes: {list(size)} is not a [height, width] pair of multiples of the total downsampling {divisor}"
+            )
         out.append((int(size[0]), int(size[1])))
     if len(set(out)) != len(out):
         raise ConfigError(f"data.buckets.sizes lists a size twice: {out}")
@@ -150,7 +155,9 @@ def cover_and_crop(img: Image.Image, bucket: Size) -> tuple[Image.Image, tuple[i
     h, w = bucket
     rw, rh = cover_size(img.width, img.height, bucket)
     top, left = (rh - h) // 2, (rw - w) // 2
-    resized = img.resize((rw, rh), Image.Resampling.LANCZOS if cover_scale(img.width, img.height, bucket) < 1 else Image.Resampling.BICUBIC)
+    resized = img.resize(
+        (rw, rh), Image.Resampling.LANCZOS if cover_scale(img.width, img.height, bucket) < 1 else Image.Resampling.BICUBIC
+    )
     return resized.crop((left, top, left + w, top + h)), (top, left)
 
 
@@ -160,50 +167,12 @@ def kept_area(width: int, height: int, bucket: Size) -> float:
     return min(image, kept) / max(image, kept)
 
 
-class BucketBatchSampler(torch.utils.data.Sampler):
-    """An endless, deterministic stream of batches, each from one bucket, that can start at any
-    global batch.
+def size_name(size: Size) -> str:
+    """A bucket's name: ``"24x40"`` for (height 24, width 40), as cache tensors and logs name it."""
+    return f"{size[0]}x{size[1]}"
 
-    Epoch ``e``: every bucket's images in an order seeded by ``(seed, e, bucket)``, cut into global
-    batches of ``batch_size * world_size``; a bucket's last, incomplete batch is filled from the
-    start of its own order (so no image is dropped, and a bucket smaller than a batch still trains,
-    its images repeated); then the batches of all buckets in an order seeded by ``(seed, e)``. Each
-    global batch is split across ranks. Batch ``k`` is the same whether the run started at 0 or
-    resumed at ``k``, and, for one global batch size, whatever the number of processes.
-    """
 
-    def __init__(self, bucket_of: Sequence[int], num_buckets: int, batch_size: int, seed: int, start: int = 0, rank: int = 0,
-                 world_size: int = 1, random_flip: bool = False) -> None:  # fmt: skip
-        self.bucket_of = torch.as_tensor(list(bucket_of), dtype=torch.long)
-        self.members = [torch.nonzero(self.bucket_of == b).flatten() for b in range(num_buckets)]
-        self.batch_size, self.seed, self.start, self.rank, self.world = batch_size, seed, start, rank, world_size
-        self.random_flip, self.global_batch = random_flip, batch_size * world_size
-        self.batches_of = [math.ceil(len(m) / self.global_batch) for m in self.members]  # per bucket and epoch
-        self.batches_per_epoch = sum(self.batches_of)
-        self.repeated = [self.batches_of[b] * self.global_batch - len(m) for b, m in enumerate(self.members)]  # filled slots
-
-    def _epoch(self, e: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
-        batches = []
-        for b, members in enumerate(self.members):
-            if not len(members):
-                continue
-            gb = torch.Generator().manual_seed((self.seed * 1_000_003 + e) * 1_009 + b)
-            order = members[torch.randperm(len(members), generator=gb)]
-            need = self.batches_of[b] * self.global_batch
-            order = order.repeat(math.ceil(need / len(order)))[:need]
-            batches += list(order.view(-1, self.global_batch))
-        flips = torch.rand(len(self.bucket_of), generator=g) < 0.5 if self.random_flip else torch.zeros(len(self.bucket_of), dtype=torch.bool)
-        return [batches[i] for i in torch.randperm(len(batches), generator=g)], flips
-
-    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
-        b, epoch, batches, flips = self.start, -1, [], None
-        while True:
-            e, k = divmod(b, self.batches_per_epoch)
-            if e != epoch:
-                epoch, (batches, flips) = e, self._epoch(e)
-            yield [(int(i), bool(flips[i])) for i in batches[k][self.rank::self.world]]
-            b += 1
-
-    def __len__(self) -> int:  # endless; len() is one epoch
-        return self.batches_per_epoch
+def parse_size(name: str) -> Size:
+    """(height, width) of a :func:`size_name`."""
+    height, width = name.split("x")
+    return int(height), int(width)

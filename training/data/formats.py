@@ -83,8 +83,7 @@ def load_files(kind: str, files: list[Path], split: str, image_column: str, capt
     rows = {p: _rows(p, kind) for p in files}
     empty = [p for p, n in rows.items() if n == 0]
     if empty:
-        print(f"note: {len(empty)} of {len(files)} {kind} files of '{where}' hold no sample and are skipped "
-              f"(first: {empty[0]})")  # fmt: skip
+        print(f"note: {len(empty)} of {len(files)} {kind} files of '{where}' hold no sample and are skipped (first: {empty[0]})")
     files = [p for p in files if rows[p]]
     if not files:
         raise FormatError(f"'{where}' (split '{split}') holds no images: every {kind} file is empty")
@@ -94,7 +93,13 @@ def load_files(kind: str, files: list[Path], split: str, image_column: str, capt
         hint = " (every sample of a shard needs the same members, e.g. KEY.jpg + KEY.txt)" if kind == "webdataset" else ""
         raise FormatError(f"could not read the {kind} files of '{where}': {err.__cause__ or err}{hint}") from None
     image = _image_column(ds, image_column, kind, where)
-    caption = caption_column if caption_column in ds.column_names else "txt" if kind == "webdataset" and "txt" in ds.column_names else None
+    caption = (
+        caption_column
+        if caption_column in ds.column_names
+        else "txt"
+        if kind == "webdataset" and "txt" in ds.column_names
+        else None
+    )
     if isinstance(ds.features[image], datasets.Image):
         ds = ds.cast_column(image, datasets.Image(decode=False))  # decoded by the training data, which catches bad files
     ds = ds.select_columns([image] + ([caption] if caption else []))

@@ -17,6 +17,7 @@ from training.ldm_config import FinetuneConfig
 def add_lora(unet, text_encoder, ft: FinetuneConfig, text_trains: bool) -> None:
     """Freeze the base weights and put adapters on the attention projections: the U-Net's, and the
     text encoder's when it trains."""
+
     def adapters(targets: list[str]) -> LoraConfig:
         return LoraConfig(r=ft.lora_rank, lora_alpha=ft.lora_alpha, init_lora_weights="gaussian", target_modules=list(targets))
 
@@ -41,8 +42,9 @@ def export_lora(unet, text_encoder, folder: Path) -> Path:
     """``folder/pytorch_lora_weights.safetensors`` in the format diffusers' ``load_lora_weights`` reads."""
     unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder)) if text_encoder is not None else None
-    LatentDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers,
-                                              safe_serialization=True)  # fmt: skip
+    LatentDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True
+    )
     return folder / "pytorch_lora_weights.safetensors"
 
 

@@ -11,9 +11,15 @@ from ldm.text import encode_text, tokenize
 
 
 class Conditioning:
-    def __init__(self, cache, tokenizer, text_encoder, trains: bool, masked: bool) -> None:
-        self.cache, self.tokenizer, self.text_encoder, self.trains, self.masked = cache, tokenizer, text_encoder, trains, masked
-        self.cached = not trains and cache.text_states is not None
+    def __init__(self, cache, tokenizer, text_encoder, text_trains: bool, masked: bool) -> None:
+        self.cache, self.tokenizer, self.text_encoder, self.text_trains, self.masked = (
+            cache,
+            tokenizer,
+            text_encoder,
+            text_trains,
+            masked,
+        )
+        self.cached = not text_trains and cache.text_states is not None
         if self.cached:  # the empty caption's states, padded and rounded like the cache's
             length = cache.text_states.shape[1]
             empty = encode_text(tokenizer, text_encoder, [""], pad_to=length)
@@ -28,9 +34,11 @@ class Conditioning:
             mask = torch.where(drop[:, None], self.empty_mask, self.cache.text_mask[idx].long())  # (B, L)
             return {"states": states.to(device), "mask": mask.to(device) if self.masked else None}
         captions = ["" if d else self.cache.captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
-        if self.trains:
+        if self.text_trains:
             tokens = tokenize(self.tokenizer, self.text_encoder, captions)
-            return {"input_ids": tokens["input_ids"].to(device),
-                    "mask": tokens["attention_mask"].to(device) if self.masked else None}  # fmt: skip
+            return {
+                "input_ids": tokens["input_ids"].to(device),
+                "mask": tokens["attention_mask"].to(device) if self.masked else None,
+            }
         emb = encode_text(self.tokenizer, self.text_encoder, captions)  # frozen, no gradient: (B, L, D)
         return {"states": emb.states.to(device), "mask": emb.mask.to(device) if self.masked else None}

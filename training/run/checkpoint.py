@@ -55,10 +55,20 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     _writing(lambda: accelerator.save_state(str(tmp), safe_serialization=True), tmp, output_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+
         def finish() -> None:
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-            write_json_atomic(tmp / MANIFEST, {"files": {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": file_digest(p)}
-                                                         for p in sorted(tmp.rglob("*")) if p.is_file()}})  # fmt: skip
+            write_json_atomic(
+                tmp / MANIFEST,
+                {
+                    "files": {
+                        p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": file_digest(p)}
+                        for p in sorted(tmp.rglob("*"))
+                        if p.is_file()
+                    }
+                },
+            )
+
         _writing(finish, tmp, output_dir)
         replace_dir(tmp, final)  # re-saving a step swaps it; the old copy is dropped after
         for old in checkpoints(output_dir)[:-keep] if keep > 0 else []:
@@ -83,8 +93,10 @@ def _writing(write, tmp: Path, output_dir: str | Path) -> None:
             raise  # not an I/O problem we can name: a real bug, keep the traceback
         last = latest_checkpoint(output_dir)
         kept = f"the last checkpoint {last} is intact" if last else "no earlier checkpoint exists"
-        raise RunError(f"could not write the checkpoint {tmp.name.removeprefix('.tmp-')} in {tmp.parent}: {why}; {kept}. "
-                       "Free space (or fix the folder's permissions) and relaunch to resume") from None  # fmt: skip
+        raise RunError(
+            f"could not write the checkpoint {tmp.name.removeprefix('.tmp-')} in {tmp.parent}: {why}; {kept}. "
+            "Free space (or fix the folder's permissions) and relaunch to resume"
+        ) from None
 
 
 def verify_checkpoint(folder: Path) -> str | None:
@@ -123,8 +135,10 @@ def resume_from_latest(accelerator: Accelerator, output_dir: str | Path, layout:
             print(f"warning: skipping the damaged checkpoint {ckpt}: {problem}")
     else:
         if found:
-            raise RunError(f"no checkpoint in {Path(output_dir) / 'checkpoints'} can be resumed ({'; '.join(skipped)}); move the "
-                           "checkpoints folder away to start again from step 0, or use another output_dir")  # fmt: skip
+            raise RunError(
+                f"no checkpoint in {Path(output_dir) / 'checkpoints'} can be resumed ({'; '.join(skipped)}); move the "
+                "checkpoints folder away to start again from step 0, or use another output_dir"
+            )
         return None
     state = json.loads((ckpt / "trainer_state.json").read_text())
     for key, value in (layout or {}).items():

@@ -1,0 +1,52 @@
+"""Pipeline folders as diffusers lays them out, opened safely: nothing in a folder runs code, and the
+dtype a user names is resolved once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from runtime import fast_bf16
+from runtime.errors import InputError
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}  # fmt: skip
+# Libraries a pipeline folder may name for its components. Anything else (a module name that
+# diffusers would import from a .py file inside the folder) is refused: loading runs no code.
+_TRUSTED_LIBRARIES = ("diffusers", "transformers")
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch.dtype:
+    """``"auto"``: bf16 where it is faster than fp32 (CUDA with bf16; a CPU whose bf16 convolution
+    measured faster, see :func:`runtime.hardware.cpu_bf16_speedup`), fp32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if fast_bf16(str(torch.device(device))) else torch.float32
+    if dtype not in _DTYPES:
+        raise InputError(f"unknown dtype '{dtype}'; valid: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def check_pipeline_folder(path: str | Path) -> dict:
+    """model_index.json of a local pipeline folder, refused if it would make diffusers run code."""
+    index_file = Path(path) / "model_index.json"
+    if not index_file.is_file():
+        raise InputError(f"'{path}' is not a pipeline folder: it has no model_index.json")
+    index = json.loads(index_file.read_text())
+    if not isinstance(index.get("_class_name"), str):
+        raise InputError(f"{index_file}: _class_name {index.get('_class_name')!r} points at custom code; refused")
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+            continue
+        if entry[0] not in _TRUSTED_LIBRARIES:
+            raise InputError(
+                f"{index_file}: component '{name}' comes from '{entry[0]}', which would be imported as code; "
+                f"only {', '.join(_TRUSTED_LIBRARIES)} components are loaded"
+            )
+    return index

@@ -1,0 +1,182 @@
+"""Encoding a dataset into the cache: every process its share of the shards, each written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import datasets
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from autoencoder.latents import encode_moments
+from ldm.text import encode_text, tokenize
+from training.data.buckets import Size, assign_buckets, size_name
+from training.data.cache.key import TEXT_DTYPE, key_name
+from training.data.cache.verify import damaged_shards, shard_path, shard_rows
+from training.data.loader import eval_loader
+from training.data.records import DataConfig
+
+
+@torch.no_grad()
+def build_latent_cache(
+    cache_dir: str | Path,
+    key: dict[str, Any],
+    vae,
+    records: datasets.Dataset,
+    data: DataConfig,
+    text: tuple[Any, Any] | None = None,
+    batch_size: int = 64,
+    shard_size: int = 2048,
+    show_progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    wait: Callable[[], None] = lambda: None,
+    buckets: list[Size] | None = None,
+) -> Path:
+    """Encode ``records`` into ``cache_dir/<key>/`` unless a complete cache with that key exists.
+    ``text``: (tokenizer, frozen text encoder) to cache caption states, or None. ``buckets``: the
+    bucket sizes (pixels); each image is encoded at the one nearest its aspect ratio (read from its
+    header, as each shard is encoded: a reused cache opens no image).
+
+    Every process of a run calls this with its ``rank`` of ``world_size`` and ``wait`` (a barrier:
+    ``accelerator.wait_for_everyone``): process r encodes shards k = r, r + world, ... that are not
+    there yet, each written atomically, so a shard's bytes do not depend on the number of processes
+    and a killed encode keeps every finished shard; rank 0 marks the cache complete once every
+    shard exists."""
+    key = {**key, "shard_size": shard_size}  # which rows each shard file holds (an interrupted encode resumes by shard)
+    folder = Path(cache_dir) / key_name(key)
+    damaged = damaged_shards(folder) if (folder / "complete.json").is_file() else None  # every process, before any deletes
+    wait()
+    if damaged == {}:
+        return folder
+    if damaged and rank == 0:
+        problems = "; ".join(f"{why}" for why in list(damaged.values())[:3])
+        print(f"warning: latent cache {folder} is damaged ({problems}); encoding the damaged shards again")
+        (folder / "complete.json").unlink()
+        for k in damaged:
+            if k is not None:
+                shard_path(folder, k).unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (folder / "key.json").write_text(json.dumps(key, indent=2, sort_keys=True))
+    wait()
+    text_length = None
+    if text is not None:  # one padded length for every shard: the longest caption's (CLIP: always 77)
+        tokenizer, encoder = text
+        captions = records["text"]  # tokenised in chunks: a tokenizer's output for every caption at once grows with the dataset
+        text_length = max(
+            tokenize(tokenizer, encoder, [*captions[i : i + 1024], ""])["input_ids"].shape[1]
+            for i in range(0, max(len(captions), 1), 1024)
+        )
+
+    n_shards = (len(records) + shard_size - 1) // shard_size
+    rows = lambda k: range(k * shard_size, min((k + 1) * shard_size, len(records)))  # noqa: E731  (shard k's dataset rows)
+    mine = range(rank, n_shards, world_size)
+    todo = [k for k in mine if shard_rows(shard_path(folder, k)) is None]  # not there, or not a readable shard
+    mine_images = sum(len(rows(k)) for k in mine)
+    bar = tqdm(
+        total=mine_images,
+        initial=mine_images - sum(len(rows(k)) for k in todo),
+        desc=f"encoding latents (process {rank} of {world_size})" if world_size > 1 else "encoding latents",
+        disable=not show_progress,
+        dynamic_ncols=True,
+    )
+    for k in todo:
+        _encode_shard(folder, k, rows(k), vae, records, data, text, text_length, batch_size, bar, buckets)
+    bar.close()
+    wait()
+    if rank == 0:
+        rows_per_shard = [shard_rows(shard_path(folder, k)) for k in range(n_shards)]
+        missing = [k for k, n in enumerate(rows_per_shard) if n is None]
+        if missing:
+            raise RuntimeError(
+                f"latent cache {folder}: shards {missing[:5]} were not written (a process failed, or on several "
+                "machines cache.dir is not one shared folder); relaunch to finish"
+            )
+        upscaled = sum(
+            shard_upscaled(p) for p in folder.glob("shard-*.safetensors")
+        )  # shards of an earlier, interrupted encode too
+        summary = {
+            "images": len(records),
+            "shards": n_shards,
+            "text_length": text_length,
+            "upscaled": upscaled,
+            "shard_rows": rows_per_shard,
+            "shard_bytes": [shard_path(folder, k).stat().st_size for k in range(n_shards)],
+        }
+        (folder / "complete.json").write_text(json.dumps(summary))
+        for other in Path(cache_dir).iterdir():  # caches of an older autoencoder / dataset / encoder
+            if other.is_dir() and other != folder and (other / "key.json").is_file():
+                shutil.rmtree(other, ignore_errors=True)
+    wait()
+    return folder
+
+
+def _encode_shard(
+    folder: Path,
+    k: int,
+    rows: range,
+    vae,
+    records,
+    data: DataConfig,
+    text,
+    text_length,
+    batch_size: int,
+    bar,
+    buckets: list[Size] | None = None,
+) -> None:
+    """``folder/shard-k.safetensors``: moments [+ flipped], dataset index [+ caption states] of ``rows``
+    by bucket (``buckets`` None: the one square bucket of data.resolution), written under a temporary
+    name and renamed, so a finished shard survives an interruption."""
+    upscaled = 0  # this shard's images smaller than their bucket, kept in its metadata
+    buckets = buckets or [(data.resolution, data.resolution)]
+    if len(buckets) > 1:  # each image's from its header
+        bucket_of = assign_buckets([row["image"] for row in records.select(rows).select_columns(["image"])], buckets)
+    else:
+        bucket_of = [0] * len(rows)
+    groups = [
+        (f"@{size_name(size)}", [rows.start + i for i, b in enumerate(bucket_of) if b == j], size)
+        for j, size in enumerate(buckets)
+    ]
+    shard: dict[str, torch.Tensor] = {}
+    for suffix, group, size in groups:
+        tensors: dict[str, list[torch.Tensor]] = {
+            "moments": [],
+            "moments_flipped": [],
+            "index": [],
+            "text_states": [],
+            "text_mask": [],
+        }
+        for batch in eval_loader(records.select(group), data, batch_size, size) if group else ():
+            bar.update(len(batch["index"]) + len(batch["bad_files"]))
+            upscaled += batch["upscaled"]
+            if not batch["index"]:
+                continue
+            x = batch["pixel_values"].to(vae.device, vae.dtype)  # (b, 3, H, W) in [-1, 1]
+            tensors["moments"].append(encode_moments(vae, x).float().cpu())  # (b, 2C, h, w)
+            if data.random_flip:
+                tensors["moments_flipped"].append(encode_moments(vae, x.flip(-1)).float().cpu())
+            tensors["index"].append(torch.tensor([group[i] for i in batch["index"]], dtype=torch.int64))
+            if text is not None:
+                tokenizer, encoder = text
+                emb = encode_text(tokenizer, encoder, batch["text"], pad_to=text_length)
+                tensors["text_states"].append(emb.states.to(TEXT_DTYPE).cpu())
+                mask = emb.mask if emb.mask is not None else torch.ones(emb.states.shape[:2])
+                tensors["text_mask"].append(mask.to(torch.int8).cpu())
+        shard |= {name + suffix: torch.cat(parts).contiguous() for name, parts in tensors.items() if parts}
+    tmp = folder / f".shard-{k:05d}.tmp"
+    if not shard:  # every image of the shard was unreadable: zero rows, so it is not encoded again
+        shard = {"index": torch.zeros(0, dtype=torch.int64)}
+    save_file(shard, str(tmp), metadata={"upscaled": str(upscaled)})
+    os.replace(tmp, shard_path(folder, k))
+
+
+def shard_upscaled(path: Path) -> int:
+    with safe_open(str(path), "pt") as f:
+        return int((f.metadata() or {}).get("upscaled", 0))

@@ -1,0 +1,168 @@
+"""What every training job does around its loop, once: the shared run settings, the accelerator
+and thread set-up, resume-or-start, and when a periodic action is due. Functions, not a Trainer:
+each job's loop stays in its own file and calls these."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.training_utils import EMAModel
+
+import runtime
+
+from training.run.checkpoint import resume_from_latest
+from training.config import ConfigError, MixedPrecision, save_config
+from training.run.guard import StopGuard
+from training.run.tracking import RunLog, tracker_names
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The ``train:`` settings both jobs share (each job's schema subclasses it, with its own
+    defaults); checked when built."""
+
+    batch_size: int = 32  # per process, per micro-batch
+    grad_accum_steps: int = 1
+    max_steps: int = 2000  # optimizer steps
+    lr: float = 4e-4
+    lr_schedule: str = "cosine"  # any diffusers.optimization schedule name
+    lr_warmup_steps: int = 100
+    weight_decay: float = 0.0
+    mixed_precision: MixedPrecision = MixedPrecision.auto  # auto | fp32 | bf16 | fp16
+    ema_decay: float | None = None  # EMA of the trained weights (e.g. 0.999); the export is the EMA copy. None: off
+    cpu_threads: int | None = (
+        None  # None: the machine's cores / processes on it (overrides OMP_NUM_THREADS=1 from accelerate launch)
+    )
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 20
+    sample_every: int = 500
+    report_to: str = (
+        "auto"  # experiment trackers (accelerate's): auto (TensorBoard if installed) | none | all | tensorboard,wandb,...
+    )
+
+    def __post_init__(self) -> None:
+        validate_run(self)
+
+
+def validate_run(train_cfg: RunConfig) -> None:
+    """The rules of the shared fields (a ConfigError naming the key and what would be valid)."""
+    for key in ("batch_size", "max_steps", "grad_accum_steps", "checkpoint_every", "log_every", "sample_every"):
+        if getattr(train_cfg, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(train_cfg, key)} must be >= 1")
+    if train_cfg.ema_decay is not None and not 0.0 < train_cfg.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay={train_cfg.ema_decay} must be in (0, 1) (or null for no EMA)")
+    tracker_names(train_cfg.report_to)  # unknown or not installed: said now, not after the cache is built
+    if train_cfg.cpu_threads is not None and train_cfg.cpu_threads < 1:
+        raise ConfigError(f"train.cpu_threads={train_cfg.cpu_threads} must be >= 1 (or null for all cores)")
+    from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+
+    names = [s.value for s in TYPE_TO_SCHEDULER_FUNCTION]
+    if train_cfg.lr_schedule not in names:
+        raise ConfigError(f"train.lr_schedule='{train_cfg.lr_schedule}' is unknown; valid: {', '.join(names)}")
+
+
+def start_accelerator(train_cfg: RunConfig, seed: int, out: Path) -> tuple[Accelerator, int]:
+    """The machine configured (:func:`runtime.configure`), the Accelerator for ``train_cfg`` (CUDA when there is one; the
+    trackers of ``train_cfg.report_to`` writing under ``out/logs``), each process's share of the CPU cores, and the same
+    seed everywhere (the same initial weights on every process). Returns (accelerator, threads)."""
+    runtime.configure()  # before any kernel is built: some VMs advertise AMX that traps
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    accelerator = Accelerator(
+        mixed_precision=train_cfg.mixed_precision.accelerate_name(device),
+        gradient_accumulation_steps=train_cfg.grad_accum_steps,
+        cpu=device == "cpu",
+        log_with=tracker_names(train_cfg.report_to) or None,
+        project_dir=Path(out) / "logs",
+    )
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        threads = set_cpu_threads(train_cfg.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+    set_seed(seed)
+    return accelerator, threads
+
+
+def resume_or_start(accelerator: Accelerator, out: Path, cfg, layout: dict, fresh: dict) -> dict:
+    """Load the latest checkpoint of ``out`` into the prepared objects and return its trainer state,
+    or ``fresh`` if there is none; the main process makes ``out`` and writes the run's config.yaml."""
+    state = resume_from_latest(accelerator, out, layout) or dict(fresh)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        if state.get("step"):
+            print(f"resuming from step {state['step']} in {out}/checkpoints")
+    return state
+
+
+def write_start(log: RunLog, step: int, accelerator: Accelerator, train_cfg: RunConfig, threads: int, **figures) -> None:
+    """The first log.jsonl record of a launch (``start``, or ``resume`` at ``step``): where it runs, on how many
+    processes and threads, in which precision and why, and the job's own ``figures``."""
+    device = str(accelerator.device)
+    log.write(
+        step=step,
+        event="resume" if step else "start",
+        device=device,
+        processes=accelerator.num_processes,
+        cpu_threads=threads,
+        mixed_precision=accelerator.mixed_precision,
+        precision_reason=train_cfg.mixed_precision.reason(device),
+        **figures,
+    )
+
+
+def checkpoint_schedule_and_ema(accelerator: Accelerator, lr_schedule, params: list, ema_decay: float | None) -> EMAModel | None:
+    """After ``accelerator.prepare``: the LR schedule, and the EMA of ``params`` (None when ``ema_decay`` is None), made
+    part of every checkpoint, in this order. The EMA is one foreach kernel over all parameters, not one per tensor."""
+    accelerator.register_for_checkpointing(lr_schedule)
+    if not ema_decay:
+        return None
+    ema = EMAModel(params, decay=ema_decay, foreach=True)
+    ema.to(accelerator.device)
+    accelerator.register_for_checkpointing(ema)
+    return ema
+
+
+def after_optimizer_step(lr_schedule, ema: EMAModel | None, params: list, bar) -> None:
+    """Once per optimizer step (not per micro-batch, not per process): the LR schedule's step, the EMA's, the bar's."""
+    lr_schedule.step()
+    if ema is not None:
+        ema.step(params)
+    bar.update(1)
+
+
+def finish(accelerator: Accelerator, stop: StopGuard, log: RunLog, ema, params: list, export: Callable[[], object]) -> None:
+    """After the last step: signals stop at once again, the main process swaps the EMA weights in (when there is an EMA)
+    and exports, and every process waits for it before the trackers and the launch close."""
+    stop.disarm()
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to(params)
+        export()
+    accelerator.wait_for_everyone()
+    log.close()
+    accelerator.end_training()
+
+
+def due(step: int, every: int, max_steps: int) -> bool:
+    """Whether a periodic action (log, samples, checkpoint) runs after ``step``: every ``every`` steps and at the end."""
+    return step % every == 0 or step == max_steps
+
+
+def set_cpu_threads(requested: int | None, local_processes: int) -> int:
+    """Give each process its share of the CPU cores and return the thread count used.
+
+    ``accelerate launch`` exports OMP_NUM_THREADS=1 unless told otherwise (measured here: half
+    the speed on 2 cores). ``requested=None`` means all cores this process may use, divided by
+    the processes on this machine.
+    """
+    if requested is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        requested = max(1, cores // max(1, local_processes))
+    torch.set_num_threads(requested)
+    return requested

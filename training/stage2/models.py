@@ -1,0 +1,118 @@
+"""The models of a stage-2 run: a new U-Net on a stage-1 autoencoder and a text encoder, or every
+component of a pipeline folder to fine-tune; and the checks that they fit together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from transformers import AutoModel, AutoTokenizer
+
+from autoencoder import downsampling_factor, load_autoencoder
+from ldm.diffusion import training_scheduler, training_scheduler_of
+from ldm.text import load_text_encoder
+from ldm.pipeline import total_downsampling
+from ldm.unet import build_unet
+from training.config import ConfigError
+from training.ldm_config import FinetuneConfig, LdmJobConfig, text_encoder_trains
+from training.stage2.finetune import add_lora
+
+
+@dataclass
+class Models:
+    vae: Any
+    tokenizer: Any
+    text_encoder: Any
+    text_trains: bool
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+    vae_dir: str
+    text_encoder_dir: str | None  # what the text cache is keyed on (None: the encoder trains)
+    source: str | None  # the init_from pipeline folder
+    cache_text: bool = (
+        False  # the frozen text encoder's caption states go into the latent cache (cache.text, and it does not train)
+    )
+
+    @property
+    def downsampling(self) -> int:
+        """Pixels per latent pixel at the U-Net's coarsest level: the autoencoder's factor x the U-Net's."""
+        return total_downsampling(self.vae, self.unet)
+
+
+def load_models(cfg: LdmJobConfig) -> Models:
+    """Fresh U-Net on a stage-1 autoencoder, or every component of an existing pipeline folder
+    (``model.init_from``) as it is: its scheduler config gives the schedule and prediction type,
+    its vae config the scaling factor."""
+    m = cfg.model
+    text_trains = text_encoder_trains(cfg)
+    if m.init_from:
+        root = Path(m.init_from)
+        vae_dir = Path(m.replace_vae) if m.replace_vae else root / "vae"
+        vae = load_autoencoder(vae_dir)
+        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+        text_encoder = AutoModel.from_pretrained(root / "text_encoder", use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True)
+        noise_scheduler = training_scheduler_of(root / "scheduler")
+        return Models(
+            vae.eval().requires_grad_(False),
+            tokenizer,
+            text_encoder,
+            text_trains,
+            unet,
+            noise_scheduler,
+            str(vae_dir),
+            None if text_trains else str(root / "text_encoder"),
+            str(root),
+            cfg.cache.text and not text_trains,
+        )
+    vae = load_autoencoder(m.vae).eval().requires_grad_(False)
+    tokenizer, text_encoder, encoder_dir = load_text_encoder(m.text_encoder, m.clip_preset)
+    unet = build_unet(
+        m.unet, cfg.data.resolution // downsampling_factor(vae), text_encoder.config.hidden_size, vae.config.latent_channels
+    )
+    noise_scheduler = training_scheduler(m.prediction_type, cfg.objective.zero_terminal_snr)
+    return Models(
+        vae,
+        tokenizer,
+        text_encoder,
+        text_trains,
+        unet,
+        noise_scheduler,
+        m.vae,
+        encoder_dir,
+        None,
+        cfg.cache.text and not text_trains,
+    )
+
+
+def prepare_to_train(models: Models, finetune: FinetuneConfig, device) -> None:
+    """The text encoder on ``device``, in training mode when it trains; for LoRA, peft adapters on the attention
+    projections (the base weights frozen), else the text encoder's weights train or not as a whole."""
+    models.text_encoder.to(device).train(models.text_trains)
+    if finetune.method == "lora":
+        add_lora(models.unet, models.text_encoder, finetune, models.text_trains)
+    else:
+        models.text_encoder.requires_grad_(models.text_trains)
+
+
+def check_compatible(unet, vae, text_encoder, resolution: int, vae_path: str) -> None:
+    """The errors that would otherwise surface as a shape mismatch deep inside the first step."""
+    latent_channels = vae.config.latent_channels
+    if unet.config.in_channels != latent_channels:
+        raise ConfigError(
+            f"the U-Net takes {unet.config.in_channels} input channels but the autoencoder {vae_path} "
+            f"makes {latent_channels}-channel latents"
+        )
+    hidden = text_encoder.config.hidden_size
+    if unet.config.cross_attention_dim != hidden:
+        raise ConfigError(
+            f"the U-Net's cross_attention_dim is {unet.config.cross_attention_dim} but the text encoder's hidden size is {hidden}"
+        )
+    f, total = downsampling_factor(vae), total_downsampling(vae, unet)
+    if resolution % total:
+        raise ConfigError(
+            f"data.resolution={resolution} is not divisible by {total} (autoencoder x{f} times U-Net "
+            f"x{total // f}); valid: multiples of {total}, e.g. {max(total, resolution // total * total)}"
+        )
