@@ -19,12 +19,71 @@ runtime.configure()  # before any kernel is built: some VMs advertise AMX that t
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_AE_CONFIG = ROOT / "configs" / "autoencoder" / "tiny.yaml"
+TINY_LDM_CONFIG = ROOT / "configs" / "ldm" / "tiny.yaml"
+# stage-2 runs that checkpoint every 2 steps, draw no sample grid and skip the autoencoder check
+FAST_STEPS = ["train.checkpoint_every=2", "train.sample_every=100", "model.check_images=0"]
+
+
+# ---- tiny configs and what tests read of a run ----------------------------------------------------
+
+
+def autoencoder_cfg(data, out, *overrides):
+    """The tiny stage-1 config on ``data``, writing to ``out``."""
+    from training.autoencoder_config import AutoencoderJobConfig
+    from training.config import load_config
+
+    return load_config(AutoencoderJobConfig, TINY_AE_CONFIG, [f"data.path={data}", f"output_dir={out}", *overrides])
+
+
+def ldm_cfg(data, vae, out, *overrides):
+    """The tiny stage-2 config on ``data`` and the autoencoder folder ``vae``, writing to ``out``."""
+    from training.config import load_config
+    from training.ldm_config import LdmJobConfig
+
+    return load_config(LdmJobConfig, TINY_LDM_CONFIG, [f"data.path={data}", f"model.vae={vae}", f"output_dir={out}", *overrides])
+
+
+def data_cfg(path, **kw):
+    """A DataConfig on ``path``."""
+    from training.data.records import DataConfig
+
+    return DataConfig(path=str(path), **kw)
+
+
+def unet_weights(run: Path) -> dict:
+    """The exported U-Net of a stage-2 run, tensor by tensor."""
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    """Bit-identical state dicts."""
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def rgb(color=(255, 0, 0), size=(32, 32)):
+    """A plain RGB image (width, height = size)."""
+    from PIL import Image
+
+    return Image.new("RGB", size, color)
+
+
+def png_bytes() -> bytes:
+    """A red 32x32 PNG file's bytes."""
+    import io
+
+    buf = io.BytesIO()
+    rgb().save(buf, format="PNG")
+    return buf.getvalue()
 
 
 @pytest.fixture(scope="session")
 def openmoji_small(tmp_path_factory) -> Path:
     """The first 160 OpenMoji emoji at 32x32 with train/test split folders."""
-    from training.prepare_data import prepare_openmoji
+    from training.data.builtin import prepare_openmoji
 
     out = tmp_path_factory.mktemp("data") / "openmoji-32"
     prepare_openmoji(out, 32, limit=160)
@@ -40,6 +99,48 @@ def tiny_vae(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     return save_autoencoder(build_autoencoder("tiny", 32), tmp_path_factory.mktemp("vae") / "vae")
+
+
+@pytest.fixture(scope="module")
+def mixed_shapes(tmp_path_factory):
+    """48 captioned images in three shapes (tall, square, wide), with a held-out split."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("mixed") / "data"
+    shapes = [(24, 72), (40, 40), (80, 28)]  # (width, height): tall, square, wide
+    for split, n in (("train", 48), ("test", 6)):
+        images = {
+            f"{i:03d}.png": Image.fromarray(rng.integers(0, 255, (shapes[i % 3][1], shapes[i % 3][0], 3), dtype=np.uint8))
+            for i in range(n)
+        }
+        write_imagefolder(root / split, images, {name: "a pattern" for name in images})
+    return root
+
+
+@pytest.fixture(scope="module")
+def noise_images(tmp_path_factory):
+    """16 images of uniform noise (32x32, a fixed seed) captioned "a red pattern" / "a blue pattern": data that
+    depends on no font or renderer, for the frozen numbers."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = {f"{i:02d}.png": Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for i in range(16)}
+    captions = {name: "a red pattern" if i % 2 else "a blue pattern" for i, name in enumerate(images)}
+    return write_imagefolder(tmp_path_factory.mktemp("noise") / "data", images, captions)
+
+
+# fp32, 4 steps, logged every 2: the frozen losses of the tiny configs (tests/test_train_*.py)
+FROZEN_STEPS = ["train.max_steps=4", "train.log_every=2", "train.mixed_precision=fp32", "train.sample_every=100",
+                "train.checkpoint_every=100"]  # fmt: skip
+
+
+def logged(run: Path, *keys: str) -> list[dict]:
+    """The log.jsonl records of ``run`` that hold ``keys[0]``, with ``step`` and ``keys`` only."""
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in ("step", *keys)} for r in records if keys[0] in r]
 
 
 def fresh_state(job):
@@ -99,3 +200,44 @@ def tiny_pipeline(text: str = "clip", seed: int = 0, resolution: int = 32):
     unet = build_unet("tiny", resolution // 4, text_encoder.config.hidden_size)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False)
     return LatentDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+
+
+# ---- what TensorBoard holds of a run ---------------------------------------------------------------
+
+
+def event_scalars(run: Path, job: str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of ``run``'s TensorBoard events as TensorBoard shows it (restarts purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "logs" / job), size_guidance={"scalars": 0, "images": 0}).Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def event_images(run: Path, job: str) -> dict[str, list[tuple[int, int, int]]]:
+    """{tag: [(step, height, width), ...]} of the images in ``run``'s TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "logs" / job), size_guidance={"images": 0}).Reload()
+    return {tag: [(e.step, e.height, e.width) for e in events.Images(tag)] for tag in events.Tags()["images"]}
+
+
+def jsonl_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every number of a run's log.jsonl, as the trackers are sent it: {tag: [(step, value), ...]}."""
+    from training.run.tracking import tracked_values
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for line in (run / "log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        for tag, value in tracked_values(record).items():
+            scalars.setdefault(tag, []).append((record["step"], value))
+    return scalars
+
+
+def assert_same_scalars(run: Path, job: str) -> dict:
+    """TensorBoard shows what log.jsonl holds, each step once; returns the log's scalars."""
+    logged, shown = jsonl_scalars(run), event_scalars(run, job)
+    assert logged and shown.keys() == logged.keys(), (sorted(shown), sorted(logged))
+    for tag, points in logged.items():
+        assert [s for s, _ in shown[tag]] == [s for s, _ in points], tag  # the same steps, each once
+        assert [v for _, v in shown[tag]] == pytest.approx([v for _, v in points], rel=1e-6), tag  # float32 in the event file
+    return logged

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import training.latent_cache as latent_cache  # noqa: E402
+import training.data.cache.write as latent_cache  # noqa: E402
 from training.train_ldm import main  # noqa: E402
 
 _encode_shard = latent_cache._encode_shard

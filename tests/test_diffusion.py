@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from autoencoder.latents import sample_latents
 from ldm.diffusion import add_noise, min_snr_weights, offset_noise, snr, training_scheduler, v_target
 
 
@@ -95,7 +94,3 @@ def test_offset_noise_shifts_each_channel_by_a_constant():
     assert torch.allclose(out[1, 2], torch.full((3, 3), 0.6))
 
 
-def test_latent_sampling_from_moments():
-    mean, logvar = torch.full((1, 4, 2, 2), 3.0), torch.full((1, 4, 2, 2), math.log(0.25))
-    noise = torch.ones(1, 4, 2, 2)
-    assert torch.allclose(sample_latents(torch.cat([mean, logvar], 1), noise), torch.full((1, 4, 2, 2), 3.5))

@@ -91,7 +91,9 @@ def distance_to(concept_latents: torch.Tensor, generated: torch.Tensor) -> float
 @pytest.fixture(scope="module")
 def lora_run(base, concept, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora") / "run"
-    train(lora_cfg(base, concept, out, "train.max_steps=200", "train.lr=3e-3", "train.checkpoint_every=200"))
+    # 300 steps: at 200 the first bound held by seed luck (after/before 0.62, 0.88, 0.66 for seeds 0-2 with the earlier
+    # square sampler, 0.71, 0.81, 0.74 with the one-bucket one); at 300, 0.60 for seed 0
+    train(lora_cfg(base, concept, out, "train.max_steps=300", "train.lr=3e-3", "train.checkpoint_every=300"))
     return out
 
 
@@ -128,10 +130,10 @@ def test_lora_file_is_diffusers_format_and_reproduces_the_fused_export(base, lor
 
 
 def test_a_lora_run_writes_tensorboard_curves_that_match_its_log(lora_run):
-    from tests.test_tracking import assert_same_scalars, event_images
+    from tests.conftest import assert_same_scalars, event_images
 
     logged = assert_same_scalars(lora_run, "train_ldm")
-    assert [s for s, _ in logged["loss"]][-1] == 200 and "samples" in event_images(lora_run, "train_ldm")
+    assert [s for s, _ in logged["loss"]][-1] == 300 and "samples" in event_images(lora_run, "train_ldm")  # the last step
 
 
 def test_generate_command_with_lora(base, lora_run, tmp_path):
@@ -152,10 +154,10 @@ def test_autoencoder_check_warns_on_images_it_cannot_represent_and_stays_silent_
     import shlex
 
     from autoencoder import load_autoencoder
-    from training.data import load_records
-    from training.train_autoencoder import AutoencoderJobConfig
     from training.autoencoder_config import validate as validate_autoencoder
-    from training.evaluate import check_autoencoder_fit
+    from training.data.records import load_records
+    from training.stage2.autoencoder_check import check_autoencoder_fit
+    from training.train_autoencoder import AutoencoderJobConfig
 
     vae = load_autoencoder(base / "vae")
     own = load_config(LdmJobConfig, FULL_CONFIG, [f"model.init_from={base}", f"data.path={openmoji_small}", "output_dir=runs/emoji"])
@@ -246,7 +248,7 @@ def test_lora_on_photos_of_mixed_shapes_generates_the_concept_at_a_non_square_si
     trains at its own bucket (40x24 or 24x40 pixels), uncropped but for rounding. After the LoRA,
     the concept caption generated at 24x40 is much nearer the wide images' latents than before,
     and the generate command writes images of that size."""
-    from training.buckets import cover_and_crop
+    from training.data.buckets import cover_and_crop
 
     def field(w, h, i):  # the concept: a dark blue field with a red square near its upper left
         rgb = np.full((h, w, 3), (20, 30, 120), np.uint8)

@@ -75,7 +75,7 @@ def test_generic_and_ood_sets_are_deterministic_sized_and_disjoint(tmp_path):
 
     from PIL import Image
 
-    from training.prepare_data import prepare_generic, prepare_ood
+    from training.data.builtin import prepare_generic, prepare_ood
 
     assert prepare_generic(tmp_path / "g", 16, count=10) == {"train": 10}
     prepare_generic(tmp_path / "g2", 16, count=10)
@@ -101,8 +101,8 @@ def test_a_run_with_extra_data_reports_in_and_out_of_domain_figures_beside_refer
 
     from tests.conftest import TINY_AE_CONFIG, fresh_state
     from training.config import load_config
-    from training.evaluate import evaluate_autoencoder
-    from training.prepare_data import prepare_generic, prepare_ood
+    from training.data.builtin import prepare_generic, prepare_ood
+    from training.eval.autoencoder import evaluate_autoencoder
     from training.train_autoencoder import AutoencoderJobConfig, train
 
     prepare_generic(tmp_path / "generic", 32, count=24)

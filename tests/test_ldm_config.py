@@ -3,10 +3,10 @@
 import pytest
 
 from tests.conftest import ROOT
+from training.autoencoder_config import validate as validate_autoencoder
 from training.config import ConfigError, load_config
 from training.ldm_config import LdmJobConfig, text_encoder_trains, validate
 from training.train_autoencoder import AutoencoderJobConfig
-from training.autoencoder_config import validate as validate_autoencoder
 
 LDM = ROOT / "configs" / "ldm" / "tiny.yaml"
 SCHEMAS = {"autoencoder": (AutoencoderJobConfig, validate_autoencoder), "ldm": (LdmJobConfig, validate), "finetune": (LdmJobConfig, validate)}

@@ -7,8 +7,8 @@ from PIL import ImageFilter, ImageFont
 
 from autoencoder.losses import AutoencoderLoss, LossConfig
 from autoencoder.perceptual import LPIPS
-from training.data import to_tensor
-from training.prepare_data import RENDER_SIZE, openmoji_entries, render
+from training.data.builtin import RENDER_SIZE, openmoji_entries, render
+from training.data.loader import to_tensor
 
 
 @pytest.fixture(scope="module")

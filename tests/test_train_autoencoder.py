@@ -7,14 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from runtime.errors import RunError
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 from autoencoder import load_autoencoder
-from tests.conftest import ROOT, TINY_AE_CONFIG, fresh_state, write_imagefolder
+from runtime.errors import RunError
+from tests.conftest import FROZEN_STEPS, ROOT, TINY_AE_CONFIG, autoencoder_cfg, fresh_state, logged, write_imagefolder
 from training.config import load_config
 from training.train_autoencoder import AutoencoderJobConfig
 from training.train_autoencoder import train as train_job
@@ -22,15 +21,13 @@ from training.train_autoencoder import train as train_job
 train = fresh_state(train_job)
 
 
-def tiny_cfg(data, out, *overrides):
-    return load_config(AutoencoderJobConfig, TINY_AE_CONFIG, [f"data.path={data}", f"output_dir={out}", *overrides])
 
 
 @pytest.fixture(scope="module")
 def tiny_run(openmoji_small, tmp_path_factory):
     """One tiny stage-1 run shared by the read-only checks below."""
     out = tmp_path_factory.mktemp("ae") / "run"
-    train(tiny_cfg(openmoji_small, out))
+    train(autoencoder_cfg(openmoji_small, out))
     return out
 
 
@@ -71,7 +68,7 @@ def test_evaluate_cli_reports_the_same_metrics(tiny_run, openmoji_small, tmp_pat
 
 
 def test_loss_decreases(openmoji_small, tmp_path):
-    cfg = tiny_cfg(openmoji_small, tmp_path / "run", "train.max_steps=40", "train.lr=2e-3", "loss.disc_start=1000",
+    cfg = autoencoder_cfg(openmoji_small, tmp_path / "run", "train.max_steps=40", "train.lr=2e-3", "loss.disc_start=1000",
                    "train.checkpoint_every=40", "train.sample_every=40", "train.log_every=5")
     train(cfg)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"l1"' in line]
@@ -86,9 +83,9 @@ def _weights(run):
 
 def test_resume_equals_an_uninterrupted_run(tiny_run, openmoji_small, tmp_path):
     straight, resumed = tiny_run, tmp_path / "resumed"
-    train(tiny_cfg(openmoji_small, resumed), stop_after_steps=4)  # "killed" after the step-4 checkpoint
+    train(autoencoder_cfg(openmoji_small, resumed), stop_after_steps=4)  # "killed" after the step-4 checkpoint
     assert not (resumed / "vae").exists()
-    train(tiny_cfg(openmoji_small, resumed))  # the same command again resumes
+    train(autoencoder_cfg(openmoji_small, resumed))  # the same command again resumes
     (vae_a, disc_a), (vae_b, disc_b) = _weights(straight), _weights(resumed)
     for a, b in ((vae_a, vae_b), (disc_a, disc_b)):
         assert a.keys() == b.keys()
@@ -104,7 +101,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_run, openmoji_small, tmp_path):
 
 
 def test_gradient_accumulation_and_bf16_run(openmoji_small, tmp_path):
-    cfg = tiny_cfg(openmoji_small, tmp_path / "run", "train.max_steps=2", "train.grad_accum_steps=2",
+    cfg = autoencoder_cfg(openmoji_small, tmp_path / "run", "train.max_steps=2", "train.grad_accum_steps=2",
                    "train.mixed_precision=bf16", "loss.disc_start=1", "train.checkpoint_every=2")
     train(cfg)
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
@@ -123,7 +120,7 @@ def test_unreadable_images_are_skipped_and_counted(openmoji_small, tmp_path):
     images = {json.loads(line)["file_name"]: (openmoji_small / "train" / json.loads(line)["file_name"]).read_bytes() for line in lines}
     images["zz-broken.png"] = b"\x89PNG\r\n\x1a\n truncated"
     write_imagefolder(data, images, {k: "x" for k in images})
-    cfg = tiny_cfg(data, tmp_path / "run", "train.max_steps=6", "data.eval_split=null", "train.checkpoint_every=6")
+    cfg = autoencoder_cfg(data, tmp_path / "run", "train.max_steps=6", "data.eval_split=null", "train.checkpoint_every=6")
     train(cfg)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"l1"' in line]
     assert log[-1]["bad_images"] >= 1  # 6 steps x 8 covers all 25 images at least once
@@ -165,12 +162,12 @@ def test_resume_with_a_different_batch_layout_is_refused(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     with pytest.raises(RunError, match="batch_size=8, this run has batch_size=4"):
-        train(tiny_cfg(tiny_run.parent, run, "train.batch_size=4", "train.max_steps=12"))
+        train(autoencoder_cfg(tiny_run.parent, run, "train.batch_size=4", "train.max_steps=12"))
 
 
 def test_fp16_is_refused_before_training(openmoji_small, tmp_path):
     with pytest.raises(ValueError, match="fp16"):
-        train(tiny_cfg(openmoji_small, tmp_path / "r", "train.mixed_precision=fp16"))
+        train(autoencoder_cfg(openmoji_small, tmp_path / "r", "train.mixed_precision=fp16"))
     assert not (tmp_path / "r").exists()
 
 
@@ -185,7 +182,6 @@ def test_cli_errors_before_training(tmp_path):
 
 def test_decoder_only_fine_tune_keeps_the_encoder_bit_identical(openmoji_small, tmp_path):
     from autoencoder import build_autoencoder, load_autoencoder, save_autoencoder, set_latent_normalization
-    from training.train_autoencoder import AutoencoderJobConfig
     from training.train_autoencoder import train
 
     train_ae = fresh_state(train)
@@ -205,3 +201,34 @@ def test_decoder_only_fine_tune_keeps_the_encoder_bit_identical(openmoji_small, 
     assert load_autoencoder(tmp_path / "run" / "vae").config.scaling_factor == 0.7  # the latent space's scale is kept
     with pytest.raises(ValueError, match="needs model.init_from"):
         train_ae(load_config(AutoencoderJobConfig, ROOT / "configs" / "autoencoder" / "tiny.yaml", ["train.decoder_only=true"]))
+
+
+def test_stage_1_trains_on_buckets_and_resumes_exactly(mixed_shapes, tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.conftest import autoencoder_cfg, fresh_state
+    from training.train_autoencoder import train as job
+
+    train = fresh_state(job)
+    on = ["data.buckets.enabled=true", "train.max_steps=6", "train.checkpoint_every=2", "train.sample_every=100"]
+    train(autoencoder_cfg(mixed_shapes, tmp_path / "full", *on))
+    train(autoencoder_cfg(mixed_shapes, tmp_path / "resumed", *on), stop_after_steps=4)
+    train(autoencoder_cfg(mixed_shapes, tmp_path / "resumed", *on))
+    a, b = (load_file(str(tmp_path / r / "vae" / "diffusion_pytorch_model.safetensors")) for r in ("full", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    (event,) = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines() if '"buckets"' in line]
+    sizes = dict(zip(event["sizes"], event["images"]))  # tiny autoencoder: f=4, buckets of 32^2 pixels in steps of 4
+    assert (sizes["48x20"], sizes["32x32"], sizes["20x48"]) == (16, 16, 16) and sum(event["images"]) == 48  # tall, square, wide
+
+
+def test_the_first_losses_of_a_tiny_fp32_run_are_frozen(noise_images, tmp_path):
+    """A regression pin in diffusers' style: the logged losses of 4 fp32 steps on seeded noise images. They move when
+    the loss, the data path, the optimiser or the initialisation changes (or diffusers' AutoencoderKL does); the
+    tolerance covers oneDNN's kernels on the CPUs these machines have (AVX2 vs AVX-512 differ by ~5e-6)."""
+    train(autoencoder_cfg(noise_images, tmp_path / "run", *FROZEN_STEPS))
+    frozen = [
+        {"step": 2, "l1": 0.591912, "lpips": 0.581558, "kl": 25.769874},
+        {"step": 4, "l1": 0.558756, "lpips": 0.484601, "kl": 25.135811},
+    ]
+    for got, want in zip(logged(tmp_path / "run", "l1", "lpips", "kl"), frozen, strict=True):
+        assert got == pytest.approx(want, rel=1e-4), (got, want)

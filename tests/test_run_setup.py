@@ -1,4 +1,4 @@
-"""training/runs.py: the run settings' rules, the cadence, resume-or-start."""
+"""training/run/setup.py: the run settings' rules, the cadence, resume-or-start."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import pytest
 from accelerate import Accelerator
 
 from training.config import ConfigError, load_config
+from training.data.sampler import BatchStream
 from training.ldm_config import LdmJobConfig, LdmTrainConfig
-from training.runs import RunConfig, data_layout, due, resume_or_start
+from training.run.setup import RunConfig, due, resume_or_start
 
 
 def test_periodic_actions_are_due_every_n_steps_and_at_the_end():
@@ -44,7 +45,7 @@ def test_a_fresh_run_starts_from_the_given_state_and_writes_its_config(tmp_path)
     AcceleratorState._reset_state(True)
     accelerator = Accelerator(cpu=True)
     cfg = load_config(LdmJobConfig, None, [f"output_dir={tmp_path / 'run'}"])
-    layout = data_layout(cfg.train, accelerator, cfg.seed)
+    layout = BatchStream(10, cfg.train.batch_size, cfg.seed, world_size=accelerator.num_processes).layout
     state = resume_or_start(accelerator, tmp_path / "run", cfg, layout, {"step": 0, "micro_batches": 0})
     assert state == {"step": 0, "micro_batches": 0} and layout["num_processes"] == 1
     assert (tmp_path / "run" / "config.yaml").is_file()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 
 import ldm.pipeline
-from training.data import DataConfig, eval_loader, load_records
-from training.evaluate import evaluate_pipeline, frechet_distance
+from training.data.loader import eval_loader
+from training.data.records import DataConfig, load_records
+from training.eval.frechet import frechet_distance
+from training.eval.pipeline import evaluate_pipeline
 
 
 def test_frechet_distance_closed_forms():

@@ -1,4 +1,4 @@
-"""Parquet and WebDataset inputs (training/formats.py through training/data.py): the same cache as
+"""Parquet and WebDataset inputs (training/data/formats.py through training/data/records.py): the same cache as
 the imagefolder they were made from, and every bad-input case named in one line."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import fresh_state
-from training.data import DataConfig, DataError, ImageCaptionDataset, has_split, load_records
+from training.data.loader import ImageCaptionDataset
+from training.data.records import DataConfig, DataError, has_split, load_records
 from training.prepare_data import convert
 
 
@@ -49,7 +50,7 @@ def test_parquet_and_webdataset_give_the_imagefolders_latent_cache_tensor_for_te
     shard is equal (the key differs only in the dataset digest: file paths vs image bytes)."""
     from autoencoder import build_autoencoder
     from ldm.text import build_clip_text_encoder, clip_tokenizer
-    from training.latent_cache import build_latent_cache, cache_key, load_latent_cache
+    from training.data.cache import build_latent_cache, cache_key, load_latent_cache
 
     torch.manual_seed(0)
     vae, text = build_autoencoder("tiny", 32).eval(), (clip_tokenizer(), build_clip_text_encoder("tiny").eval())
@@ -62,7 +63,7 @@ def test_parquet_and_webdataset_give_the_imagefolders_latent_cache_tensor_for_te
         built[kind] = (folder, key, load_latent_cache(folder, records).captions)
     ref_folder, ref_key, ref_captions = built.pop("imagefolder")
     ref = {p.name: load_file(str(p)) for p in sorted(ref_folder.glob("shard-*"))}
-    assert len(ref) > 1 and set(ref["shard-00000.safetensors"]) == {"moments", "moments_flipped", "index", "text_states", "text_mask"}
+    assert len(ref) > 1 and set(ref["shard-00000.safetensors"]) == {f"{t}@32x32" for t in ("moments", "moments_flipped", "index", "text_states", "text_mask")}
     for kind, (folder, key, captions) in built.items():
         shards = {p.name: load_file(str(p)) for p in sorted(folder.glob("shard-*"))}
         assert shards.keys() == ref.keys(), kind
@@ -75,13 +76,13 @@ def test_parquet_and_webdataset_give_the_imagefolders_latent_cache_tensor_for_te
 
 def test_stage_2_trains_on_webdataset_shards_named_by_a_glob(converted, tmp_path):
     from autoencoder import build_autoencoder, save_autoencoder
-    from tests.test_train_ldm import cfg_for
+    from tests.conftest import ldm_cfg
     from training.train_ldm import train
 
     torch.manual_seed(0)
     vae = save_autoencoder(build_autoencoder("tiny", 32), tmp_path / "vae")
     shards = converted["webdataset"] / "train" / "*.tar"
-    fresh_state(train)(cfg_for(shards, vae, tmp_path / "run", "train.max_steps=2", "train.sample_every=100", "model.check_images=0",
+    fresh_state(train)(ldm_cfg(shards, vae, tmp_path / "run", "train.max_steps=2", "train.sample_every=100", "model.check_images=0",
                                "eval.num_prompts=0"))  # fmt: skip
     start = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
     assert start["cached_images"] == len(load_records(converted["imagefolder"], DataConfig()))

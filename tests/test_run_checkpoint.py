@@ -1,0 +1,89 @@
+"""training/run/checkpoint.py: a damaged newest checkpoint is skipped for the older one, none that
+verifies is an error, and a full disk is one line that keeps the last checkpoint."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from runtime.errors import RunError
+from tests.conftest import FAST_STEPS, fresh_state, ldm_cfg, same_weights, unet_weights
+from training.train_ldm import train as train_job
+
+train = fresh_state(train_job)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(openmoji_small, tiny_vae, tmp_path_factory) -> dict:
+    """The EMA U-Net of a 6-step run that nothing interrupted."""
+    out = tmp_path_factory.mktemp("faults") / "full"
+    train(ldm_cfg(openmoji_small, tiny_vae, out, "train.max_steps=6", *FAST_STEPS))
+    return unet_weights(out)
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_older_one_and_the_run_ends_the_same(openmoji_small, tiny_vae, uninterrupted,
+                                                                                             tmp_path, capsys):  # fmt: skip
+    out = tmp_path / "run"
+    train(ldm_cfg(openmoji_small, tiny_vae, out, "train.max_steps=6", *FAST_STEPS), stop_after_steps=4)  # checkpoints 2 and 4
+    weights = out / "checkpoints" / "step-00000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated, as by a full disk or a bad copy
+    capsys.readouterr()
+    train(ldm_cfg(openmoji_small, tiny_vae, out, "train.max_steps=6", *FAST_STEPS))
+    said = capsys.readouterr().out
+    assert "skipping the damaged checkpoint" in said and "step-00000004: model.safetensors has" in said
+    assert "resuming from the older checkpoint step-00000002" in said
+    assert same_weights(unet_weights(out), uninterrupted)
+
+
+def test_no_checkpoint_that_verifies_is_an_error_naming_each_never_a_restart_from_step_0(openmoji_small, tiny_vae, tmp_path):
+    out = tmp_path / "run"
+    train(ldm_cfg(openmoji_small, tiny_vae, out, "train.max_steps=6", *FAST_STEPS), stop_after_steps=4)
+    (out / "checkpoints" / "step-00000002" / "manifest.json").unlink()
+    optimizer = out / "checkpoints" / "step-00000004" / "optimizer.bin"
+    optimizer.write_bytes(b"\0" * optimizer.stat().st_size)  # same size, other bytes
+    with pytest.raises(RunError, match=r"no checkpoint .* can be resumed \(step-00000004: optimizer.bin does not match its SHA-256; "
+                                       r"step-00000002: it has no manifest.json"):  # fmt: skip
+        train(ldm_cfg(openmoji_small, tiny_vae, out, "train.max_steps=6", *FAST_STEPS))
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_the_last_checkpoint_stays_and_a_relaunch_resumes(openmoji_small, tiny_vae,
+                                                                                                        uninterrupted, tmp_path, monkeypatch):  # fmt: skip
+    from accelerate import Accelerator
+
+    out, real = tmp_path / "run", Accelerator.save_state
+
+    def fills_the_disk(self, folder, **kwargs):
+        if folder.endswith("step-00000004"):
+            Path(folder, "model.safetensors").write_bytes(b"half a file")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(folder, "optimizer.bin")))
+        return real(self, folder, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", fills_the_disk)
+    with pytest.raises(RunError, match=r"could not write the checkpoint step-00000004 .*No space left on device \(ENOSPC: .*optimizer.bin\); "
+                                       r"the last checkpoint .*step-00000002 is intact"):  # fmt: skip
+        train(ldm_cfg(openmoji_small, tiny_vae, out, "train.max_steps=6", *FAST_STEPS))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]  # the half-written one is gone
+    monkeypatch.setattr(Accelerator, "save_state", real)
+    train(ldm_cfg(openmoji_small, tiny_vae, out, "train.max_steps=6", *FAST_STEPS))
+    assert same_weights(unet_weights(out), uninterrupted)
+
+
+def test_a_torch_write_failure_on_a_full_disk_is_named_as_one(tmp_path, monkeypatch):
+    """torch.save reports ENOSPC as 'RuntimeError: [enforce fail at inline_container.cc] unexpected pos'."""
+    import shutil
+
+    from training.run.checkpoint import _writing
+
+    def torch_fails():
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5888 vs 5776")
+
+    (tmp_path / "checkpoints" / ".tmp-step-00000008").mkdir(parents=True)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    with pytest.raises(RunError, match=r"step-00000008 .*no space left on the device \(1 MiB free\); no earlier checkpoint exists"):
+        _writing(torch_fails, tmp_path / "checkpoints" / ".tmp-step-00000008", tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 0, 10 << 30))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # with space left it is not a disk problem: the traceback stays
+        _writing(torch_fails, tmp_path / "checkpoints" / ".tmp-step-00000008", tmp_path)

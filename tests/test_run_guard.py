@@ -1,0 +1,164 @@
+"""training/run/guard.py: one run per output_dir (the lock), a stop at a step's end on SIGTERM to the
+launcher (a checkpoint, every process gone, an exact resume), a signal before the steps, and a diverged
+loss that stops with one line and exports nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from runtime.errors import RunError, Stopped
+from tests.conftest import FAST_STEPS, ROOT, TINY_LDM_CONFIG, fresh_state, ldm_cfg, same_weights, unet_weights
+from training.run.guard import output_lock
+from training.train_ldm import train as train_job
+
+train = fresh_state(train_job)
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+
+# ---- the latent cache --------------------------------------------------------------------------
+
+
+# ---- one run per output_dir ----------------------------------------------------------------------
+
+
+def test_a_second_launch_on_a_busy_output_dir_is_refused_naming_the_process(openmoji_small, tiny_vae, tmp_path):
+    out = tmp_path / "run"
+    with output_lock(out):  # as a run in progress holds it
+        with pytest.raises(RunError, match=rf"output_dir '{out}' is in use by process {os.getpid()} on "):
+            train(ldm_cfg(openmoji_small, tiny_vae, out, "train.max_steps=2", *FAST_STEPS))
+    assert not (out / "checkpoints").exists()
+
+
+def test_the_lock_of_a_killed_run_is_not_stale(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from training.run.guard import output_lock\n"
+                               f"with output_lock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(RunError, match=f"in use by process {holder.pid}"), output_lock(tmp_path):
+        pass
+    holder.kill()
+    holder.wait()
+    with output_lock(tmp_path):  # the kernel released it with the process
+        pass
+
+
+# ---- signals -------------------------------------------------------------------------------------
+
+
+def _launch(out: Path, data, vae, steps: int, processes: int = 1) -> subprocess.Popen:
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", *(["--multi_gpu"] if processes > 1 else []),
+           "--num_processes", str(processes), "-m", "training.train_ldm",
+           "--config", str(TINY_LDM_CONFIG), f"data.path={data}", f"model.vae={vae}", f"output_dir={out}", f"train.max_steps={steps}",
+           "train.log_every=1", "train.checkpoint_every=1000", "train.sample_every=1000", "model.check_images=0"]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _log(out: Path) -> list[dict]:
+    path = out / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_to_the_launcher_saves_a_checkpoint_at_that_step_ends_every_process_and_resumes_exactly(openmoji_small, tiny_vae,
+                                                                                                          tmp_path, processes):  # fmt: skip
+    """`kill PID` of `accelerate launch`: with one process the launcher dies and the training
+    process learns it (parent-death signal); with two, torchrun's agent passes SIGTERM on to both
+    ranks and waits 30 s. Either way every rank stops after the same step, saves there, and ends."""
+    out = tmp_path / "run"
+    launcher = _launch(out, openmoji_small, tiny_vae, 2000, processes)
+    deadline = time.time() + 240
+    while not any(r.get("step", 0) >= 3 and "loss" in r for r in _log(out)) and time.time() < deadline:
+        time.sleep(0.1)
+    trainers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "training.train_ldm" in " ".join(p.cmdline())]
+    assert len(trainers) == processes, launcher.stderr.read()[-2000:]
+    launcher.send_signal(signal.SIGTERM)  # to the launcher only, as `kill PID` of the command would
+    _, err = launcher.communicate(timeout=90)
+    gone, alive = psutil.wait_procs(trainers, timeout=60)
+    assert not alive  # no training process outlived the launcher
+    (stopped,) = [r for r in _log(out) if r.get("event") == "stopped"]
+    step = stopped["step"]
+    assert stopped["signal"] == "SIGTERM" and 3 <= step < 2000
+    said = re.findall(r"stopped by SIGTERM at step (\d+):", err)
+    assert said == [str(step)] * processes, err[-3000:]  # every rank, one step
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{step:08d}"] and not (out / "pipeline").exists()
+
+    for run in (out, tmp_path / "full"):  # relaunched: continues from the saved step; and a run never stopped
+        proc = _launch(run, openmoji_small, tiny_vae, step + 2, processes)  # (constant LR after warm-up: max_steps does not change it)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    assert [r["event"] for r in _log(out) if "event" in r] == ["start", "stopped", "resume"]
+    assert same_weights(unet_weights(out), unet_weights(tmp_path / "full"))
+
+
+def test_a_signal_before_the_training_steps_stops_at_once_with_one_line(openmoji_small, tiny_vae, tmp_path, monkeypatch):
+    import training.stage2.cache as job  # where the job builds its latent cache
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+
+    monkeypatch.setattr(job, "build_latent_cache", interrupted)
+    with pytest.raises(Stopped, match="stopped by SIGTERM before or after the training steps") as err:
+        train(ldm_cfg(openmoji_small, tiny_vae, tmp_path / "run", "train.max_steps=2", *FAST_STEPS))
+    assert err.value.exit_code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the process's own handler is back
+
+
+# ---- divergence ----------------------------------------------------------------------------------
+
+
+def test_a_diverged_loss_stops_with_one_line_a_non_zero_exit_and_no_export(openmoji_small, tiny_vae, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "training.train_ldm", "--config", str(TINY_LDM_CONFIG), f"data.path={openmoji_small}",
+           f"model.vae={tiny_vae}", f"output_dir={out}", "train.lr=1e6", "train.max_steps=30",
+           "train.checkpoint_every=1000", "model.check_images=0"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    (line,) = [s for s in run.stderr.splitlines() if s.startswith("error:")]
+    assert "the training loss is not finite at step" in line and "nothing was exported and there is no checkpoint" in line
+    assert "Lower train.lr" in line and not (out / "pipeline").exists() and not (out / "metrics.json").exists()
+
+
+def test_a_stage_1_run_that_diverges_exports_nothing(openmoji_small, tmp_path):
+    from tests.conftest import TINY_AE_CONFIG
+    from training.autoencoder_config import AutoencoderJobConfig
+    from training.config import load_config
+    from training.train_autoencoder import train as train_ae
+
+    cfg = load_config(AutoencoderJobConfig, TINY_AE_CONFIG, [f"data.path={openmoji_small}", f"output_dir={tmp_path / 'ae'}",
+                                                             "train.lr=1e8", "train.max_steps=20", "train.checkpoint_every=1000"])  # fmt: skip
+    with pytest.raises(RunError, match="the training loss is not finite at step"):
+        fresh_state(train_ae)(cfg)
+    assert not (tmp_path / "ae" / "vae").exists()
+
+
+def test_non_finite_weights_are_never_exported():
+    from training.run.guard import check_finite
+
+    net = torch.nn.Linear(2, 2)
+    check_finite(net, "U-Net")
+    with torch.no_grad():
+        net.bias[0] = float("nan")
+    with pytest.raises(RunError, match=r"1 tensors of the U-Net are not finite \(first: bias\); nothing was exported"):
+        check_finite(net, "U-Net")
+
+
+# ---- one line at every entry point ---------------------------------------------------------------
+
+
+# ---- the bf16 decision ---------------------------------------------------------------------------
+
+
