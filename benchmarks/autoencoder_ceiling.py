@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 import runtime
 from autoencoder.metrics import psnr
-from training.data import DataConfig, eval_loader, load_records
+from training.data.records import DataConfig, load_records
+from training.data.loader import eval_loader
 
 
 def load(path: str, split: str, resolution: int) -> torch.Tensor:

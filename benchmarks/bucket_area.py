@@ -21,8 +21,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.buckets import BucketConfig, bucket_sizes, kept_area, nearest_bucket  # noqa: E402
-from training.prepare_data import package_file  # noqa: E402
+from training.data.buckets import BucketConfig, bucket_sizes, kept_area, nearest_bucket  # noqa: E402
+from training.data.builtin import package_file  # noqa: E402
 
 
 def photos() -> dict[str, tuple[int, int]]:

@@ -35,9 +35,10 @@ sys.path.insert(0, str(ROOT))
 import runtime  # noqa: E402
 from benchmarks.report import machine  # noqa: E402
 from training.config import load_config  # noqa: E402
-from training.data import DataConfig, load_records, open_rgb  # noqa: E402
+from training.data.records import DataConfig, load_records  # noqa: E402
+from training.data.loader import open_rgb
 from training.ldm_config import LdmJobConfig  # noqa: E402
-from training.prepare_data import write_metadata  # noqa: E402
+from training.data.builtin import write_metadata  # noqa: E402
 
 BASE = ROOT / "runs" / "ldm-openmoji-32" / "pipeline"
 DATA = ROOT / "data" / "openmoji-32"

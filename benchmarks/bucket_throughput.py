@@ -36,7 +36,8 @@ from benchmarks.report import machine  # noqa: E402
 from training.autoencoder_config import AutoencoderJobConfig  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.ldm_config import LdmJobConfig  # noqa: E402
-from training.prepare_data import package_file, prepare_folder, write_metadata  # noqa: E402
+from training.data.builtin import package_file, write_metadata  # noqa: E402
+from training.prepare_data import prepare_folder  # noqa: E402
 
 VAE = ROOT / "runs" / "autoencoder-openmoji-32-f4" / "vae"
 

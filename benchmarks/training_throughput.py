@@ -38,9 +38,11 @@ from autoencoder import build_autoencoder, encode_latents, load_autoencoder, sav
 from ldm.diffusion import training_scheduler  # noqa: E402
 from ldm.text import load_minilm, tokenize  # noqa: E402
 from ldm.unet import build_unet  # noqa: E402
-from training.checkpoint import checkpoints  # noqa: E402
+from training.run.checkpoint import checkpoints  # noqa: E402
 from training.config import load_config  # noqa: E402
-from training.data import load_records, train_loader  # noqa: E402
+from training.data.records import load_records  # noqa: E402
+from training.data.loader import train_loader
+from training.data.sampler import BatchStream
 from training.ldm_config import LdmJobConfig  # noqa: E402
 from training.train_ldm import train  # noqa: E402
 
@@ -62,7 +64,7 @@ class Probe:
     timestep and one noise each, their captions' text states."""
 
     def __init__(self, vae, tokenizer, text_encoder, cfg: LdmJobConfig, n: int = 256) -> None:
-        loader = train_loader(load_records(DATA, cfg.data), cfg.data, n, seed=123)
+        loader = train_loader(load_records(DATA, cfg.data), cfg.data, BatchStream(len(load_records(DATA, cfg.data)), n, seed=123, random_flip=cfg.data.random_flip))
         batch = next(iter(loader))
         g = torch.Generator().manual_seed(123)
         with torch.no_grad():
@@ -112,7 +114,7 @@ def per_step_encode_recipe(cfg: LdmJobConfig, vae_dir: Path, steps: int, batch: 
     unet = unet_factory().train()
     scheduler = training_scheduler("epsilon")
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    loader = train_loader(load_records(DATA, cfg.data), cfg.data, batch, seed=0)
+    loader = train_loader(load_records(DATA, cfg.data), cfg.data, BatchStream(len(load_records(DATA, cfg.data)), batch, seed=0, random_flip=cfg.data.random_flip))
     parts = {"image decoding": [], "autoencoder encode": [], "text encoder": [], "U-Net step": []}
     batches, curve, paused = iter(loader), [], 0.0
     for step in range(1, steps + 1):

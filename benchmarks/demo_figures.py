@@ -1,0 +1,76 @@
+"""The figures of `make demo`, gathered from the runs it leaves, into one committed JSON the README quotes.
+
+    .venv/bin/python benchmarks/demo_figures.py --seconds 1712 --json benchmarks/DEMO.json
+
+Reads runs/autoencoder-openmoji-32-f4/ (metrics.json, log.jsonl) and runs/ldm-openmoji-32/ (metrics.json,
+log.jsonl): the autoencoder's held-out and out-of-domain reconstruction figures beside its references, its running
+held-out PSNR, the stage-2 loss curve and evaluation, each job's training time, and the CPU they ran on.
+``--seconds``: the wall time of the whole `make demo`, measured by whoever ran it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from report import machine  # noqa: E402
+
+AE, LDM = ROOT / "runs" / "autoencoder-openmoji-32-f4", ROOT / "runs" / "ldm-openmoji-32"
+FIGURES = ("psnr", "lpips", "colour_error")
+
+
+def _log(run: Path, key: str, steps: tuple[int, ...]) -> dict[str, float]:
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return {str(r["step"]): r[key] for r in records if key in r and r["step"] in steps}
+
+
+def _round(entry: dict) -> dict:
+    return {k: round(entry[k], 3) for k in FIGURES}
+
+
+def gather(seconds: float | None) -> dict:
+    ae, ldm = json.loads((AE / "metrics.json").read_text()), json.loads((LDM / "metrics.json").read_text())
+    references = {name: _round(ref) for name, ref in ae["references"].items()}
+    return {
+        "machine": machine(),
+        "make_demo_seconds": seconds,
+        "autoencoder": {
+            "steps": ae["steps"],
+            "mixed_precision": ae["mixed_precision"],
+            ae["split"]: _round(ae) | {"references": references},
+            "ood": {name: _round(entry) for name, entry in ae["ood"].items()},
+            "val_psnr": _log(AE, "val_psnr", (500, 1500, 2500, 3500, ae["steps"])),
+        },
+        "ldm": {
+            "steps": ldm["steps"],
+            "mixed_precision": ldm["mixed_precision"],
+            "train_seconds": ldm["train_seconds_this_run"],
+            "loss": _log(LDM, "loss", (400, 800, 1200, 1600)),
+            "prompt_top1": ldm["eval"]["prompt_top1"],
+            "fd_vgg": round(ldm["eval"]["fd_vgg"], 1),
+            "fd_vgg_floor_real_sample": round(ldm["eval"]["fd_vgg_floor_real_sample"], 1),
+            "fd_vgg_real_halves": round(ldm["eval"]["fd_vgg_real_halves"], 1),
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=None, help="the wall time of the whole make demo")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    figures = gather(args.seconds)
+    text = json.dumps(figures, indent=2)
+    if args.json:
+        args.json.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
