@@ -99,18 +99,16 @@ def test_generic_and_ood_sets_are_deterministic_sized_and_disjoint(tmp_path):
 def test_a_run_with_extra_data_reports_in_and_out_of_domain_figures_beside_references(openmoji_small, tmp_path):
     import json
 
-    from tests.conftest import TINY_AE_CONFIG, fresh_state
-    from training.config import load_config
+    from tests.conftest import autoencoder_cfg, fresh_state
     from training.data.builtin import prepare_generic, prepare_ood
     from training.eval.autoencoder import evaluate_autoencoder
-    from training.train_autoencoder import AutoencoderJobConfig, train
+    from training.train_autoencoder import train
 
     prepare_generic(tmp_path / "generic", 32, count=24)
     prepare_ood(tmp_path / "ood", 32, count=8)
     ood = [str(tmp_path / "ood" / "photos"), str(tmp_path / "ood" / "glyphs")]
-    cfg = load_config(AutoencoderJobConfig, TINY_AE_CONFIG, [f"data.path={openmoji_small}", f"output_dir={tmp_path / 'run'}",
-                                                             f"extra_data=[{tmp_path / 'generic'}]", f"eval.ood=[{','.join(ood)}]",
-                                                             "train.max_steps=2", "train.checkpoint_every=2", "train.ema_decay=0.9"])  # fmt: skip
+    cfg = autoencoder_cfg(openmoji_small, tmp_path / "run", f"extra_data=[{tmp_path / 'generic'}]", f"eval.ood=[{','.join(ood)}]",
+                          "train.max_steps=2", "train.checkpoint_every=2", "train.ema_decay=0.9")
     fresh_state(train)(cfg)
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     start = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
@@ -128,6 +126,6 @@ def test_a_run_with_extra_data_reports_in_and_out_of_domain_figures_beside_refer
         m["ood"]["glyphs"]["colour_error"], rel=1e-4)
     assert ev["references"]["bicubic_9x9"]["psnr"] == pytest.approx(m["references"]["bicubic_9x9"]["psnr"], rel=1e-6)
     # a missing eval.ood folder is named before any training
-    bad = load_config(AutoencoderJobConfig, TINY_AE_CONFIG, [f"data.path={openmoji_small}", "eval.ood=[nowhere/ood]"])
+    bad = autoencoder_cfg(openmoji_small, "runs/autoencoder-tiny", "eval.ood=[nowhere/ood]")
     with pytest.raises(ValueError, match="eval.ood: 'nowhere/ood' is not a folder"):
         fresh_state(train)(bad)

@@ -2,13 +2,12 @@
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY_LDM_CONFIG
 from training.autoencoder_config import validate as validate_autoencoder
 from training.config import ConfigError, load_config
 from training.ldm_config import LdmJobConfig, text_encoder_trains, validate
 from training.train_autoencoder import AutoencoderJobConfig
 
-LDM = ROOT / "configs" / "ldm" / "tiny.yaml"
 SCHEMAS = {"autoencoder": (AutoencoderJobConfig, validate_autoencoder), "ldm": (LdmJobConfig, validate), "finetune": (LdmJobConfig, validate)}
 
 
@@ -18,7 +17,7 @@ def test_every_shipped_config_loads_with_its_schema_and_passes_its_rules(path):
     rules(load_config(schema, path))
 
 
-def error(*overrides: str, base=LDM) -> str:
+def error(*overrides: str, base=TINY_LDM_CONFIG) -> str:
     with pytest.raises(ConfigError) as err:
         validate(load_config(LdmJobConfig, base, list(overrides)))
     return str(err.value)
@@ -43,7 +42,7 @@ def test_keys_that_init_from_would_ignore_are_named():
 def test_text_keys_that_nothing_would_read_are_named():
     assert "train.text_lr=0.001 would be ignored" in error("model.text_encoder=minilm", "train.text_lr=1e-3")
     assert "finetune.train_text_encoder would be ignored" in error("finetune.train_text_encoder=true")
-    ok = load_config(LdmJobConfig, LDM, ["model.text_encoder=clip-scratch", "train.text_lr=1e-3"])
+    ok = load_config(LdmJobConfig, TINY_LDM_CONFIG, ["model.text_encoder=clip-scratch", "train.text_lr=1e-3"])
     validate(ok)
     assert text_encoder_trains(ok)
     tuned = load_config(LdmJobConfig, None, ["model.init_from=runs/x/pipeline", "finetune.method=full", "finetune.train_text_encoder=true",

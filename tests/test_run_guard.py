@@ -133,13 +133,10 @@ def test_a_diverged_loss_stops_with_one_line_a_non_zero_exit_and_no_export(openm
 
 
 def test_a_stage_1_run_that_diverges_exports_nothing(openmoji_small, tmp_path):
-    from tests.conftest import TINY_AE_CONFIG
-    from training.autoencoder_config import AutoencoderJobConfig
-    from training.config import load_config
+    from tests.conftest import autoencoder_cfg
     from training.train_autoencoder import train as train_ae
 
-    cfg = load_config(AutoencoderJobConfig, TINY_AE_CONFIG, [f"data.path={openmoji_small}", f"output_dir={tmp_path / 'ae'}",
-                                                             "train.lr=1e8", "train.max_steps=20", "train.checkpoint_every=1000"])  # fmt: skip
+    cfg = autoencoder_cfg(openmoji_small, tmp_path / "ae", "train.lr=1e8", "train.max_steps=20", "train.checkpoint_every=1000")
     with pytest.raises(RunError, match="the training loss is not finite at step"):
         fresh_state(train_ae)(cfg)
     assert not (tmp_path / "ae" / "vae").exists()

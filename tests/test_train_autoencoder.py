@@ -190,9 +190,8 @@ def test_decoder_only_fine_tune_keeps_the_encoder_bit_identical(openmoji_small, 
     vae = build_autoencoder("tiny", 32)
     set_latent_normalization(vae, 0.7, None)
     start = save_autoencoder(vae, tmp_path / "vae")
-    cfg = load_config(AutoencoderJobConfig, ROOT / "configs" / "autoencoder" / "tiny.yaml",
-                      [f"data.path={openmoji_small}", f"output_dir={tmp_path / 'run'}", f"model.init_from={start}",
-                       "train.decoder_only=true", "train.max_steps=4", "train.checkpoint_every=4"])  # fmt: skip
+    cfg = autoencoder_cfg(openmoji_small, tmp_path / "run", f"model.init_from={start}", "train.decoder_only=true",
+                          "train.max_steps=4", "train.checkpoint_every=4")
     train_ae(cfg)
     before, after = load_file(str(start / "diffusion_pytorch_model.safetensors")), load_file(str(tmp_path / "run" / "vae" / "diffusion_pytorch_model.safetensors"))
     frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
@@ -200,7 +199,7 @@ def test_decoder_only_fine_tune_keeps_the_encoder_bit_identical(openmoji_small, 
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     assert load_autoencoder(tmp_path / "run" / "vae").config.scaling_factor == 0.7  # the latent space's scale is kept
     with pytest.raises(ValueError, match="needs model.init_from"):
-        train_ae(load_config(AutoencoderJobConfig, ROOT / "configs" / "autoencoder" / "tiny.yaml", ["train.decoder_only=true"]))
+        train_ae(load_config(AutoencoderJobConfig, TINY_AE_CONFIG, ["train.decoder_only=true"]))
 
 
 def test_stage_1_trains_on_buckets_and_resumes_exactly(mixed_shapes, tmp_path):
