@@ -137,25 +137,8 @@ def build_app(pipe, has_lora: bool = False, title: str | None = None):
                     label="Images", columns=4, format="png", buttons=["download", "fullscreen"], elem_id="gallery"
                 )
                 used_seed = gr.Number(label="Seed used", interactive=False, precision=0)
-        button.click(
-            generate,
-            [
-                prompt,
-                negative,
-                steps,
-                guidance,
-                seed,
-                random_seed,
-                sampler,
-                num_images,
-                height,
-                width,
-                lora_scale,
-                init,
-                strength,
-            ],
-            [gallery, used_seed],
-        )
+        settings = [prompt, negative, steps, guidance, seed, random_seed, sampler, num_images, height, width, lora_scale]
+        button.click(generate, [*settings, init, strength], [gallery, used_seed])  # in generate()'s order
     app.out_dir = out_dir
     return app
 
