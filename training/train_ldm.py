@@ -201,7 +201,7 @@ def _say_what_the_data_is(
     if autoencoder_fit is not None:
         log.write(step=step, event="autoencoder_check", **autoencoder_fit)
     if stream.bucket_set:
-        held = dict(zip(cache.sizes, torch.bincount(cache.bucket_of, minlength=len(cache.sizes)).tolist()))
+        held = dict(zip(stream.sizes, stream.bucket_counts))  # the buckets that hold images
         report_buckets(log, step, stream.bucket_set, [held.get(size, 0) for size in stream.bucket_set], stream.global_batch)
     elif stream.with_replacement:
         print(f"{len(cache)} images, fewer than one global batch of {stream.global_batch}: sampling with replacement")

@@ -133,7 +133,7 @@ def eval_loader(
 ) -> torch.utils.data.DataLoader:
     """Every image in order, resized and centre-cropped to the square ``data.resolution``, or to
     cover ``size`` (height, width), aspect kept, and centre-cropped to it."""
-    dataset = ImageCaptionDataset(records, cfg, *(([size], [0] * len(records)) if size else ()))
+    dataset = ImageCaptionDataset(records, cfg, [size] if size else None)  # one bucket: every image's
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, generator=_own_generator(0)
     )

@@ -110,7 +110,7 @@ class BatchStream:
     @property
     def bucket_counts(self) -> list[int]:
         """With buckets: the images of each bucket of ``sizes``."""
-        return torch.bincount(torch.as_tensor(list(self.bucket_of)), minlength=len(self.sizes)).tolist()
+        return torch.bincount(torch.as_tensor(self.bucket_of), minlength=len(self.sizes)).tolist()
 
     @property
     def with_replacement(self) -> bool:

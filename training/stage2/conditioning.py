@@ -27,7 +27,7 @@ class Conditioning:
             self.empty_mask = (empty.mask if masked else torch.ones(1, length)).long().cpu()  # (1, L)
 
     def __call__(self, idx: torch.Tensor, drop: torch.Tensor, device) -> dict:
-        """The Denoiser's text keyword arguments for the cached images ``idx`` (B,); ``drop`` (B,)
+        """UNetAndTextEncoder's text keyword arguments for the cached images ``idx`` (B,); ``drop`` (B,)
         marks the captions replaced by ""."""
         if self.cached:
             states = torch.where(drop[:, None, None], self.empty_states, self.cache.text_states[idx].float())  # (B, L, D)
