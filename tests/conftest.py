@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import time
 import tempfile
 from pathlib import Path
 
@@ -241,3 +244,19 @@ def assert_same_scalars(run: Path, job: str) -> dict:
         assert [s for s, _ in shown[tag]] == [s for s, _ in points], tag  # the same steps, each once
         assert [v for _, v in shown[tag]] == pytest.approx([v for _, v in points], rel=1e-6), tag  # float32 in the event file
     return logged
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_to_the_end(cmd: list, out: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a training command to its end; it must succeed, and exit within seconds of writing its export's
+    ``metrics.json`` (a multi-process run once hung there: tests/test_run_guard.py)."""
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert time.time() - (Path(out) / "metrics.json").stat().st_mtime < 30
+    return done

@@ -5,7 +5,6 @@ and does not run: `apt-get install chromium` (the README says the same)."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_pipeline
+from conftest import ROOT, free_port, tiny_pipeline
 from PIL import Image
 
 from ldm.generate import main as generate_main
@@ -23,12 +22,6 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 # as root Chromium needs --no-sandbox; the rest keeps it off this machine's closed network
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -18,17 +18,11 @@ import pytest
 import torch
 
 from runtime.errors import RunError, Stopped
-from tests.conftest import FAST_STEPS, ROOT, TINY_LDM_CONFIG, fresh_state, ldm_cfg, same_weights, unet_weights
+from tests.conftest import FAST_STEPS, ROOT, free_port, TINY_LDM_CONFIG, fresh_state, ldm_cfg, same_weights, unet_weights
 from training.run.guard import output_lock
 from training.train_ldm import train as train_job
 
 train = fresh_state(train_job)
-
-
-# ---- checkpoints ------------------------------------------------------------------------------
-
-
-# ---- the latent cache --------------------------------------------------------------------------
 
 
 # ---- one run per output_dir ----------------------------------------------------------------------
@@ -117,6 +111,26 @@ def test_a_signal_before_the_training_steps_stops_at_once_with_one_line(openmoji
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the process's own handler is back
 
 
+# ---- the end of a multi-process run -------------------------------------------------------------
+
+
+def test_two_processes_end_their_process_group_without_hanging(tmp_path):
+    """Nine rounds of two gloo processes, each round a guarded job that ends as the training jobs do
+    (tests/end_groups.py). Were the group destroyed while the DDP model lives (as
+    ``accelerator.end_training()`` in ``run.finish`` did), the model's Reducer would free it holding the
+    GIL, while a gloo worker waits for the GIL: here that hung both processes in round 3."""
+    cmd = [sys.executable, "tests/end_groups.py", "9", str(free_port()), str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"hung: the last rounds ended were {out.split()[-4:]}")
+    assert proc.returncode == 0, err[-3000:]
+    assert out.split("\n").count("ended 8") == 2
+
+
 # ---- divergence ----------------------------------------------------------------------------------
 
 
@@ -151,11 +165,4 @@ def test_non_finite_weights_are_never_exported():
         net.bias[0] = float("nan")
     with pytest.raises(RunError, match=r"1 tensors of the U-Net are not finite \(first: bias\); nothing was exported"):
         check_finite(net, "U-Net")
-
-
-# ---- one line at every entry point ---------------------------------------------------------------
-
-
-# ---- the bf16 decision ---------------------------------------------------------------------------
-
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from autoencoder import load_autoencoder
 from runtime.errors import RunError
-from tests.conftest import FROZEN_STEPS, ROOT, TINY_AE_CONFIG, autoencoder_cfg, fresh_state, logged, write_imagefolder
+from tests.conftest import FROZEN_STEPS, ROOT, TINY_AE_CONFIG, autoencoder_cfg, fresh_state, logged, run_to_the_end, write_imagefolder
 from training.config import load_config
 from training.train_autoencoder import AutoencoderJobConfig
 from training.train_autoencoder import train as train_job
@@ -145,7 +145,7 @@ def test_two_processes_train_with_ddp(openmoji_small, tmp_path):
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "-m", "training.train_autoencoder",
            "--config", str(TINY_AE_CONFIG), f"data.path={openmoji_small}", f"output_dir={tmp_path / 'r'}",
            "train.batch_size=4", "train.max_steps=4", "loss.disc_start=2", "train.checkpoint_every=4"]
-    subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True)
+    run_to_the_end(cmd, tmp_path / "r")
     records = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
     assert records[0]["processes"] == 2 and records[0]["cpu_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
     steps = [r for r in records if "l1" in r]

@@ -274,13 +274,12 @@ def test_two_ranks_on_buckets(job, mixed_shapes, tiny_vae, tmp_path):
     """Stage 2: two ranks with batch 4 end with the U-Net of one rank with batch 8, every batch from
     one bucket. Stage 1 draws its posterior noise per rank by design (so there only the data stream
     is shared, tested at the sampler), and two ranks train and log the buckets."""
-    import subprocess
     import sys
     from pathlib import Path
 
     import numpy as np
 
-    from tests.conftest import ROOT, TINY_AE_CONFIG, TINY_LDM_CONFIG, unet_weights
+    from tests.conftest import TINY_AE_CONFIG, TINY_LDM_CONFIG, run_to_the_end, unet_weights
 
     accelerate = Path(sys.executable).parent / "accelerate"
     if job == "train_ldm":
@@ -293,8 +292,7 @@ def test_two_ranks_on_buckets(job, mixed_shapes, tiny_vae, tmp_path):
     for name, procs in runs.items() if job == "train_ldm" else [("two", runs["two"])]:
         batch = 8 if name == "one" else 4
         cmd = [str(accelerate), "launch", *procs, "-m", f"training.{job}", *common, f"output_dir={tmp_path / name}", f"train.batch_size={batch}"]
-        run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        assert run.returncode == 0, run.stderr[-3000:]
+        run_to_the_end(cmd, tmp_path / name)
     log = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     assert log[0]["processes"] == 2 and [[n for n in r["images"] if n] for r in log if r.get("event") == "buckets"] == [[16, 16, 16]]
     if job == "train_ldm":

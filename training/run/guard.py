@@ -1,6 +1,7 @@
 """What keeps a training run safe from the world around it: one run per ``output_dir`` (a lock),
 a clean stop on SIGTERM / SIGINT or when the launcher dies (a checkpoint at the step every
-process agrees on), and a stop on a loss that is no longer finite (nothing exported).
+process agrees on), a stop on a loss that is no longer finite (nothing exported), and an end of
+the process group that cannot hang.
 
     @guarded                                   # the lock, and the signal handlers put back after
     def train(cfg): ...
@@ -16,12 +17,14 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import functools
+import gc
 import math
 import os
 import signal
 import socket
 import threading
 import time
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -81,17 +84,44 @@ def guarded(job):
         for s in saved:
             signal.signal(s, _stop_now)
         die_with_parent()
+        error = None
         try:
             if _is_main_process():
                 with output_lock(cfg.output_dir):
                     return job(cfg, **kwargs)
             return job(cfg, **kwargs)
+        except BaseException as err:
+            error = err
+            raise
         finally:
             close_all()  # the trackers' files are complete whatever ended the job
+            end_process_group(error)
             for s, handler in saved.items():
                 signal.signal(s, handler)
 
     return run
+
+
+def end_process_group(error: BaseException | None = None) -> None:
+    """End the launch's process group, if this process is in one, in the one order that cannot hang.
+
+    torch's gloo backend frees each finished collective on one of its worker threads, and freeing one
+    takes the GIL. The group's destructor joins those threads. Freed from DDP's Reducer (when the
+    wrapped model goes, after ``destroy_process_group`` has dropped the group's other references: what
+    ``accelerator.end_training()`` at a job's end leads to), the destructor holds the GIL while it waits,
+    and a worker still freeing a collective waits for the GIL: both wait forever (py-spy on a 2-core
+    AMD EPYC Milan; ``tests/test_run_guard.py`` makes it happen in a few rounds). So the job's objects go
+    first, while this function holds a reference to the group: the frames of ``error``'s traceback,
+    then the reference cycles (accelerate's wrappers make some). The group's own Python object,
+    dropped last, frees it with the GIL released (torch's bindings do that for a ProcessGroup)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    group = torch.distributed.group.WORLD  # noqa: F841  (held until the end: the last reference)
+    if error is not None:
+        traceback.clear_frames(error.__traceback__)  # the frames' locals (the model); the traceback still prints
+    gc.collect()
+    torch.distributed.destroy_process_group()
+    del group
 
 
 def _stop_now(signum, frame) -> None:

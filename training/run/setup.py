@@ -138,7 +138,8 @@ def after_optimizer_step(lr_schedule, ema: EMAModel | None, params: list, bar) -
 
 def finish(accelerator: Accelerator, stop: StopGuard, log: RunLog, ema, params: list, export: Callable[[], object]) -> None:
     """After the last step: signals stop at once again, the main process swaps the EMA weights in (when there is an EMA)
-    and exports, and every process waits for it before the trackers and the launch close."""
+    and exports, and every process waits for it before the trackers close. The process group stays: it ends
+    after the job's objects (:func:`training.run.guard.end_process_group`), not here, where the model still lives."""
     stop.disarm()
     if accelerator.is_main_process:
         if ema is not None:
@@ -146,7 +147,6 @@ def finish(accelerator: Accelerator, stop: StopGuard, log: RunLog, ema, params: 
         export()
     accelerator.wait_for_everyone()
     log.close()
-    accelerator.end_training()
 
 
 def due(step: int, every: int, max_steps: int) -> bool:
