@@ -1,10 +1,12 @@
 """training/run/checkpoint.py: a damaged newest checkpoint is skipped for the older one, none that
-verifies is an error, and a full disk is one line that keeps the last checkpoint."""
+verifies is an error, and a full disk or a read-only folder is one line that keeps the last checkpoint."""
 
 from __future__ import annotations
 
 import errno
 import os
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,39 @@ def test_a_torch_write_failure_on_a_full_disk_is_named_as_one(tmp_path, monkeypa
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 0, 10 << 30))
     with pytest.raises(RuntimeError, match="unexpected pos"):  # with space left it is not a disk problem: the traceback stays
         _writing(torch_fails, tmp_path / "checkpoints" / ".tmp-step-00000008", tmp_path)
+
+
+@contextmanager
+def read_only(folder: Path):
+    """``folder`` made read-only by what this machine allows: its mode for a user; for root (whom modes do not
+    stop) the immutable attribute, else a read-only tmpfs mounted over it. Yields the errno a write there gets."""
+    folder.mkdir(parents=True)
+    undo = None
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        undo = lambda: folder.chmod(0o755)  # noqa: E731
+    elif subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0:
+        undo = lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)  # noqa: E731
+    elif subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(folder)], capture_output=True).returncode == 0:
+        undo = lambda: subprocess.run(["umount", str(folder)], check=True)  # noqa: E731
+    assert undo is not None, "this machine offers no way to make a folder read-only for this user"
+    try:
+        try:
+            (folder / "probe").mkdir()
+        except OSError as err:
+            yield err.errno
+        else:
+            raise AssertionError(f"{folder} is still writable")
+    finally:
+        undo()
+
+
+def test_a_read_only_checkpoints_folder_is_one_line_before_any_half_written_checkpoint(openmoji_small, tiny_vae, tmp_path):
+    out = tmp_path / "run"
+    with read_only(out / "checkpoints") as code:
+        name = errno.errorcode[code]
+        with pytest.raises(RunError, match=rf"could not write the checkpoint step-00000002 in {out / 'checkpoints'}: .*\({name}: "
+                                           r".*\.tmp-step-00000002\); no earlier checkpoint exists\. Free space \(or fix the folder's "
+                                           r"permissions\) and relaunch"):  # fmt: skip
+            train(ldm_cfg(openmoji_small, tiny_vae, out, "train.max_steps=4", *FAST_STEPS))
+    assert list((out / "checkpoints").iterdir()) == [] and not (out / "pipeline").exists()

@@ -5,6 +5,7 @@ loss that stops with one line and exports nothing."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -52,12 +53,37 @@ def test_the_lock_of_a_killed_run_is_not_stale(tmp_path):
 # ---- signals -------------------------------------------------------------------------------------
 
 
-def _launch(out: Path, data, vae, steps: int, processes: int = 1) -> subprocess.Popen:
+def _launch(out: Path, data, vae, steps: int, processes: int = 1, **popen) -> subprocess.Popen:
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", *(["--multi_gpu"] if processes > 1 else []),
            "--num_processes", str(processes), "-m", "training.train_ldm",
            "--config", str(TINY_LDM_CONFIG), f"data.path={data}", f"model.vae={vae}", f"output_dir={out}", f"train.max_steps={steps}",
            "train.log_every=1", "train.checkpoint_every=1000", "train.sample_every=1000", "model.check_images=0"]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _trainers_once_training(launcher: subprocess.Popen, out: Path, processes: int) -> list[psutil.Process]:
+    """The launch's training processes, once its log shows step 3 trained."""
+    _wait_for_step(out, 3)
+    trainers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "training.train_ldm" in " ".join(p.cmdline())]
+    assert len(trainers) == processes, launcher.stderr.read()[-2000:]
+    return trainers
+
+
+def _wait_for_step(out: Path, step: int) -> None:
+    deadline = time.time() + 240
+    while not any(r.get("step", 0) >= step and "loss" in r for r in _log(out)) and time.time() < deadline:
+        time.sleep(0.1)
+
+
+def _shell_status(returncode: int) -> int:
+    """The exit status a shell shows (128 + N for a process ended by signal N)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _no_traceback_of_ours(err: str) -> bool:
+    """No frame of this project's code in a traceback (accelerate's one-process launcher prints its own
+    KeyboardInterrupt on Ctrl-C: that one is not ours to change)."""
+    return not re.search(r'File "[^"]*/(autoencoder|ldm|runtime|training)/', err)
 
 
 def _log(out: Path) -> list[dict]:
@@ -73,13 +99,10 @@ def test_sigterm_to_the_launcher_saves_a_checkpoint_at_that_step_ends_every_proc
     ranks and waits 30 s. Either way every rank stops after the same step, saves there, and ends."""
     out = tmp_path / "run"
     launcher = _launch(out, openmoji_small, tiny_vae, 2000, processes)
-    deadline = time.time() + 240
-    while not any(r.get("step", 0) >= 3 and "loss" in r for r in _log(out)) and time.time() < deadline:
-        time.sleep(0.1)
-    trainers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "training.train_ldm" in " ".join(p.cmdline())]
-    assert len(trainers) == processes, launcher.stderr.read()[-2000:]
+    trainers = _trainers_once_training(launcher, out, processes)
     launcher.send_signal(signal.SIGTERM)  # to the launcher only, as `kill PID` of the command would
     _, err = launcher.communicate(timeout=90)
+    assert _shell_status(launcher.returncode) == (128 + signal.SIGTERM if processes == 1 else 1)  # as for Ctrl-C below
     gone, alive = psutil.wait_procs(trainers, timeout=60)
     assert not alive  # no training process outlived the launcher
     (stopped,) = [r for r in _log(out) if r.get("event") == "stopped"]
@@ -95,6 +118,56 @@ def test_sigterm_to_the_launcher_saves_a_checkpoint_at_that_step_ends_every_proc
         assert proc.returncode == 0, err[-2000:]
     assert [r["event"] for r in _log(out) if "event" in r] == ["start", "stopped", "resume"]
     assert same_weights(unet_weights(out), unet_weights(tmp_path / "full"))
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_ctrl_c_stops_every_process_at_one_step_with_a_checkpoint_and_exit_130(openmoji_small, tiny_vae, tmp_path, processes):
+    """Ctrl-C in a terminal: SIGINT to the launcher's whole process group (torchrun's ranks are in
+    sessions of their own and get it from the launcher)."""
+    out = tmp_path / "run"
+    launcher = _launch(out, openmoji_small, tiny_vae, 2000, processes, start_new_session=True)
+    trainers = _trainers_once_training(launcher, out, processes)
+    os.killpg(launcher.pid, signal.SIGINT)
+    _, err = launcher.communicate(timeout=90)
+    assert not psutil.wait_procs(trainers, timeout=60)[1]
+    # the launcher's own status: one process, accelerate's launcher ends by the SIGINT itself; several,
+    # torchrun's agent raises SignalException and exits 1 (the README says so)
+    assert _shell_status(launcher.returncode) == (128 + signal.SIGINT if processes == 1 else 1), err[-3000:]
+    (stopped,) = [r for r in _log(out) if r.get("event") == "stopped"]
+    assert stopped["signal"] == "SIGINT" and _no_traceback_of_ours(err), err[-3000:]
+    assert re.findall(r"stopped by SIGINT at step (\d+):", err) == [str(stopped["step"])] * processes
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{stopped['step']:08d}"]
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving_and_the_trainer_exits_130(openmoji_small, tiny_vae, tmp_path):
+    """The training process itself (``python -m training.train_ldm``, no launcher), so that its own exit status is seen."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "training.train_ldm", "--config", str(TINY_LDM_CONFIG), f"data.path={openmoji_small}",
+           f"model.vae={tiny_vae}", f"output_dir={out}", "train.max_steps=2000", "train.log_every=1",
+           "train.checkpoint_every=1000", "train.sample_every=1000", "model.check_images=0"]  # fmt: skip
+    trainer = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(out, 3)
+    trainer.send_signal(signal.SIGINT)
+    deadline = time.time() + 60
+    while not list(out.glob("checkpoints/.tmp-step-*")) and time.time() < deadline:
+        time.sleep(0.001)
+    trainer.send_signal(signal.SIGINT)  # while the first one's checkpoint is being written
+    _, err = trainer.communicate(timeout=90)
+    assert trainer.returncode == 128 + signal.SIGINT, err[-3000:]
+    assert _no_traceback_of_ours(err) and "stopped by a second SIGINT at once, without saving" in err, err[-3000:]
+    assert not [r for r in _log(out) if r.get("event") == "stopped"] and not list((out / "checkpoints").glob("step-*"))
+
+
+def test_when_the_launcher_is_killed_the_trainer_stops_at_a_step_with_a_checkpoint(openmoji_small, tiny_vae, tmp_path):
+    """`kill -9` of `accelerate launch` (or its terminal closed): the kernel sends the trainer SIGTERM."""
+    out = tmp_path / "run"
+    launcher = _launch(out, openmoji_small, tiny_vae, 2000, 1)
+    (trainer,) = _trainers_once_training(launcher, out, 1)
+    launcher.kill()
+    launcher.wait()
+    assert not psutil.wait_procs([trainer], timeout=60)[1]  # it did not train on
+    (stopped,) = [r for r in _log(out) if r.get("event") == "stopped"]
+    assert stopped["signal"] == "SIGTERM" and [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{stopped['step']:08d}"]
 
 
 def test_a_signal_before_the_training_steps_stops_at_once_with_one_line(openmoji_small, tiny_vae, tmp_path, monkeypatch):
@@ -137,12 +210,15 @@ def test_two_processes_end_their_process_group_without_hanging(tmp_path):
 def test_a_diverged_loss_stops_with_one_line_a_non_zero_exit_and_no_export(openmoji_small, tiny_vae, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "training.train_ldm", "--config", str(TINY_LDM_CONFIG), f"data.path={openmoji_small}",
-           f"model.vae={tiny_vae}", f"output_dir={out}", "train.lr=1e6", "train.max_steps=30",
+           f"model.vae={tiny_vae}", f"output_dir={out}", "train.lr=1e6", "train.max_steps=30", "train.log_every=1",
            "train.checkpoint_every=1000", "model.check_images=0"]  # fmt: skip
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
     (line,) = [s for s in run.stderr.splitlines() if s.startswith("error:")]
-    assert "the training loss is not finite at step" in line and "nothing was exported and there is no checkpoint" in line
+    step = int(re.search(r"the training loss is not finite at step (\d+):", line).group(1))
+    losses = [(r["step"], r["loss"]) for r in _log(out) if "loss" in r]  # every step before it logged, and finite
+    assert step > 1 and [s for s, _ in losses] == list(range(1, step)) and all(map(math.isfinite, [v for _, v in losses]))
+    assert "nothing was exported and there is no checkpoint" in line
     assert "Lower train.lr" in line and not (out / "pipeline").exists() and not (out / "metrics.json").exists()
 
 

@@ -163,9 +163,15 @@ class StopGuard:
                 signal.signal(s, self._request)
 
     def _request(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            raise KeyboardInterrupt  # Ctrl-C twice: no checkpoint
-        self.signum = signum
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:  # Ctrl-C twice: no checkpoint
+            ckpt = latest_checkpoint(self.out)
+            raise Stopped(
+                signum,
+                f"stopped by a second SIGINT at once, without saving: {f'the last checkpoint is {ckpt}' if ckpt else 'there is no checkpoint'}; "
+                "relaunch the same command to continue from it",
+            )
+        if self.signum is None:  # the first signal is the one said (a launcher that dies of it sends SIGTERM after)
+            self.signum = signum
 
     def after_step(self, step: int, loss: float) -> bool:
         """Whether to stop after ``step`` (on every process alike); raises RunError if ``loss`` (this
