@@ -33,9 +33,19 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch
     return _DTYPES[dtype]
 
 
+# Weight files that are pickles: loading one runs whatever code it names.
+_PICKLES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
 def check_pipeline_folder(path: str | Path) -> dict:
-    """model_index.json of a local pipeline folder, refused if it would make diffusers run code."""
-    index_file = Path(path) / "model_index.json"
+    """model_index.json of a local pipeline folder, refused before anything in it is loaded if it
+    would make diffusers run code: a component from another library, or model weights that are
+    pickles only (``.bin``, ``.ckpt``, ...). A single checkpoint file is not a pipeline folder."""
+    path = Path(path)
+    if path.is_file():
+        kind = "a pickle checkpoint, which would run code when loaded" if path.suffix.lower() in _PICKLES else "a single file"
+        raise InputError(f"'{path}' is {kind}; give a pipeline folder of safetensors weights (every training run writes one)")
+    index_file = path / "model_index.json"
     if not index_file.is_file():
         raise InputError(f"'{path}' is not a pipeline folder: it has no model_index.json")
     index = json.loads(index_file.read_text())
@@ -49,4 +59,18 @@ def check_pipeline_folder(path: str | Path) -> dict:
                 f"{index_file}: component '{name}' comes from '{entry[0]}', which would be imported as code; "
                 f"only {', '.join(_TRUSTED_LIBRARIES)} components are loaded"
             )
+        _check_weights(path / name)
     return index
+
+
+def _check_weights(component: Path) -> None:
+    """A model component (its folder has a config.json; tokenizers and schedulers do not) must hold safetensors weights."""
+    if not (component / "config.json").is_file() or any(component.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in component.iterdir() if p.suffix.lower() in _PICKLES)
+    if pickles:
+        raise InputError(
+            f"{component}: its weights are pickles ({', '.join(pickles)}), which would run code when loaded; refused. "
+            "Convert them to safetensors, or use a folder a training run wrote"
+        )
+    raise InputError(f"{component}: no weights (*.safetensors) beside its config.json")

@@ -20,6 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 import runtime
 from runtime.errors import InputError, one_line_errors
 
+from .folders import check_pipeline_folder
 from .schedulers import SCHEDULERS
 
 
@@ -139,22 +140,21 @@ def load_pipeline(
     there is one), with the LoRA folder ``lora`` loaded: what this command and the web page generate with."""
     from .pipeline import LatentDiffusionPipeline  # after argument errors: the import takes seconds
 
-    if not Path(model, "model_index.json").is_file():
-        raise SystemExit(f"--model {model} is not a pipeline folder (no model_index.json)")
+    check_pipeline_folder(model)  # refused before the seconds the import below takes
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = LatentDiffusionPipeline.from_pretrained(model, dtype=dtype, device=device, compile=compile)
     if lora is not None:
         if not (Path(lora) / "pytorch_lora_weights.safetensors").is_file():
-            raise SystemExit(f"--lora {lora} has no pytorch_lora_weights.safetensors")
+            raise InputError(f"--lora {lora} has no pytorch_lora_weights.safetensors")
         pipe.load_lora_weights(str(lora))
     return pipe
 
 
 def generate(args: argparse.Namespace) -> list[Path]:
     if args.out.suffix.lower() == ".png" and not args.grid:
-        raise SystemExit(f"--out {args.out}: a .png file needs --grid; without it --out is a folder")
+        raise InputError(f"--out {args.out}: a .png file needs --grid; without it --out is a folder")
     if args.init_image is not None and not args.init_image.is_file():
-        raise SystemExit(f"--init-image {args.init_image} does not exist")
+        raise InputError(f"--init-image {args.init_image} does not exist")
     pipe = load_pipeline(args.model, args.lora, args.dtype, args.device, args.compile)
 
     init = Image.open(args.init_image) if args.init_image else None

@@ -260,3 +260,12 @@ def run_to_the_end(cmd: list, out: Path, timeout: float = 300) -> subprocess.Com
     assert done.returncode == 0, done.stderr[-3000:]
     assert time.time() - (Path(out) / "metrics.json").stat().st_mtime < 30
     return done
+
+
+def error_line(err: str) -> str:
+    """The one line a command says a user error in: its last line on stderr, starting with ``error: ``,
+    with no traceback and no other error before it (progress bars of loading may come first)."""
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and lines and lines[-1].startswith("error: "), err[-3000:]
+    assert [line for line in lines if "error:" in line] == lines[-1:], err[-3000:]
+    return lines[-1]

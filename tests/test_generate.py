@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_pipeline
+from conftest import ROOT, error_line, tiny_pipeline
 from PIL import Image
 
 from ldm.generate import main
@@ -52,14 +52,23 @@ def test_grid_and_img2img(model, tmp_path):
     assert Image.open(kept[0]).size == (32, 32)
 
 
-def test_errors_name_the_bad_input(model, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_:  # the pipeline's check, as one line on stderr
-        main(["--model", str(model), "--prompt", "a", "--height", "30", "--out", str(tmp_path)])
-    assert exit_.value.code == 1 and "height=30 is not divisible by 8" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="needs --grid"):
-        main(["--model", str(model), "--prompt", "a", "--out", str(tmp_path / "x.png")])
-    with pytest.raises(SystemExit, match="not a pipeline folder"):
-        main(["--model", str(tmp_path), "--prompt", "a", "--out", str(tmp_path)])
+def test_errors_name_the_bad_input_in_one_line_starting_with_error(model, tmp_path, capsys):
+    (tmp_path / "model.ckpt").write_bytes(b"not read")
+    (tmp_path / "lora").mkdir()
+    cases = {
+        ("--height", "30", "--out", str(tmp_path)): "height=30 is not divisible by 8",  # the pipeline's own check
+        ("--out", str(tmp_path / "x.png")): "a .png file needs --grid",
+        ("--init-image", str(tmp_path / "none.png"), "--out", str(tmp_path)): "none.png does not exist",
+        ("--lora", str(tmp_path / "lora"), "--out", str(tmp_path)): "has no pytorch_lora_weights.safetensors",
+    }
+    for args, said in cases.items():
+        with pytest.raises(SystemExit) as exit_:
+            main(["--model", str(model), "--prompt", "a", *args])
+        assert exit_.value.code == 1 and said in error_line(capsys.readouterr().err), args
+    for bad, said in ((tmp_path, "is not a pipeline folder"), (tmp_path / "model.ckpt", "is a pickle checkpoint")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--model", str(bad), "--prompt", "a", "--out", str(tmp_path)])
+        assert exit_.value.code == 1 and said in error_line(capsys.readouterr().err)
 
 
 def test_module_command_prints_where_it_wrote(model, tmp_path):
