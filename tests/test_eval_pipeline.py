@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import ldm.pipeline
@@ -51,3 +52,55 @@ def test_adherence_is_one_for_the_true_images_and_low_for_wrong_ones(openmoji_sm
         result = evaluate_pipeline("oracle", openmoji_small, num_prompts=30, steps=1)
         assert result["prompts"] == 30 and result["prompt_top1_chance"] == 0.05
         assert check(result), result
+
+
+def _frechet_by_eigenvalues(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The same distance by another route: Tr((S_a S_b)^1/2) is the sum of the square roots of S_a S_b's
+    eigenvalues (real and >= 0 for two covariance matrices), with numpy's general eigensolver."""
+    import numpy as np
+
+    a, b = a.numpy(), b.numpy()
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root_trace = np.sqrt(np.clip(np.linalg.eigvals(cov_a @ cov_b).real, 0, None)).sum()
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * root_trace)
+
+
+def test_a_runs_evaluation_and_the_command_give_the_distance_of_the_exported_pipelines_images(openmoji_small, tiny_vae, tmp_path):
+    """No oracle: a tiny stage-2 run with ``eval.num_prompts`` evaluates its export at the end; ``python -m
+    training.evaluate pipeline`` on that export with the run's settings gives the same figures; and FD-VGG is the
+    distance between the real images and what the pipeline generates for the chosen captions with the documented
+    seeds (DPM-Solver++, seed + k for the k-th prompt), computed here by another route."""
+    import json
+
+    from autoencoder.perceptual import LPIPS
+    from tests.conftest import fresh_state, ldm_cfg
+    from training.data.loader import spread_indices
+    from training.eval.frechet import vgg_features
+    from training.evaluate import main
+    from training.train_ldm import train
+
+    out = tmp_path / "run"
+    fresh_state(train)(ldm_cfg(openmoji_small, tiny_vae, out, "train.max_steps=2", "train.checkpoint_every=100",
+                               "train.sample_every=100", "eval.num_prompts=4", "eval.steps=2", "eval.guidance=2.0", "seed=5"))  # fmt: skip
+    in_run = json.loads((out / "metrics.json").read_text())["eval"]
+    main(["pipeline", "--model", str(out / "pipeline"), "--data", str(openmoji_small), "--num-prompts", "4", "--steps", "2",
+          "--guidance", "2", "--seed", "5", "--out", str(tmp_path / "result.json")])  # fmt: skip
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert {k: v for k, v in in_run.items() if k != "model"} == pytest.approx({k: v for k, v in result.items() if k != "model"})
+
+    cfg = DataConfig(path=str(openmoji_small), resolution=32, random_flip=False)
+    real, captions = [], []
+    for batch in eval_loader(load_records(openmoji_small, cfg), cfg, 64):
+        real.append(batch["pixel_values"])
+        captions += batch["text"]
+    real = torch.cat(real)
+    chosen = spread_indices(len(real), 4)
+    pipe = ldm.pipeline.LatentDiffusionPipeline.from_pretrained(out / "pipeline")
+    pipe.set_scheduler("dpm++")
+    generators = [torch.Generator().manual_seed(5 + k) for k in range(4)]
+    images = pipe([captions[i] for i in chosen], num_inference_steps=2, guidance_scale=2.0, generator=generators, output_type="pt").images
+    lpips = LPIPS.pretrained()
+    fd = _frechet_by_eigenvalues(vgg_features(lpips, images.float() * 2 - 1), vgg_features(lpips, real))
+    assert result["prompts"] == 4 and result["steps"] == 2 and result["guidance"] == 2.0
+    assert result["fd_vgg"] == pytest.approx(fd, rel=1e-4) and result["fd_vgg"] > result["fd_vgg_floor_real_sample"]
+    assert result["prompt_top1"] in (0, 0.25, 0.5, 0.75, 1)
