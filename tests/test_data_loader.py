@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from itertools import islice
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -92,3 +93,6 @@ def test_exif_orientation_is_applied(tmp_path):
 
     shown = open_rgb(str(tmp_path / "r.jpg"))
     assert shown.size == (4, 8)  # portrait after applying the orientation
+    # turned clockwise, the left (blue) half is on top; JPEG moves a colour by a few levels
+    top, bottom = np.asarray(shown)[:3].reshape(-1, 3).mean(0), np.asarray(shown)[5:].reshape(-1, 3).mean(0)
+    assert np.abs(top - (0, 0, 255)).max() < 40 and np.abs(bottom - (255, 0, 0)).max() < 40, (top, bottom)

@@ -3,7 +3,6 @@ generic and out-of-domain image sets, and their figures in a run's metrics.json.
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from autoencoder.metrics import colour_error, compare_codes, psnr
 from autoencoder.references import PCACode, bicubic_code, bicubic_side
@@ -31,10 +30,21 @@ def test_colour_error_is_the_mean_gap_of_8x8_block_means_in_levels():
 
 def test_bicubic_reference_size_and_values():
     assert bicubic_side(256) == 9 and bicubic_side(243) == 9 and bicubic_side(242) == 8 and bicubic_side(1024) == 18
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
-    r = bicubic_code(x, 256)
-    expected = F.interpolate(F.interpolate(x, size=(9, 9), mode="area"), size=(32, 32), mode="bicubic").clamp(-1, 1)
-    assert torch.allclose(r, expected)
+    # 36 x 36 with a 9 x 9 code: each code value is the mean of one 4 x 4 block, so a change that keeps
+    # every block's mean changes nothing, and any other change does
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 36, 36, generator=g) - 0.5
+    wiggle = torch.randn(2, 3, 9, 9, 4, 4, generator=g)
+    wiggle = (wiggle - wiggle.mean(dim=(-1, -2), keepdim=True)).permute(0, 1, 2, 4, 3, 5).reshape(2, 3, 36, 36) * 0.1
+    assert torch.allclose(bicubic_code(x + wiggle, 256), bicubic_code(x, 256), atol=1e-6)
+    moved = x.clone()
+    moved[0, 0, 0, 0] += 0.4  # a block's mean moves by 0.4 / 16
+    assert (bicubic_code(moved, 256) - bicubic_code(x, 256)).abs().max() > 0.01
+    # block means of a linear ramp lie on the ramp at the block centres, and the cubic kernel brings it
+    # back away from the borders, to a sixth of one pixel's step (torch's a = -0.75 is not exact on a line)
+    ramp = torch.linspace(-0.9, 0.9, 36).view(1, 1, 1, 36).expand(1, 3, 36, 36)
+    step = 1.8 / 35
+    assert (bicubic_code(ramp, 256)[..., 6:30] - ramp[..., 6:30]).abs().max() < step / 6
     flat = torch.full((1, 3, 32, 32), 0.3)  # a flat colour survives any resampling exactly
     assert torch.allclose(bicubic_code(flat, 256), flat, atol=1e-6)
 

@@ -47,9 +47,23 @@ def test_grid_and_img2img(model, tmp_path):
                 "--grid", "--out", str(tmp_path / "grid.png")])  # fmt: skip
     assert out == [tmp_path / "grid.png"] and Image.open(out[0]).size == (3 * 32, 2 * 32)
     Image.new("RGBA", (32, 32), (255, 0, 0, 128)).save(tmp_path / "init.png")
-    args = ["--model", str(model), "--prompt", "a", "--steps", "10", "--scheduler", "ddpm", "--guidance", "1"]
+    args = ["--model", str(model), "--prompt", "a", "--steps", "10", "--scheduler", "ddpm", "--guidance", "1", "--dtype", "fp32"]
     kept = main([*args, "--init-image", str(tmp_path / "init.png"), "--strength", "0.05", "--out", str(tmp_path / "i2i")])
+    fresh = main([*args, "--out", str(tmp_path / "t2i")])
     assert Image.open(kept[0]).size == (32, 32)
+    # strength 0.05 of 10 steps is less than one step: the image is the init image (on white, as the loader
+    # reads it) through the autoencoder, which a text-to-image sample of the same seed is not
+    import torch
+
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    vae = LatentDiffusionPipeline.from_pretrained(model, dtype="fp32").vae
+    on_white = (torch.tensor([255.0, 127.0, 127.0]) / 127.5 - 1).view(1, 3, 1, 1).expand(1, 3, 32, 32)  # half-red on white
+    with torch.no_grad():
+        through = vae.decode(vae.encode(on_white).latent_dist.mean).sample.clamp(-1, 1)
+    through = ((through[0].permute(1, 2, 0).numpy() + 1) * 127.5).round()
+    near, far = (np.abs(pixels(p) - through).mean() for p in (kept[0], fresh[0]))
+    assert near < 1 and far > 10, (near, far)
 
 
 def test_errors_name_the_bad_input_in_one_line_starting_with_error(model, tmp_path, capsys):

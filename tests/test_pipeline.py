@@ -12,7 +12,6 @@ from diffusers import PNDMScheduler, StableDiffusionPipeline
 from ldm import LatentDiffusionPipeline
 from ldm.pipeline import resolve_dtype
 from ldm.schedulers import SCHEDULERS
-from runtime import fast_bf16
 from tests.conftest import tiny_pipeline
 
 PROMPTS = ["a red apple", "a smiling cat face"]
@@ -227,8 +226,15 @@ def test_loading_refuses_folders_that_would_run_code(saved, tmp_path):
     assert not marker.exists()
 
 
-def test_auto_precision_and_a_decoder_that_cannot_overflow(saved):
-    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if fast_bf16("cpu") else torch.float32)
+def test_auto_precision_and_a_decoder_that_cannot_overflow(saved, monkeypatch):
+    import runtime.hardware
+
+    for verdict, dtype in (("fast", torch.bfloat16), ("slow", torch.float32)):  # the CPU's verdict, overridden as a user may
+        monkeypatch.setenv("LDM_CPU_BF16", verdict)
+        runtime.hardware.bf16_decision.cache_clear()
+        assert resolve_dtype("auto", "cpu") == dtype and resolve_dtype("fp32", "cpu") == torch.float32
+    monkeypatch.delenv("LDM_CPU_BF16")
+    runtime.hardware.bf16_decision.cache_clear()
     with pytest.raises(ValueError, match="valid: auto"):
         resolve_dtype("int8", "cpu")
     half = LatentDiffusionPipeline.from_pretrained(saved, dtype="fp16")
@@ -237,7 +243,8 @@ def test_auto_precision_and_a_decoder_that_cannot_overflow(saved):
     assert bf16.unet.dtype == bf16.text_encoder.dtype == torch.bfloat16
     fp32 = LatentDiffusionPipeline.from_pretrained(saved, dtype="fp32")
     a, b = generate(fp32, guidance_scale=3.0), generate(bf16, guidance_scale=3.0)
-    assert np.abs(a - b).mean() < 0.05  # bf16 follows the fp32 trajectory
+    # bf16 follows the fp32 trajectory: measured 0.54-0.58 levels of 255 on average, 3.7-4.4 at most (3 seeds, AMD EPYC)
+    assert np.abs(a - b).mean() * 255 < 1.5 and np.abs(a - b).max() * 255 < 12
 
 
 def test_a_10_step_dpm_image_of_the_tiny_pipeline_is_frozen():
