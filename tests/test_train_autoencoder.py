@@ -167,13 +167,43 @@ def test_two_processes_train_with_ddp(openmoji_small, tmp_path):
     assert (tmp_path / "r" / "vae" / "config.json").is_file()
 
 
-def test_resume_with_a_different_batch_layout_is_refused(tiny_run, tmp_path):
+@pytest.mark.parametrize("changed", ["train.batch_size=4", "seed=1", "train.grad_accum_steps=2", "processes"])
+def test_resume_with_a_different_batch_layout_is_refused(tiny_run, tmp_path, changed):
+    """Each setting that fixes the position in the data. The process count: the checkpoint is made to say it was
+    written by 2 processes (its manifest updated, so that it still verifies), and this run has 1."""
+    import shutil
+
+    from runtime.files import file_digest, write_json_atomic
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    key, value = changed.removeprefix("train.").split("=") if "=" in changed else ("num_processes", "1")
+    was = {"batch_size": 8, "seed": 0, "grad_accum_steps": 1, "num_processes": 2}[key]
+    if changed == "processes":
+        ckpt = run / "checkpoints" / "step-00000008"
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        assert state["num_processes"] == 1
+        (ckpt / "trainer_state.json").write_text(json.dumps({**state, "num_processes": 2}))
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        manifest["files"]["trainer_state.json"] = {"bytes": (ckpt / "trainer_state.json").stat().st_size,
+                                                   "sha256": file_digest(ckpt / "trainer_state.json")}  # fmt: skip
+        write_json_atomic(ckpt / "manifest.json", manifest)
+    overrides = [changed] if "=" in changed else []
+    with pytest.raises(RunError, match=f"written with {key}={was}, this run has {key}={value}. Use the same setting"):
+        train(autoencoder_cfg(tiny_run.parent, run, *overrides, "train.max_steps=12"))
+
+
+def test_raising_max_steps_extends_a_finished_run(tiny_run, openmoji_small, tmp_path):
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    with pytest.raises(RunError, match="batch_size=8, this run has batch_size=4"):
-        train(autoencoder_cfg(tiny_run.parent, run, "train.batch_size=4", "train.max_steps=12"))
+    train(autoencoder_cfg(openmoji_small, run, "train.max_steps=10"))
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r.get("event") == "resume"] == [8] and [r["step"] for r in log if "l1" in r][-2:] == [8, 10]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000008", "step-00000010"]
+    before, after = (load_file(r / "vae" / "diffusion_pytorch_model.safetensors") for r in (tiny_run, run))
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # exported again, two steps on
 
 
 def test_fp16_is_refused_before_training(openmoji_small, tmp_path):
