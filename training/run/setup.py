@@ -74,6 +74,11 @@ def start_accelerator(train_cfg: RunConfig, seed: int, out: Path) -> tuple[Accel
     seed everywhere (the same initial weights on every process). Returns (accelerator, threads)."""
     runtime.configure()  # before any kernel is built: some VMs advertise AMX that traps
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise ConfigError(  # accelerate would run it as plain DDP without a word: no sharding, a checkpoint of another layout
+            "FSDP (configs/accelerate/fsdp.yaml) shards a model across GPUs, and this machine has none; on a CPU "
+            "launch with configs/accelerate/cpu-2.yaml (DDP), or without --config_file"
+        )
     accelerator = Accelerator(
         mixed_precision=train_cfg.mixed_precision.accelerate_name(device),
         gradient_accumulation_steps=train_cfg.grad_accum_steps,
