@@ -17,15 +17,16 @@ GENERIC := data/generic-32
 OOD    := data/ood-32
 AE_CONFIG := configs/autoencoder/openmoji-32-f4.yaml
 
-.PHONY: install test lint demo data bench clean
+.PHONY: install test lint demo data bench clean constraints
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# constraints.txt: the versions the suite passed with, so that a fresh machine next year installs those
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,tensorboard,app]"
-	$(PIP) install -q --no-deps $(NODEPS)
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[dev,tensorboard,app]"
+	$(PIP) install -q -c constraints.txt --no-deps $(NODEPS)
 	@! $(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torchvision') is None)" \
 		|| (echo "torchvision got installed; it breaks transformers/diffusers here" && exit 1)
 	$(PY) -m autoencoder.perceptual
@@ -70,3 +71,9 @@ bench: data
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# After `make test` passes on newer packages: pin those (the header says when and where).
+constraints: install
+	{ echo "# The versions \`make test\` passed with ($$(date +%Y-%m-%d), Python $$($(PY) -c 'import platform; print(platform.python_version())'))."; \
+	  echo "# \`make install\` installs with these as constraints (pip -c); users may upgrade. Regenerate: make constraints"; \
+	  $(PIP) freeze --exclude-editable | grep -v '^py-spy==' | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.txt

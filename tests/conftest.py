@@ -148,7 +148,8 @@ def logged(run: Path, *keys: str) -> list[dict]:
 
 def fresh_state(job):
     """``job`` (a training job's ``train``) run in a fresh accelerate state, and leaving one behind:
-    accelerate keeps one state per process, and each job must start as a new process would."""
+    accelerate keeps one state per process, and each job must start as a new process would. accelerate has no
+    public call for this: ``AcceleratorState._reset_state(True)`` is what its own ``AccelerateTestCase`` does."""
     import functools
 
     from accelerate.state import AcceleratorState

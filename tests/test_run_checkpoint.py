@@ -73,6 +73,13 @@ def test_a_full_disk_while_checkpointing_is_one_line_the_last_checkpoint_stays_a
     assert same_weights(unet_weights(out), uninterrupted)
 
 
+def _usage(total: int, used: int, free: int):
+    """What shutil.disk_usage returns (a named tuple whose class shutil does not export)."""
+    from collections import namedtuple
+
+    return namedtuple("usage", "total used free")(total, used, free)
+
+
 def test_a_torch_write_failure_on_a_full_disk_is_named_as_one(tmp_path, monkeypatch):
     """torch.save reports ENOSPC as 'RuntimeError: [enforce fail at inline_container.cc] unexpected pos'."""
     import shutil
@@ -83,10 +90,10 @@ def test_a_torch_write_failure_on_a_full_disk_is_named_as_one(tmp_path, monkeypa
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5888 vs 5776")
 
     (tmp_path / "checkpoints" / ".tmp-step-00000008").mkdir(parents=True)
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: _usage(10 << 30, 10 << 30, 1 << 20))
     with pytest.raises(RunError, match=r"step-00000008 .*no space left on the device \(1 MiB free\); no earlier checkpoint exists"):
         _writing(torch_fails, tmp_path / "checkpoints" / ".tmp-step-00000008", tmp_path)
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 0, 10 << 30))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: _usage(10 << 30, 0, 10 << 30))
     with pytest.raises(RuntimeError, match="unexpected pos"):  # with space left it is not a disk problem: the traceback stays
         _writing(torch_fails, tmp_path / "checkpoints" / ".tmp-step-00000008", tmp_path)
 

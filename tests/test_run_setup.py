@@ -52,7 +52,7 @@ def test_each_job_keeps_its_own_defaults_of_the_shared_fields():
 def test_a_fresh_run_starts_from_the_given_state_and_writes_its_config(tmp_path):
     from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state(True)
+    AcceleratorState._reset_state(True)  # no public call: see conftest.fresh_state
     accelerator = Accelerator(cpu=True)
     cfg = load_config(LdmJobConfig, None, [f"output_dir={tmp_path / 'run'}"])
     layout = BatchStream(10, cfg.train.batch_size, cfg.seed, world_size=accelerator.num_processes).layout

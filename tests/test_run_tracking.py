@@ -68,9 +68,9 @@ def test_report_to_names_an_unknown_or_missing_tracker_before_any_work(openmoji_
     assert tracker_names("auto") == ["tensorboard"] and tracker_names("none") == [] and "tensorboard" in tracker_names("all")
     with pytest.raises(InputError, match="train.report_to: unknown tracker 'tensorbored'; valid: auto, none, all, or any of .*wandb"):
         ldm_cfg(openmoji_small, tiny_vae, tmp_path / "run", "train.report_to=tensorbored")
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+    from accelerate.utils import LoggerType
 
-    missing = next(n for n in LOGGER_TYPE_TO_CLASS if n not in tracker_names("all"))  # wandb here: not a dependency
+    missing = next(t.value for t in LoggerType if t.value not in ("all", *tracker_names("all")))  # wandb here: not a dependency
     with pytest.raises(InputError, match=f"train.report_to: '{missing}' is not installed; pip install {missing}, or choose none"):
         ldm_cfg(openmoji_small, tiny_vae, tmp_path / "run", f"train.report_to=tensorboard,{missing}")
     assert not (tmp_path / "run").exists()

@@ -35,8 +35,10 @@ def tracker_names(report_to: str) -> list[str]:
     """The accelerate trackers ``train.report_to`` asks for: ``auto`` (TensorBoard if installed,
     else none), ``none``, ``all`` (every installed one), or names joined by commas. A ConfigError
     names an unknown tracker, or one that is not installed and how to install it."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
 
+    known = [t.value for t in LoggerType if t.value != ALL]  # accelerate's public list of its trackers
     installed = [str(t) for t in get_available_trackers()]
     if report_to == AUTO:
         return ["tensorboard"] if "tensorboard" in installed else []
@@ -46,10 +48,10 @@ def tracker_names(report_to: str) -> list[str]:
         return installed
     names = [n.strip() for n in report_to.split(",") if n.strip()]
     for name in names:
-        if name not in LOGGER_TYPE_TO_CLASS:
+        if name not in known:
             raise ConfigError(
                 f"train.report_to: unknown tracker '{name}'; valid: {AUTO}, {NONE}, {ALL}, or any of "
-                f"{', '.join(LOGGER_TYPE_TO_CLASS)} joined by commas"
+                f"{', '.join(known)} joined by commas"
             )
         if name not in installed:
             raise ConfigError(
