@@ -1,11 +1,13 @@
-"""The figures of `make demo`, gathered from the runs it leaves, into one committed JSON the README quotes.
+"""The figures of `make demo`, gathered from the runs it leaves: its last step writes them to
+runs/demo-summary.json, and the README quotes a committed copy of a fresh clone's (docs/demo-summary.json).
 
-    .venv/bin/python benchmarks/demo_figures.py --seconds 1712 --json benchmarks/DEMO.json
+    .venv/bin/python benchmarks/demo_figures.py --started runs/demo-started --json runs/demo-summary.json
 
 Reads runs/autoencoder-openmoji-32-f4/ (metrics.json, log.jsonl) and runs/ldm-openmoji-32/ (metrics.json,
 log.jsonl): the autoencoder's held-out and out-of-domain reconstruction figures beside its references, its running
-held-out PSNR, the stage-2 loss curve and evaluation, each job's training time, and the CPU they ran on.
-``--seconds``: the wall time of the whole `make demo`, measured by whoever ran it.
+held-out PSNR, the stage-2 loss curve and evaluation; each job's wall time (its first log record to its metrics.json)
+and images/s; the precision each chose and why; the CPU and the package versions. ``--started``: a file holding the
+time `make demo` started (``date +%s``), for the wall time of the whole command.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,22 +37,41 @@ def _round(entry: dict) -> dict:
     return {k: round(entry[k], 3) for k in FIGURES}
 
 
+def _job(run: Path, metrics: dict) -> dict:
+    """A job's wall time (its first log record, cache included, to its metrics.json) and mean logged images/s."""
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    speeds = [r["images_per_s"] for r in records if "images_per_s" in r]
+    return {
+        "wall_seconds": round((run / "metrics.json").stat().st_mtime - records[0]["time"], 1),
+        "images_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
+        "mixed_precision": metrics["mixed_precision"],
+        "precision_reason": metrics.get("precision_reason"),
+    }
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "diffusers", "transformers", "accelerate", "datasets", "peft", "safetensors")}
+
+
 def gather(seconds: float | None) -> dict:
     ae, ldm = json.loads((AE / "metrics.json").read_text()), json.loads((LDM / "metrics.json").read_text())
     references = {name: _round(ref) for name, ref in ae["references"].items()}
     return {
         "machine": machine(),
+        "versions": versions(),
         "make_demo_seconds": seconds,
         "autoencoder": {
             "steps": ae["steps"],
-            "mixed_precision": ae["mixed_precision"],
+            **_job(AE, ae),
             ae["split"]: _round(ae) | {"references": references},
             "ood": {name: _round(entry) for name, entry in ae["ood"].items()},
             "val_psnr": _log(AE, "val_psnr", (500, 1500, 2500, 3500, ae["steps"])),
         },
         "ldm": {
             "steps": ldm["steps"],
-            "mixed_precision": ldm["mixed_precision"],
+            **_job(LDM, ldm),
             "train_seconds": ldm["train_seconds_this_run"],
             "loss": _log(LDM, "loss", (400, 800, 1200, 1600)),
             "prompt_top1": ldm["eval"]["prompt_top1"],
@@ -62,10 +84,14 @@ def gather(seconds: float | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=None, help="the wall time of the whole make demo")
+    parser.add_argument("--started", type=Path, default=None, help="a file with the time make demo started (date +%%s)")
+    parser.add_argument("--seconds", type=float, default=None, help="or: the wall time of the whole make demo, as measured")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    figures = gather(args.seconds)
+    seconds = args.seconds
+    if args.started is not None:
+        seconds = round(time.time() - float(args.started.read_text()), 1)
+    figures = gather(seconds)
     text = json.dumps(figures, indent=2)
     if args.json:
         args.json.write_text(text + "\n")
