@@ -66,7 +66,10 @@ def gather(seconds: float | None) -> dict:
             "steps": ae["steps"],
             **_job(AE, ae),
             ae["split"]: _round(ae) | {"references": references},
-            "ood": {name: _round(entry) for name, entry in ae["ood"].items()},
+            "ood": {
+                name: _round(entry) | {"references": {ref: _round(v) for ref, v in entry.get("references", {}).items()}}
+                for name, entry in ae["ood"].items()
+            },
             "val_psnr": _log(AE, "val_psnr", (500, 1500, 2500, 3500, ae["steps"])),
         },
         "ldm": {

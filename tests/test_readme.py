@@ -1,0 +1,39 @@
+"""README.md is a contract: the figures it gives for `make demo` are those of the committed summary of a
+fresh clone's run (docs/demo-summary.json, a copy of the runs/demo-summary.json that `make demo` writes)."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+SUMMARY = json.loads((ROOT / "docs" / "demo-summary.json").read_text())
+
+
+def minutes(seconds: float) -> str:
+    whole = round(seconds)
+    return f"{whole // 60} min {whole % 60} s"
+
+
+def test_the_readmes_demo_figures_are_the_committed_summarys():
+    ae, ldm = SUMMARY["autoencoder"], SUMMARY["ldm"]
+    held_out = ae["test"]
+    said = [
+        minutes(SUMMARY["make_demo_seconds"]),  # the whole command, install included
+        minutes(ae["wall_seconds"]),
+        minutes(ldm["wall_seconds"]),
+        f"{held_out['psnr']:.1f} dB",
+        f"LPIPS {held_out['lpips']:.3f}",
+        f"colour error {held_out['colour_error']:.1f}",
+        *(f"{ae['ood'][name]['psnr']:.1f} dB" for name in ("photos", "glyphs")),
+        *(f"{v:.1f} @{k}" for k, v in ae["val_psnr"].items()),
+        f"top-1 {ldm['prompt_top1']:.2f}",
+        f"FD-VGG {ldm['fd_vgg']:.0f}",
+        f"{ldm['fd_vgg_floor_real_sample']:.0f}",
+        f"{ldm['fd_vgg_real_halves']:.0f}",
+        *(f"{v:.3f} @{k}" for k, v in ldm["loss"].items()),
+        SUMMARY["machine"]["CPU"],
+    ]
+    missing = [s for s in said if s not in README]
+    assert not missing, f"README.md lacks these figures of docs/demo-summary.json: {missing}"
