@@ -41,7 +41,7 @@ def test_tiny_run_exports_a_loadable_autoencoder_with_metrics(tiny_run, openmoji
     names = [json.loads(line)["file_name"] for line in (openmoji_small / "test" / "metadata.jsonl").read_text().splitlines()]
     on_white = [Image.alpha_composite(Image.new("RGBA", (32, 32), "white"), Image.open(openmoji_small / "test" / n).convert("RGBA"))
                 for n in names]  # fmt: skip
-    x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1) for im in on_white]).float() / 127.5 - 1
+    x = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in on_white]).float() / 127.5 - 1
     with torch.no_grad():
         y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     by_hand = (10 * torch.log10(4 / ((y - x) ** 2).mean(dim=(1, 2, 3)))).mean().item()
