@@ -138,9 +138,9 @@ def load_pipeline(
 ):
     """The pipeline folder ``model`` (refused if it would run code) on ``device`` (default: CUDA if
     there is one), with the LoRA folder ``lora`` loaded: what this command and the web page generate with."""
+    check_pipeline_folder(model)  # refused before the seconds the import below takes
     from .pipeline import LatentDiffusionPipeline  # after argument errors: the import takes seconds
 
-    check_pipeline_folder(model)  # refused before the seconds the import below takes
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = LatentDiffusionPipeline.from_pretrained(model, dtype=dtype, device=device, compile=compile)
     if lora is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -65,6 +66,12 @@ def same_weights(a: dict, b: dict) -> bool:
     import torch
 
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def max_difference(a: dict, b: dict) -> float:
+    """The largest absolute difference between two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def rgb(color=(255, 0, 0), size=(32, 32)):
@@ -261,6 +268,12 @@ def run_to_the_end(cmd: list, out: Path, timeout: float = 300) -> subprocess.Com
     assert done.returncode == 0, done.stderr[-3000:]
     assert time.time() - (Path(out) / "metrics.json").stat().st_mtime < 30
     return done
+
+
+def no_traceback_of_ours(err: str) -> bool:
+    """No frame of this project's code in a traceback on stderr (accelerate's and torchrun's launchers print
+    their own on a signal or a failed rank: those are not ours to change)."""
+    return not re.search(r'File "[^"]*/(autoencoder|ldm|runtime|training)/', err)
 
 
 def error_line(err: str) -> str:

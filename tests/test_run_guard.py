@@ -1,6 +1,7 @@
 """training/run/guard.py: one run per output_dir (the lock), a stop at a step's end on SIGTERM to the
-launcher (a checkpoint, every process gone, an exact resume), a signal before the steps, and a diverged
-loss that stops with one line and exports nothing."""
+launcher, Ctrl-C or the launcher's death (a checkpoint, every process gone, an exact resume), a second
+Ctrl-C, a signal before the steps, the end of a multi-process run, and a diverged loss that stops at its
+step with one line and exports nothing."""
 
 from __future__ import annotations
 
@@ -19,7 +20,17 @@ import pytest
 import torch
 
 from runtime.errors import RunError, Stopped
-from tests.conftest import FAST_STEPS, ROOT, free_port, TINY_LDM_CONFIG, fresh_state, ldm_cfg, same_weights, unet_weights
+from tests.conftest import (
+    FAST_STEPS,
+    ROOT,
+    TINY_LDM_CONFIG,
+    free_port,
+    fresh_state,
+    ldm_cfg,
+    no_traceback_of_ours,
+    same_weights,
+    unet_weights,
+)
 from training.run.guard import output_lock
 from training.train_ldm import train as train_job
 
@@ -53,11 +64,16 @@ def test_the_lock_of_a_killed_run_is_not_stale(tmp_path):
 # ---- signals -------------------------------------------------------------------------------------
 
 
+def _job(out: Path, data, vae, steps: int) -> list[str]:
+    """``-m training.train_ldm`` on the tiny config, logging every step, with no checkpoint or grid on the way."""
+    return ["-m", "training.train_ldm", "--config", str(TINY_LDM_CONFIG), f"data.path={data}", f"model.vae={vae}",
+            f"output_dir={out}", f"train.max_steps={steps}", "train.log_every=1", "train.checkpoint_every=1000",
+            "train.sample_every=1000", "model.check_images=0"]  # fmt: skip
+
+
 def _launch(out: Path, data, vae, steps: int, processes: int = 1, **popen) -> subprocess.Popen:
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", *(["--multi_gpu"] if processes > 1 else []),
-           "--num_processes", str(processes), "-m", "training.train_ldm",
-           "--config", str(TINY_LDM_CONFIG), f"data.path={data}", f"model.vae={vae}", f"output_dir={out}", f"train.max_steps={steps}",
-           "train.log_every=1", "train.checkpoint_every=1000", "train.sample_every=1000", "model.check_images=0"]  # fmt: skip
+           "--num_processes", str(processes), *_job(out, data, vae, steps)]  # fmt: skip
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
 
 
@@ -78,12 +94,6 @@ def _wait_for_step(out: Path, step: int) -> None:
 def _shell_status(returncode: int) -> int:
     """The exit status a shell shows (128 + N for a process ended by signal N)."""
     return 128 - returncode if returncode < 0 else returncode
-
-
-def _no_traceback_of_ours(err: str) -> bool:
-    """No frame of this project's code in a traceback (accelerate's one-process launcher prints its own
-    KeyboardInterrupt on Ctrl-C: that one is not ours to change)."""
-    return not re.search(r'File "[^"]*/(autoencoder|ldm|runtime|training)/', err)
 
 
 def _log(out: Path) -> list[dict]:
@@ -133,7 +143,7 @@ def test_ctrl_c_stops_every_process_at_one_step_with_a_checkpoint(openmoji_small
     # exits 1. The trainer's own 130 is tested below.
     assert _shell_status(launcher.returncode) == 1, err[-3000:]
     (stopped,) = [r for r in _log(out) if r.get("event") == "stopped"]
-    assert stopped["signal"] == "SIGINT" and _no_traceback_of_ours(err), err[-3000:]
+    assert stopped["signal"] == "SIGINT" and no_traceback_of_ours(err), err[-3000:]
     assert re.findall(r"stopped by SIGINT at step (\d+):", err) == [str(stopped["step"])] * processes
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{stopped['step']:08d}"]
 
@@ -141,9 +151,7 @@ def test_ctrl_c_stops_every_process_at_one_step_with_a_checkpoint(openmoji_small
 def test_a_second_ctrl_c_stops_at_once_without_saving_and_the_trainer_exits_130(openmoji_small, tiny_vae, tmp_path):
     """The training process itself (``python -m training.train_ldm``, no launcher), so that its own exit status is seen."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "training.train_ldm", "--config", str(TINY_LDM_CONFIG), f"data.path={openmoji_small}",
-           f"model.vae={tiny_vae}", f"output_dir={out}", "train.max_steps=2000", "train.log_every=1",
-           "train.checkpoint_every=1000", "train.sample_every=1000", "model.check_images=0"]  # fmt: skip
+    cmd = [sys.executable, *_job(out, openmoji_small, tiny_vae, 2000)]
     trainer = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for_step(out, 3)
     trainer.send_signal(signal.SIGINT)
@@ -153,7 +161,7 @@ def test_a_second_ctrl_c_stops_at_once_without_saving_and_the_trainer_exits_130(
     trainer.send_signal(signal.SIGINT)  # while the first one's checkpoint is being written
     _, err = trainer.communicate(timeout=90)
     assert trainer.returncode == 128 + signal.SIGINT, err[-3000:]
-    assert _no_traceback_of_ours(err) and "stopped by a second SIGINT at once, without saving" in err, err[-3000:]
+    assert no_traceback_of_ours(err) and "stopped by a second SIGINT at once, without saving" in err, err[-3000:]
     assert not [r for r in _log(out) if r.get("event") == "stopped"] and not list((out / "checkpoints").glob("step-*"))
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from autoencoder.model import build_autoencoder, save_autoencoder
 from ldm import LatentDiffusionPipeline
-from tests.conftest import FROZEN_STEPS, ROOT, TINY_LDM_CONFIG, fresh_state, ldm_cfg, logged, unet_weights
+from tests.conftest import FROZEN_STEPS, ROOT, TINY_LDM_CONFIG, fresh_state, ldm_cfg, logged, max_difference, unet_weights
 from training.stage2.models import check_compatible
 from training.train_ldm import train as train_job
 
@@ -183,8 +183,7 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(openmoji_small, tin
         assert run.returncode == 0, run.stderr[-3000:]
     start = json.loads((tmp_path / "two" / "log.jsonl").read_text().splitlines()[0])
     assert start["processes"] == 2
-    a, b = unet_weights(tmp_path / "one"), unet_weights(tmp_path / "two")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert max_difference(unet_weights(tmp_path / "one"), unet_weights(tmp_path / "two")) < 1e-5
     loss = [[json.loads(line)["loss"] for line in (tmp_path / r / "log.jsonl").read_text().splitlines() if '"loss"' in line]
             for r in ("one", "two")]  # fmt: skip
     assert len(loss[0]) == 2 and np.allclose(loss[0], loss[1], atol=1e-5)
@@ -279,7 +278,7 @@ def test_two_ranks_on_buckets(job, mixed_shapes, tiny_vae, tmp_path):
 
     import numpy as np
 
-    from tests.conftest import TINY_AE_CONFIG, TINY_LDM_CONFIG, run_to_the_end, unet_weights
+    from tests.conftest import TINY_AE_CONFIG, TINY_LDM_CONFIG, run_to_the_end
 
     accelerate = Path(sys.executable).parent / "accelerate"
     if job == "train_ldm":
@@ -296,8 +295,7 @@ def test_two_ranks_on_buckets(job, mixed_shapes, tiny_vae, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     assert log[0]["processes"] == 2 and [[n for n in r["images"] if n] for r in log if r.get("event") == "buckets"] == [[16, 16, 16]]
     if job == "train_ldm":
-        a, b = unet_weights(tmp_path / "one"), unet_weights(tmp_path / "two")
-        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+        assert max_difference(unet_weights(tmp_path / "one"), unet_weights(tmp_path / "two")) < 1e-5
         loss = [[r["loss"] for r in map(json.loads, (tmp_path / n / "log.jsonl").read_text().splitlines()) if "loss" in r] for n in runs]
         assert len(loss[0]) == 2 and np.allclose(loss[0], loss[1], atol=1e-5)
     else:
