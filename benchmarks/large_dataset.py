@@ -1,14 +1,14 @@
 """Stage 2 on datasets of growing size: peak memory, encode time, time to the first step (issues 14, 25).
 
     .venv/bin/python benchmarks/large_dataset.py [--images 5000 100000] [--processes 1] [--source parquet]
-        [--captions long] [--vae runs/autoencoder-openmoji-32-f4/vae] [--steps 30] [--json out.json]
+        [--captions long] [--vae f4-small | runs/autoencoder-openmoji-32-f4/vae] [--steps 30] [--json out.json] [--save]
 
 For each size, an imagefolder of synthetic 32x32 images (random coloured rectangles) is written once under
 ``runs/bench-large/``, with one caption for all (``data.caption``) or, ``--captions long``, a caption of its own
 per image of ~200 characters (as Hub datasets have); ``--source parquet`` / ``webdataset`` converts it once with
 ``training.prepare_data`` (the image files' bytes in the files). Then ``training.train_ldm`` runs
 ``configs/ldm/tiny.yaml`` on it with a tiny random autoencoder (or ``--vae``) and a frozen MiniLM text encoder
-(so caption states are cached too), 30 steps, through ``accelerate launch``. Reported per size:
+(so caption states are cached too), 30 steps, at the job's default ``cache.batch_size``, through ``accelerate launch``. Reported per size:
 the peak RSS of the largest process of the command (``getrusage(RUSAGE_CHILDREN)``: the launcher,
 or one rank), the seconds from launch to the run's start record (data check + latent-cache encode),
 the encode alone (from the cache's ``key.json`` to its ``complete.json``, written by the first
@@ -85,13 +85,15 @@ def dataset(n: int, source: str, captions: str) -> Path:
     return converted
 
 
-def tiny_vae() -> Path:
+def random_vae(preset: str = "tiny") -> Path:
+    """A randomly initialised autoencoder of ``preset`` (``f4-small``: the default's architecture, so the same
+    memory and encode time as a trained one, without a stage-1 run first)."""
     import torch
 
     from autoencoder import build_autoencoder, save_autoencoder
 
     torch.manual_seed(0)
-    return save_autoencoder(build_autoencoder("tiny", 32), OUT / "vae")
+    return save_autoencoder(build_autoencoder(preset, 32), OUT / ("vae" if preset == "tiny" else f"vae-{preset}"))
 
 
 def run(n: int, processes: int, vae: Path, source: str = "imagefolder", captions: str = "one", steps: int = 30) -> dict:
@@ -102,7 +104,7 @@ def run(n: int, processes: int, vae: Path, source: str = "imagefolder", captions
     cmd = [str(BIN / "accelerate"), "launch", *(["--multi_gpu"] if processes > 1 else []), "--num_processes", str(processes),
            "-m", "training.train_ldm", "--config", "configs/ldm/tiny.yaml", f"data.path={data}", *caption,
            f"model.vae={vae}", "model.text_encoder=minilm", "model.check_images=0", f"output_dir={out}", f"train.max_steps={steps}",
-           f"train.checkpoint_every={steps}", "train.log_every=1", "train.sample_every=1000", "cache.batch_size=256"]  # fmt: skip
+           f"train.checkpoint_every={steps}", "train.log_every=1", "train.sample_every=1000"]  # fmt: skip
     started = time.time()
     peak = subprocess.run([sys.executable, "-c", MEASURE, *cmd], cwd=ROOT, check=True, capture_output=True, text=True)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -120,12 +122,18 @@ def encode_seconds(out: Path) -> float:
     return (folder / "complete.json").stat().st_mtime - (folder / "key.json").stat().st_mtime
 
 
-def save(rows: list[dict]) -> Path:
+def save(rows: list[dict], args: argparse.Namespace) -> Path:
+    """The rows, the machine and the command into LARGE_DATASET.json (imagefolders) or LARGE_DATASET-<source>.json."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from report import machine
 
-    path = ROOT / "benchmarks" / "LARGE_DATASET.json"
-    path.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
+    path = ROOT / "benchmarks" / ("LARGE_DATASET.json" if args.source == "imagefolder" else f"LARGE_DATASET-{args.source}.json")
+    vae = f"the autoencoder `{args.vae}`" if Path(args.vae).is_dir() else f"a random autoencoder of preset {args.vae}"
+    captions = "one caption for all" if args.captions == "one" else "a ~200-character caption of its own per image"
+    setup = (f"Stage 2 (`configs/ldm/tiny.yaml`, {vae}, frozen MiniLM captions cached, {args.steps} steps) on synthetic 32x32 "
+             f"images ({captions}) as {args.source}")  # fmt: skip
+    record = {"machine": machine(), "source": args.source, "setup": setup, "command": " ".join(["benchmarks/large_dataset.py", *sys.argv[1:]]), "rows": rows}
+    path.write_text(json.dumps(record, indent=2) + "\n")
     return path
 
 
@@ -135,13 +143,13 @@ def main() -> None:
     p.add_argument("--processes", type=int, nargs="+", default=[1])
     p.add_argument("--source", choices=["imagefolder", "parquet", "webdataset"], default="imagefolder")
     p.add_argument("--captions", choices=["one", "long"], default="one", help="long: a ~200-character caption per image")
-    p.add_argument("--vae", type=Path, default=None, help="default: a tiny random autoencoder")
+    p.add_argument("--vae", default="tiny", help="a vae/ folder, or a preset for a random one of it (tiny, default; f4-small: the default's)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--save", action="store_true", help="write the rows with the machine to benchmarks/LARGE_DATASET.json")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    vae = args.vae or tiny_vae()
+    vae = Path(args.vae) if Path(args.vae).is_dir() else random_vae(args.vae)
     rows = []
     for n in args.images:
         for k in args.processes:
@@ -150,7 +158,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"results": rows}, indent=2))
     if args.save:
-        print(f"saved to {save(rows)}")
+        print(f"saved to {save(rows, args)}")
 
 
 if __name__ == "__main__":

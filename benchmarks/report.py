@@ -107,7 +107,8 @@ def render(record: dict) -> str:
         lines += [f"### Sweep {i}: {m['CPU']} ({m['cores']} cores, bf16 conv probe {m['bf16 conv speed-up (probe)']}), {m['date']}", "",
                   f"`.venv/bin/python benchmarks/autoencoder_ablations.py --budget {ab['budget_seconds']:.0f} --only ...` then `--save`", "",
                   table(ab["rows"]), ""]  # fmt: skip
-    lines += large_dataset_section(HERE / "LARGE_DATASET.json")
+    for path in sorted(HERE.glob("LARGE_DATASET*.json")):  # LARGE_DATASET.json: imagefolders; -parquet, -webdataset
+        lines += large_dataset_section(path)
     notes = HERE / "NOTES.md"
     if notes.is_file():
         lines += [notes.read_text()]
@@ -123,10 +124,12 @@ def large_dataset_section(path: Path) -> list[str]:
     columns = [("images", "images"), ("processes", "processes"), ("peak_rss_mib", "peak RSS, largest process (MiB)"),
                ("encode_s", "encode (s)"), ("encode_images_per_s", "encode images/s"),
                ("launch_to_first_step_s", "launch to first step (s)")]  # fmt: skip
-    return ["## Large datasets: memory, encode, time to the first step (issue 14)", "",
-            f"{m['CPU']} ({m['cores']} cores), {m['date']}. Stage 2 (`configs/ldm/tiny.yaml`, tiny autoencoder, frozen MiniLM "
-            "captions cached) on synthetic 32x32 imagefolders, 30 steps: "
-            "`.venv/bin/python benchmarks/large_dataset.py --images 5000 100000 --processes 1 2 --save`", "",
+    # older files hold the synthetic imagefolder case without its command and setup
+    command = record.get("command", "benchmarks/large_dataset.py --images 5000 100000 --processes 1 2 --save")
+    what = record.get("setup", "Stage 2 (`configs/ldm/tiny.yaml`, tiny autoencoder, frozen MiniLM captions cached) on "
+                                "synthetic 32x32 imagefolders, 30 steps")  # fmt: skip
+    return [f"## Large datasets: memory, encode, time to the first step ({record.get('source', 'imagefolder')}; issues 14, 25)", "",
+            f"{m['CPU']} ({m['cores']} cores), {m['date']}. {what}: `.venv/bin/python {command}`", "",
             "| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns),
             *["| " + " | ".join(f"{row[key]:,}" if isinstance(row[key], int) else str(row[key]) for key, _ in columns) + " |"
               for row in record["rows"]], ""]  # fmt: skip

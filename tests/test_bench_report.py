@@ -57,3 +57,8 @@ def test_large_dataset_rows_are_rendered_with_their_machine(tmp_path):
     path.write_text(json.dumps({"machine": {"CPU": "test CPU", "cores": "2", "date": "2026-11-26"}, "rows": rows}))
     text = "\n".join(report.large_dataset_section(path))
     assert "test CPU (2 cores), 2026-11-26" in text and "| 100,000 | 2 | 790.5 | 120.0 | 833.3 | 150.2 |" in text
+    parquet = {"machine": {"CPU": "other CPU", "cores": "2", "date": "2026-12-02"}, "source": "parquet", "setup": "Stage 2 on parquet",
+               "command": "benchmarks/large_dataset.py --source parquet --images 2000 40000 --save", "rows": rows}  # fmt: skip
+    path.write_text(json.dumps(parquet))
+    text = "\n".join(report.large_dataset_section(path))
+    assert "(parquet; issues 14, 25)" in text and "Stage 2 on parquet: `.venv/bin/python benchmarks/large_dataset.py --source parquet" in text

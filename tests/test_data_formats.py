@@ -69,7 +69,7 @@ def test_parquet_and_webdataset_give_the_imagefolders_latent_cache_tensor_for_te
         assert shards.keys() == ref.keys(), kind
         for name, tensors in shards.items():
             assert tensors.keys() == ref[name].keys() and all(torch.equal(tensors[t], ref[name][t]) for t in tensors), (kind, name)
-        assert captions == ref_captions
+        assert list(captions) == list(ref_captions)
         assert {k: v for k, v in key.items() if k != "dataset"} == {k: v for k, v in ref_key.items() if k != "dataset"}
         assert json.loads((folder / "complete.json").read_text()) == json.loads((ref_folder / "complete.json").read_text())
 

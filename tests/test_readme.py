@@ -37,3 +37,20 @@ def test_the_readmes_demo_figures_are_the_committed_summarys():
     ]
     missing = [s for s in said if s not in README]
     assert not missing, f"README.md lacks these figures of docs/demo-summary.json: {missing}"
+
+
+def test_the_readmes_parquet_memory_figures_are_the_committed_measurements():
+    record = json.loads((ROOT / "benchmarks" / "LARGE_DATASET-parquet.json").read_text())
+    small = [row["peak_rss_mib"] for row in record["rows"] if row["images"] == 2000]
+    (large,) = [row["peak_rss_mib"] for row in record["rows"] if row["images"] == 40000]
+    growth = sorted(round(100 * (large / s - 1)) for s in small)
+    said = [
+        f"{round(min(small))} and {round(max(small))} MiB at 2,000 images",
+        f"{round(large)} MiB at 40,000",
+        f"+{growth[0]}% to +{growth[-1]}%",
+        record["command"].removeprefix("benchmarks/large_dataset.py "),
+    ]
+    text = " ".join(README.split())  # the command is wrapped over lines there
+    missing = [s for s in said if s not in text]
+    assert not missing, f"README.md lacks these figures of benchmarks/LARGE_DATASET-parquet.json: {missing}"
+    assert max(growth) <= 10  # the promise: within +10% at 20x the images

@@ -111,21 +111,25 @@ def load_records(path: str | Path, cfg: DataConfig, split: str | None = None, ca
         raise DataError(f"dataset '{root}' (split '{split}') holds no images")
     if cfg.caption is not None:
         return ds.remove_columns("text").add_column("text", [cfg.caption] * len(ds))
-    texts = ds["text"]  # None: no caption column (parquet, WebDataset), or a sample without one
-    if captions and all(t is None for t in texts):
+    texts = ds.select_columns(["text"])  # read 1,024 rows at a time: the whole column as one list grows with the dataset
+    nones, missing = 0, []  # None: no caption column (parquet, WebDataset), or a sample without one
+    for start in range(0, len(ds), 1024):
+        for i, text in enumerate(texts[start : start + 1024]["text"], start):
+            nones += text is None
+            if text is None or not str(text).strip():
+                missing.append(i)
+    if captions and nones == len(ds):
         raise DataError(
             f"data.caption_column='{cfg.caption_column}' is not a column of '{path}' (WebDataset: no KEY.txt either); "
             "set data.caption_column, or data.caption for one caption for all"
         )
-    if captions:
-        missing = [i for i, text in enumerate(texts) if text is None or not str(text).strip()]
-        if missing:
-            raise DataError(
-                f"{len(missing)} of {len(ds)} images in '{path}' have no caption (first: {describe(ds[missing[0]]['image'])}); add a "
-                "metadata.jsonl with file_name + caption, a .txt file beside each image, or set data.caption for one caption for all"
-            )
-    elif None in texts:  # an autoencoder needs no caption
-        ds = ds.remove_columns("text").add_column("text", ["" if t is None else t for t in texts])
+    if captions and missing:
+        raise DataError(
+            f"{len(missing)} of {len(ds)} images in '{path}' have no caption (first: {describe(ds[missing[0]]['image'])}); add a "
+            "metadata.jsonl with file_name + caption, a .txt file beside each image, or set data.caption for one caption for all"
+        )
+    if not captions and nones:  # an autoencoder needs no caption
+        ds = ds.remove_columns("text").add_column("text", ["" if t is None else t for t in ds["text"]])
     return ds
 
 

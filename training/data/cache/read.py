@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,13 +15,33 @@ from training.data.sampler import BatchStream
 from training.data.cache.shards import BucketRows, ShardRows, index_rows, tensor_files
 
 
+class Captions(Sequence[str]):
+    """The caption of each cache row, read from the dataset's rows when a batch asks (caption states are
+    in the cache; the captions themselves are needed only without them): 40,000 long captions held as a
+    list would be ~10 MB more memory for a larger dataset."""
+
+    def __init__(self, records: datasets.Dataset, index: torch.Tensor) -> None:
+        self.texts, self.index = records.select_columns(["text"]), index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.texts[int(self.index[i])]["text"]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
 @dataclass
 class LatentCache:
     moments: BucketRows  # (N, 2C, h, w) posterior mean and logvar, float32 (h, w: the row's bucket's)
     moments_flipped: BucketRows | None  # the same for the mirrored image (data.random_flip)
     text_states: BucketRows | None  # (N, L, D) bf16 frozen text encoder's states of the captions (None: not cached)
     text_mask: BucketRows | None  # (N, L) int8 1 = token, 0 = padding
-    captions: list[str]  # N captions, in row order
+    captions: Captions  # N captions, in row order, read from the dataset as asked
     source_index: torch.Tensor  # (N,) row of the dataset each entry came from (unreadable images are absent)
     path: Path
     upscaled: int = 0  # images smaller than the resolution (upscaled to it)
@@ -67,8 +88,7 @@ def load_latent_cache(folder: str | Path, records: datasets.Dataset) -> LatentCa
     rows = {name: BucketRows([bucket[name] for bucket in per_bucket]) for name in names}
     bucket_of = torch.cat([torch.full((len(bucket["index"]),), j) for j, bucket in enumerate(per_bucket)])
     index = rows["index"].read_all()  # (N,)
-    texts = records["text"]
-    captions = [texts[int(i)] for i in index]
+    captions = Captions(records, index)
     upscaled = json.loads((folder / "complete.json").read_text()).get("upscaled", 0)
     return LatentCache(
         rows["moments"],

@@ -69,10 +69,9 @@ def build_latent_cache(
     text_length = None
     if text is not None:  # one padded length for every shard: the longest caption's (CLIP: always 77)
         tokenizer, encoder = text
-        captions = records["text"]  # tokenised in chunks: a tokenizer's output for every caption at once grows with the dataset
-        text_length = max(
-            tokenize(tokenizer, encoder, [*captions[i : i + 1024], ""])["input_ids"].shape[1]
-            for i in range(0, max(len(captions), 1), 1024)
+        text_length = max(  # the captions tokenised 1,024 at a time: every caption's tokens at once grow with the dataset
+            tokenize(tokenizer, encoder, [*chunk["text"], ""])["input_ids"].shape[1]
+            for chunk in records.select_columns(["text"]).iter(batch_size=1024)
         )
 
     n_shards = (len(records) + shard_size - 1) // shard_size
@@ -146,35 +145,49 @@ def _encode_shard(
     ]
     shard: dict[str, torch.Tensor] = {}
     for suffix, group, size in groups:
-        tensors: dict[str, list[torch.Tensor]] = {
-            "moments": [],
-            "moments_flipped": [],
-            "index": [],
-            "text_states": [],
-            "text_mask": [],
-        }
+        columns = _Columns(len(group))
         for batch in eval_loader(records.select(group), data, batch_size, size) if group else ():
             bar.update(len(batch["index"]) + len(batch["bad_files"]))
             upscaled += batch["upscaled"]
             if not batch["index"]:
                 continue
             x = batch["pixel_values"].to(vae.device, vae.dtype)  # (b, 3, H, W) in [-1, 1]
-            tensors["moments"].append(encode_moments(vae, x).float().cpu())  # (b, 2C, h, w)
+            rows_of = {"moments": encode_moments(vae, x).float(), "index": torch.tensor([group[i] for i in batch["index"]])}
             if data.random_flip:
-                tensors["moments_flipped"].append(encode_moments(vae, x.flip(-1)).float().cpu())
-            tensors["index"].append(torch.tensor([group[i] for i in batch["index"]], dtype=torch.int64))
+                rows_of["moments_flipped"] = encode_moments(vae, x.flip(-1)).float()  # (b, 2C, h, w)
             if text is not None:
                 tokenizer, encoder = text
                 emb = encode_text(tokenizer, encoder, batch["text"], pad_to=text_length)
-                tensors["text_states"].append(emb.states.to(TEXT_DTYPE).cpu())
-                mask = emb.mask if emb.mask is not None else torch.ones(emb.states.shape[:2])
-                tensors["text_mask"].append(mask.to(torch.int8).cpu())
-        shard |= {name + suffix: torch.cat(parts).contiguous() for name, parts in tensors.items() if parts}
+                rows_of["text_states"] = emb.states.to(TEXT_DTYPE)
+                rows_of["text_mask"] = (emb.mask if emb.mask is not None else torch.ones(emb.states.shape[:2])).to(torch.int8)
+            columns.append(rows_of)
+        shard |= {name + suffix: rows for name, rows in columns.filled().items()}
     tmp = folder / f".shard-{k:05d}.tmp"
     if not shard:  # every image of the shard was unreadable: zero rows, so it is not encoded again
         shard = {"index": torch.zeros(0, dtype=torch.int64)}
     save_file(shard, str(tmp), metadata={"upscaled": str(upscaled)})
     os.replace(tmp, shard_path(folder, k))
+
+
+class _Columns:
+    """A shard's tensors for ``capacity`` rows, each allocated once at its full size by the first batch and
+    filled in place: the shard's largest column (caption states: ~80 MB for 2,048 long captions) is held
+    once, not as a list of batches and then again as their concatenation. Unreadable images leave rows
+    unfilled; ``filled()`` is the first rows, each still one contiguous block."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.n, self.columns = capacity, 0, {}
+
+    def append(self, rows_of: dict[str, torch.Tensor]) -> None:
+        b = len(rows_of["index"])
+        for name, t in rows_of.items():
+            if name not in self.columns:
+                self.columns[name] = torch.empty((self.capacity, *t.shape[1:]), dtype=t.dtype)
+            self.columns[name][self.n : self.n + b] = t
+        self.n += b
+
+    def filled(self) -> dict[str, torch.Tensor]:
+        return {name: column[: self.n] for name, column in self.columns.items()}
 
 
 def shard_upscaled(path: Path) -> int:
