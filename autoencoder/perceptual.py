@@ -74,6 +74,10 @@ class LPIPS(nn.Module):
                 fx = self.features(x)
             with torch.set_grad_enabled(y.requires_grad and torch.is_grad_enabled()):
                 fy = self.features(y)
+        return self.distance(fx, fy)
+
+    def distance(self, fx: list[torch.Tensor], fy: list[torch.Tensor]) -> torch.Tensor:
+        """d per image from the two sides' ``features`` (each side's computed once when one image meets many)."""
         total = 0.0
         for head, a, b in zip(self.heads, fx, fy):
             # unit-normalise along channels; F.normalize has a finite gradient at zero vectors

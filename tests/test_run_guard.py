@@ -27,8 +27,8 @@ from tests.conftest import (
     free_port,
     fresh_state,
     ldm_cfg,
+    max_difference,
     no_traceback_of_ours,
-    same_weights,
     unet_weights,
 )
 from training.run.guard import output_lock
@@ -64,16 +64,16 @@ def test_the_lock_of_a_killed_run_is_not_stale(tmp_path):
 # ---- signals -------------------------------------------------------------------------------------
 
 
-def _job(out: Path, data, vae, steps: int) -> list[str]:
+def _job(out: Path, data, vae, steps: int, *overrides: str) -> list[str]:
     """``-m training.train_ldm`` on the tiny config, logging every step, with no checkpoint or grid on the way."""
     return ["-m", "training.train_ldm", "--config", str(TINY_LDM_CONFIG), f"data.path={data}", f"model.vae={vae}",
             f"output_dir={out}", f"train.max_steps={steps}", "train.log_every=1", "train.checkpoint_every=1000",
-            "train.sample_every=1000", "model.check_images=0"]  # fmt: skip
+            "train.sample_every=1000", "model.check_images=0", *overrides]  # fmt: skip
 
 
-def _launch(out: Path, data, vae, steps: int, processes: int = 1, **popen) -> subprocess.Popen:
+def _launch(out: Path, data, vae, steps: int, processes: int = 1, overrides: tuple[str, ...] = (), **popen) -> subprocess.Popen:
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", *(["--multi_gpu"] if processes > 1 else []),
-           "--num_processes", str(processes), *_job(out, data, vae, steps)]  # fmt: skip
+           "--num_processes", str(processes), *_job(out, data, vae, steps, *overrides)]  # fmt: skip
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
 
 
@@ -106,9 +106,13 @@ def test_sigterm_to_the_launcher_saves_a_checkpoint_at_that_step_ends_every_proc
                                                                                                           tmp_path, processes):  # fmt: skip
     """`kill PID` of `accelerate launch`: with one process the launcher dies and the training
     process learns it (parent-death signal); with two, torchrun's agent passes SIGTERM on to both
-    ranks and waits 30 s. Either way every rank stops after the same step, saves there, and ends."""
+    ranks and waits 30 s. Either way every rank stops after the same step, saves there, and ends.
+    The two ranks (batch 4 each), relaunched, end with the U-Net and the losses of one rank with
+    batch 8 that was never stopped: exact resume and 2 ranks = 1 rank at once (fp32: bf16 would round
+    a batch of 8 differently from two of 4)."""
     out = tmp_path / "run"
-    launcher = _launch(out, openmoji_small, tiny_vae, 2000, processes)
+    per_rank = ("train.batch_size=4", "train.mixed_precision=fp32") if processes == 2 else ()
+    launcher = _launch(out, openmoji_small, tiny_vae, 2000, processes, per_rank)
     trainers = _trainers_once_training(launcher, out, processes)
     launcher.send_signal(signal.SIGTERM)  # to the launcher only, as `kill PID` of the command would
     _, err = launcher.communicate(timeout=90)
@@ -121,13 +125,20 @@ def test_sigterm_to_the_launcher_saves_a_checkpoint_at_that_step_ends_every_proc
     said = re.findall(r"stopped by SIGTERM at step (\d+):", err)
     assert said == [str(step)] * processes, err[-3000:]  # every rank, one step
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{step:08d}"] and not (out / "pipeline").exists()
+    if processes == 1:  # a one-process checkpoint resumes like any other (test_train_ldm); the two ranks' is the one to see
+        return
 
-    for run in (out, tmp_path / "full"):  # relaunched: continues from the saved step; and a run never stopped
-        proc = _launch(run, openmoji_small, tiny_vae, step + 2, processes)  # (constant LR after warm-up: max_steps does not change it)
+    one_rank = tmp_path / "one-rank"  # (constant LR after warm-up: max_steps does not change it)
+    for run, procs, overrides in ((out, 2, per_rank), (one_rank, 1, ("train.batch_size=8", "train.mixed_precision=fp32"))):
+        proc = _launch(run, openmoji_small, tiny_vae, step + 2, procs, overrides)
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]
     assert [r["event"] for r in _log(out) if "event" in r] == ["start", "stopped", "resume"]
-    assert same_weights(unet_weights(out), unet_weights(tmp_path / "full"))
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[0])["processes"] == 2
+    assert max_difference(unet_weights(out), unet_weights(one_rank)) < 1e-5
+    losses = [{r["step"]: r["loss"] for r in _log(run) if "loss" in r} for run in (out, one_rank)]
+    assert list(losses[0]) == list(losses[1]) == list(range(1, step + 3))  # the stop's step is in the curve, once
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
 
 
 def test_ctrl_c_stops_every_process_at_one_step_with_a_checkpoint(openmoji_small, tiny_vae, tmp_path):

@@ -212,12 +212,15 @@ def test_fp16_is_refused_before_training(openmoji_small, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_cli_errors_before_training(tmp_path):
-    cmd = [sys.executable, "-m", "training.train_autoencoder", "--config", str(TINY_AE_CONFIG), f"output_dir={tmp_path / 'r'}"]
-    bad_key = subprocess.run(cmd + ["train.max_stepz=3"], capture_output=True, text=True, cwd=ROOT)
-    assert bad_key.returncode == 2 and "train.max_stepz" in bad_key.stderr and "max_steps" in bad_key.stderr
-    missing = subprocess.run(cmd + [f"data.path={tmp_path / 'nope'}"], capture_output=True, text=True, cwd=ROOT)
-    assert missing.returncode != 0 and "does not exist" in missing.stderr
+def test_cli_errors_before_training(tmp_path, capsys):
+    """A misspelt key is refused with the valid one named, before any training work (in this process:
+    `python -m` of the command is the launch test's, and a missing dataset's line is test_runtime_errors')."""
+    from training.train_autoencoder import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(TINY_AE_CONFIG), f"output_dir={tmp_path / 'r'}", "train.max_stepz=3"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "train.max_stepz" in err and "max_steps" in err
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 

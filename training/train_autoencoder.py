@@ -134,17 +134,18 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
             window["n"] = window.get("n", 0) + 1
         run.after_optimizer_step(sched_ae, ema, ae_params, bar)
         step += 1
-        if stop.after_step(step, step_loss):  # a signal on any process (a non-finite loss raises)
-            raise stop.checkpoint_and_stop(step, trainer_state(), log)
+        stopping = stop.after_step(step, step_loss)  # a signal on any process (a non-finite loss raises)
 
-        # 5. Logs, sample grids, checkpoints.
-        if run.due(step, train_cfg.log_every, train_cfg.max_steps):
+        # 5. Logs (the step a signal stops at too: its loss is in the curve), sample grids, checkpoints.
+        if stopping or run.due(step, train_cfg.log_every, train_cfg.max_steps):
             elapsed = time.perf_counter() - window_start
             n = window.pop("n")
             means = {k: round(v / n, 6) for k, v in window.items()}
             log.write(step=step, lr=lr, images_per_s=round(window_images / elapsed, 2), bad_images=batches.total_bad(), **means)
             bar.set_postfix(l1=f"{means['l1']:.4f}", lpips=f"{means['lpips']:.3f}")
             window_start, window_images, window = time.perf_counter(), 0, {}
+        if stopping:
+            raise stop.checkpoint_and_stop(step, trainer_state(), log)
         if is_main and run.due(step, train_cfg.sample_every, train_cfg.max_steps):
             grid = out / "samples" / f"step-{step:08d}.png"
             val_psnr = save_reconstructions(vae, preview, grid)

@@ -148,16 +148,17 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
         window_loss += step_loss
         run.after_optimizer_step(lr_sched, ema, unet_params, bar)
         step += 1
-        if stop.after_step(step, step_loss):  # a signal on any process (a non-finite loss raises)
-            raise stop.checkpoint_and_stop(step, {"micro_batches": micro, **layout}, log)
+        stopping = stop.after_step(step, step_loss)  # a signal on any process (a non-finite loss raises)
 
-        # 5. Logs, sample grids, checkpoints.
-        if run.due(step, train_cfg.log_every, train_cfg.max_steps):
+        # 5. Logs (the step a signal stops at too: its loss is in the curve), sample grids, checkpoints.
+        if stopping or run.due(step, train_cfg.log_every, train_cfg.max_steps):
             mean_loss = accelerator.reduce(torch.tensor(window_loss / window_n, device=device), "mean").item()
             images_per_s = round(window_n * stream.global_batch / (time.perf_counter() - window_start), 2)
             log.write(step=step, loss=round(mean_loss, 6), lr=lr_sched.get_last_lr()[0], images_per_s=images_per_s)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             window_start, window_loss, window_n = time.perf_counter(), 0.0, 0
+        if stopping:
+            raise stop.checkpoint_and_stop(step, {"micro_batches": micro, **layout}, log)
         if is_main and run.due(step, train_cfg.sample_every, train_cfg.max_steps):
             with ema_weights(ema, unet_params):
                 pipe = pipeline_of(vae, text_encoder, tokenizer, unet, models.noise_scheduler)

@@ -75,7 +75,8 @@ def evaluate_pipeline(
         for k, i in enumerate(chosen):
             others = torch.tensor([j for j in torch.randperm(len(real), generator=g).tolist() if j != i][: candidates - 1])
             pool = torch.cat([torch.tensor([i]), others])  # the true image first
-            d = lpips(generated[k : k + 1].expand(len(pool), -1, -1, -1), real[pool])
+            image = [f.expand(len(pool), -1, -1, -1) for f in lpips.features(generated[k : k + 1])]  # once, not per candidate
+            d = lpips.distance(image, lpips.features(real[pool]))
             hits += int(d.argmin().item() == 0)
     return {
         "model": str(model_dir),
