@@ -111,7 +111,7 @@ def run(n: int, processes: int, vae: Path, source: str = "imagefolder", captions
     start = next(r for r in log if r.get("event") == "start")
     first = next(r for r in log if "loss" in r)
     encode_s = encode_seconds(out)
-    return {"images": n, "processes": processes, "source": source, "captions": captions, "vae": str(vae), "peak_rss_mib": round(int(peak.stdout.strip().splitlines()[-1]) / 1024, 1),
+    return {"images": n, "processes": processes, "source": source, "captions": captions, "vae": str(vae.relative_to(ROOT) if vae.is_relative_to(ROOT) else vae), "peak_rss_mib": round(int(peak.stdout.strip().splitlines()[-1]) / 1024, 1),
             "launch_to_start_s": round(start["time"] - started, 1), "images_per_s_to_start": round(n / (start["time"] - started), 1),
             "encode_s": round(encode_s, 1), "encode_images_per_s": round(n / encode_s, 1),
             "launch_to_first_step_s": round(first["time"] - started, 1)}  # fmt: skip

@@ -54,3 +54,6 @@ def test_the_readmes_parquet_memory_figures_are_the_committed_measurements():
     missing = [s for s in said if s not in text]
     assert not missing, f"README.md lacks these figures of benchmarks/LARGE_DATASET-parquet.json: {missing}"
     assert max(growth) <= 10  # the promise: within +10% at 20x the images
+    wds = {row["images"]: row["peak_rss_mib"] for row in json.loads((ROOT / "benchmarks" / "LARGE_DATASET-webdataset.json").read_text())["rows"]}
+    said = f"from {round(wds[2000])} MiB at 2,000 to {round(wds[10000])} MiB at 10,000 (+{round(100 * (wds[10000] / wds[2000] - 1))}%;"
+    assert said in text, said
