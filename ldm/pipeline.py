@@ -203,21 +203,23 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
                 self.scheduler.set_begin_index(skip * self.scheduler.order)
 
         # 3. Initial latents: pure noise, or the image's latent noised to the first timestep:
-        #    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (the scheduler's add_noise).
+        #    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (the scheduler's add_noise), or on a flow model's
+        #    straight path x = (1 - sigma) x_0 + sigma eps (its scale_noise; DPM++ / UniPC: add_noise with flow sigmas).
         latent_shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         noise = randn_tensor(latent_shape, generator=generator, device=device, dtype=torch.float32)
         if start_from_image:
             x0 = self._encode_image(image, batch)  # (B*n, C, h, w)
-            latents = self.scheduler.add_noise(x0, noise, timesteps[:1].repeat(batch)) if len(timesteps) else x0
+            latents = self._noised(x0, noise, timesteps[:1].repeat(batch)) if len(timesteps) else x0
         else:
-            latents = noise * self.scheduler.init_noise_sigma
+            latents = noise * getattr(self.scheduler, "init_noise_sigma", 1.0)  # diffusers' flow schedulers: none (1)
 
         # 4. Denoise: guidance batches the unconditional and conditional predictions in one forward.
         extra = step_kwargs(self.scheduler, generator, eta)
         with self.progress_bar(total=len(timesteps)) as progress:
             for t in timesteps:
                 model_input = torch.cat([latents] * 2) if do_cfg else latents
-                model_input = self.scheduler.scale_model_input(model_input, t)
+                if hasattr(self.scheduler, "scale_model_input"):  # diffusers' flow schedulers have none
+                    model_input = self.scheduler.scale_model_input(model_input, t)
                 pred = self.unet(
                     model_input.to(self.unet.dtype),
                     t,
@@ -242,6 +244,11 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
     # ---- the steps' helpers ------------------------------------------------------------------
+
+    def _noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.scheduler, "add_noise"):
+            return self.scheduler.add_noise(x0, noise, t)
+        return self.scheduler.scale_noise(x0, t, noise)  # FlowMatchEuler / Heun: (1 - sigma) x_0 + sigma noise
 
     def _encode_image(self, image: torch.Tensor, batch: int) -> torch.Tensor:
         """Image (1 or B, 3, H, W) in [-1, 1] -> normalised latents (B*n, C, h, w), the posterior mean."""

@@ -3,7 +3,9 @@
     make_scheduler("dpm++", pipe.scheduler.config)
 
 The training noise schedule (betas, prediction type, timestep spacing) lives in that config and
-is carried over; only the sampling algorithm changes.
+is carried over; only the sampling algorithm changes. A flow-matching model (its scheduler a
+``FlowMatchEulerDiscreteScheduler``, ldm/flow.py) has the same names on its straight path, with its
+shift: Euler and Heun (diffusers' flow schedulers), DPM-Solver++ and UniPC with flow sigmas.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 import torch
 from diffusers import (
     DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -36,10 +40,41 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "unipc": (UniPCMultistepScheduler, {}),
 }
 
+# a flow-matching model's: name -> (class, settings, the name of the class's shift setting)
+FLOW_SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any], str]] = {
+    "euler": (FlowMatchEulerDiscreteScheduler, {}, "shift"),
+    "heun": (FlowMatchHeunDiscreteScheduler, {}, "shift"),
+    "dpm++": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_flow_sigmas": True, "prediction_type": "flow_prediction"},
+        "flow_shift",
+    ),  # fmt: skip
+    "unipc": (UniPCMultistepScheduler, {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}, "flow_shift"),
+}
+
+
+def is_flow(config: Any) -> bool:
+    """Whether ``config`` is a flow-matching model's scheduler (its own, or one of FLOW_SCHEDULERS made from it):
+    a FlowMatch* class (named when read from a folder; a constructed one has a shift and no betas), or flow sigmas."""
+    named = str(config.get("_class_name", "")).startswith("FlowMatch")
+    return named or bool(config.get("use_flow_sigmas")) or ("shift" in config and "beta_schedule" not in config)
+
+
+def flow_shift(config: Any) -> float:
+    """The resolution shift of a flow-matching scheduler's ``config``."""
+    return float(config.get("shift", config.get("flow_shift", 1.0)) or 1.0)
+
 
 def make_scheduler(name: str, config: Any) -> SchedulerMixin:
     """The sampler ``name`` on the noise schedule described by ``config`` (a scheduler's config)."""
     key = name.lower()
+    if is_flow(config):
+        if key not in FLOW_SCHEDULERS:
+            raise InputError(
+                f"scheduler '{name}' does not sample a flow-matching model; valid for it: {', '.join(FLOW_SCHEDULERS)}"
+            )
+        cls, settings, shift_name = FLOW_SCHEDULERS[key]
+        return cls(num_train_timesteps=config.get("num_train_timesteps", 1000), **{shift_name: flow_shift(config)}, **settings)
     if key not in SCHEDULERS:
         raise InputError(f"unknown scheduler '{name}'; valid: {', '.join(SCHEDULERS)}")
     cls, settings = SCHEDULERS[key]

@@ -105,3 +105,53 @@ def test_diffusers_flow_euler_with_the_exact_velocity_lands_on_one_point_data():
         eps = x0 + (x - x0) / sigma  # the noise on the straight path through x
         x = scheduler.step(flow_target(x0, eps), t, x).prev_sample
     assert torch.allclose(x, x0, atol=1e-5)
+
+
+def _velocity_oracle(pipe, x0: torch.Tensor, seen: list) -> None:
+    """The U-Net replaced by the exact velocity of one-point data x0 at its input: (x - x0) / sigma, sigma = t / 1000."""
+
+    def forward(sample, t, **_):
+        seen.append((sample.clone(), float(t)))
+        return ((sample - x0) / (float(t) / 1000),)
+
+    pipe.unet.forward = forward
+
+
+@pytest.mark.parametrize("name, tolerance", [("euler", 1e-4), ("heun", 1e-4), ("dpm++", 2e-2), ("unipc", 2e-2)])
+def test_the_pipeline_generates_on_a_flow_model_with_each_flow_sampler(name, tolerance):
+    """From pure noise, with guidance, each sampler ends on the data; DPM++ and UniPC round their timesteps to
+    integers, so the oracle's sigma (t / 1000) is off by up to 1/1000 at each step there."""
+    from tests.conftest import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    pipe.set_scheduler(name)
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    seen = []
+    _velocity_oracle(pipe, x0, seen)
+    out = pipe(["a"], num_inference_steps=6, guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    assert len(seen) >= 6 and (out - x0).abs().max() < tolerance, (out - x0).abs().max()
+
+
+def test_img2img_on_a_flow_model_starts_on_the_straight_path_from_the_images_latent():
+    """strength 0.5 of 4 Euler steps: the first U-Net input is (1 - sigma) z + sigma eps at the third
+    timestep's sigma, z the image's latent (the posterior mean) and eps the generator's first draw."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from autoencoder.latents import encode_latents
+    from tests.conftest import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))  # in [0, 1], as users give it
+    seen = []
+    _velocity_oracle(pipe, torch.zeros(1, 4, 8, 8), seen)
+    pipe(["a"], image=image, strength=0.5, num_inference_steps=4, guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="latent")
+    with torch.no_grad():
+        z = encode_latents(pipe.vae, image * 2 - 1)
+    eps = randn_tensor((1, 4, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    reference = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    reference.set_timesteps(4)
+    sigma = reference.sigmas[2]
+    assert len(seen) == 2 and seen[0][1] == pytest.approx(float(reference.timesteps[2]))
+    assert torch.allclose(seen[0][0], add_flow_noise(z, eps, sigma.view(1)), atol=1e-5)

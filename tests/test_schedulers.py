@@ -72,3 +72,35 @@ def test_a_perfect_denoiser_recovers_the_data(name):
         eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()  # x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
         x = sched.step(eps, t, x, **extra).prev_sample
     assert torch.allclose(x, x0, atol=1e-3), (x - x0).abs().max()
+
+
+@pytest.fixture
+def flow_schedule():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).config  # a flow model's scheduler/
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "dpm++", "unipc"])
+def test_every_flow_sampler_keeps_the_shift_and_lands_on_the_data_with_the_exact_velocity(name, flow_schedule):
+    """Data that is one point x0: at x with noise level sigma the exact velocity is eps - x0 = (x - x0) / sigma
+    (x = (1 - sigma) x0 + sigma eps). Each sampler's own sigma at each step, and its timestep is 1000 sigma
+    (to the integer, for the solvers that round it), as the U-Net was trained."""
+    from ldm.schedulers import FLOW_SCHEDULERS, flow_shift, is_flow
+
+    sched = make_scheduler(name, flow_schedule)
+    assert isinstance(sched, FLOW_SCHEDULERS[name][0]) and is_flow(sched.config) and flow_shift(sched.config) == 3.0
+    assert flow_shift(make_scheduler("euler", sched.config).config) == 3.0  # and back again
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    sched.set_timesteps(6)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for t in sched.timesteps:
+        sigma = sched.sigmas[sched.step_index if sched.step_index is not None else 0].double()
+        assert abs(float(t) - 1000 * float(sigma)) <= 1.0, (t, sigma)
+        x = sched.step((x - x0) / sigma, t, x).prev_sample
+    assert (x - x0).abs().max() < 1e-5
+
+
+def test_a_flow_model_refuses_the_samplers_it_has_not_in_one_line(flow_schedule):
+    with pytest.raises(ValueError, match="'ddim' does not sample a flow-matching model; valid for it: euler, heun, dpm\\+\\+, unipc"):
+        make_scheduler("ddim", flow_schedule)
