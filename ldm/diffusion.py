@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 
+from ldm.flow import flow_scheduler
+from ldm.schedulers import flow_shift, is_flow
 from runtime.errors import InputError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -44,8 +46,11 @@ def training_scheduler(prediction_type: str = "epsilon", zero_terminal_snr: bool
 
 def training_scheduler_of(folder: str | Path) -> DDPMScheduler:
     """The training schedule of a pipeline folder's ``scheduler/`` (fine-tuning keeps the model's own), its prediction
-    type checked as :func:`training_scheduler` checks a new one's."""
-    scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(folder))
+    type checked as :func:`training_scheduler` checks a new one's; a flow-matching folder's is its flow schedule."""
+    config = DDPMScheduler.load_config(folder)
+    if is_flow(config):  # a flow-matching model
+        return flow_scheduler(flow_shift(config))
+    scheduler = DDPMScheduler.from_config(config)
     check_prediction_type(scheduler.config.prediction_type, where=f"{folder}: ")
     return scheduler
 

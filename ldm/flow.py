@@ -27,6 +27,7 @@ cosmap: 2 / (pi (1 - 2 sigma + 2 sigma^2))).
 from __future__ import annotations
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")
@@ -82,3 +83,8 @@ def flow_loss_weights(sigma: torch.Tensor, weighting: str = "none") -> torch.Ten
 def timesteps_of(sigma: torch.Tensor) -> torch.Tensor:
     """The U-Net's timestep for noise level ``sigma``: 1000 sigma (float), as the flow scheduler passes it."""
     return sigma * NUM_TRAIN_TIMESTEPS
+
+
+def flow_scheduler(shift: float = 1.0) -> FlowMatchEulerDiscreteScheduler:
+    """A flow-matching model's schedule: 1,000 levels, ``shift`` (what an exported folder's scheduler/ holds)."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)

@@ -91,3 +91,9 @@ def step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | None = N
     if eta is not None and "eta" in params:
         kwargs["eta"] = eta
     return kwargs
+
+
+def folder_scheduler(config: Any) -> SchedulerMixin:
+    """The scheduler an exported pipeline folder holds for the training schedule ``config``: DPM++ 2M for a DDPM
+    model, diffusers' flow Euler with the model's shift for a flow-matching one (what diffusers' flow pipelines hold)."""
+    return make_scheduler("euler" if is_flow(config) else "dpm++", config)

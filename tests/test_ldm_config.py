@@ -49,3 +49,13 @@ def test_text_keys_that_nothing_would_read_are_named():
                                             "train.text_lr=1e-4"])  # fmt: skip
     validate(tuned)
     assert text_encoder_trains(tuned)
+
+
+def test_each_objectives_keys_are_refused_under_the_other_and_its_names_are_checked():
+    assert "objective.shift would be ignored: it is for objective.type=flow, and this run's is ddpm" in error("objective.shift=3")
+    assert "objective.min_snr_gamma would be ignored: it is for objective.type=ddpm" in error("objective.type=flow", "objective.min_snr_gamma=1")
+    assert "with objective.type=flow the U-Net predicts the velocity" in error("objective.type=flow", "model.prediction_type=v_prediction")
+    assert "valid: ddpm, flow" in error("objective.type=rectified")
+    assert "valid: uniform, logit_normal, mode" in error("objective.type=flow", "objective.timesteps=cosine")
+    assert "valid: none, sigma_sqrt, cosmap" in error("objective.type=flow", "objective.weighting=snr")
+    validate(load_config(LdmJobConfig, TINY_LDM_CONFIG, ["objective.type=flow", "objective.timesteps=mode", "objective.shift=3"]))

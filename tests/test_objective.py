@@ -45,3 +45,20 @@ def test_per_sample_loss_is_the_mse_of_each_sample_times_its_min_snr_weight():
     weighted = DenoisingObjective(sched, min_snr_gamma=5.0).per_sample_loss(pred, eps, t)
     snr = sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t])
     assert torch.allclose(weighted, plain * torch.clamp(snr, max=5.0) / snr, atol=1e-6)
+
+
+def test_the_flow_objective_is_the_straight_path_its_velocity_and_sd3s_weights():
+    import math
+
+    from ldm.objective import FlowObjective
+
+    g = torch.Generator().manual_seed(0)
+    x0, eps, pred = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+    sigma = torch.tensor([0.2, 0.5, 0.8])
+    x, target = FlowObjective().noisy_input_and_target(x0, eps, sigma)
+    assert torch.allclose(x, (1 - sigma.view(3, 1, 1, 1)) * x0 + sigma.view(3, 1, 1, 1) * eps) and torch.equal(target, eps - x0)
+    assert torch.allclose(FlowObjective().timestep(sigma), 1000 * sigma)  # what diffusers' flow schedulers give the U-Net
+    mse = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(FlowObjective().per_sample_loss(pred, target, sigma), mse)
+    cosmap = 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2))
+    assert torch.allclose(FlowObjective("cosmap").per_sample_loss(pred, target, sigma), mse * cosmap)

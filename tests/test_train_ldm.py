@@ -290,3 +290,44 @@ def test_the_first_losses_of_a_tiny_fp32_run_are_frozen(noise_images, tiny_vae, 
     frozen = [{"step": 2, "loss": 0.95516}, {"step": 4, "loss": 0.852551}]
     for got, want in zip(logged(tmp_path / "run", "loss"), frozen, strict=True):
         assert got == pytest.approx(want, rel=1e-4), (got, want)
+
+
+def test_a_flow_matching_run_resumes_exactly_exports_a_flow_folder_and_its_fine_tune_keeps_the_objective(openmoji_small, tiny_vae, tmp_path, capsys):
+    """objective.type=flow (logit-normal sigmas, shift 3): killed after step 3 and relaunched, the U-Net is
+    bit-identical to a run that never stopped; the export's scheduler/ is diffusers' flow Euler with the shift,
+    and the folder generates with it and with DPM++ on flow sigmas. Fine-tuning that folder keeps its objective:
+    objective.type=ddpm on it is one line before any training."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from tests.conftest import FAST_STEPS
+    from training.config import ConfigError, load_config
+    from training.ldm_config import LdmJobConfig
+
+    common = ["objective.type=flow", "objective.shift=3.0", "train.max_steps=6", "train.checkpoint_every=3", "train.sample_every=100",
+              "model.check_images=0", f"cache.dir={tmp_path / 'cache'}"]  # fmt: skip
+    train(ldm_cfg(openmoji_small, tiny_vae, tmp_path / "full", *common))
+    train(ldm_cfg(openmoji_small, tiny_vae, tmp_path / "resumed", *common), stop_after_steps=3)
+    train(ldm_cfg(openmoji_small, tiny_vae, tmp_path / "resumed", *common))
+    full, resumed = unet_weights(tmp_path / "full"), unet_weights(tmp_path / "resumed")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    losses = logged(tmp_path / "full", "loss")
+    assert len(losses) == 3 and all(0 < r["loss"] < 10 for r in losses)
+
+    pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "full" / "pipeline", dtype="fp32")
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.scheduler.config.shift == 3.0
+    for sampler in ("euler", "dpm++"):
+        pipe.set_scheduler(sampler)
+        image = pipe(["red apple"], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+
+    def tune(out, *overrides):
+        return load_config(LdmJobConfig, ROOT / "configs" / "finetune" / "full-openmoji.yaml", [
+            f"model.init_from={tmp_path / 'full' / 'pipeline'}", f"data.path={openmoji_small}", f"output_dir={out}",
+            "train.max_steps=2", *FAST_STEPS, *overrides])  # fmt: skip
+
+    with pytest.raises(ConfigError, match="was trained with objective.type=flow: set it \\(this run's is ddpm\\)"):
+        train(tune(tmp_path / "tuned-ddpm"))
+    with pytest.raises(ConfigError, match="objective.shift=2.0: .* was trained with shift 3.0"):
+        train(tune(tmp_path / "tuned-shift", "objective.type=flow", "objective.shift=2.0"))
+    train(tune(tmp_path / "tuned", "objective.type=flow"))  # the folder's shift
+    assert isinstance(LatentDiffusionPipeline.from_pretrained(tmp_path / "tuned" / "pipeline").scheduler, FlowMatchEulerDiscreteScheduler)

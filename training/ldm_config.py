@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ldm.diffusion import PREDICTION_TYPES
+from ldm.flow import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS
 from ldm.schedulers import SCHEDULERS
 from ldm.text import CLIP_TEXT_PRESETS
 from ldm.unet import UNET_PRESETS
@@ -62,12 +63,32 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    min_snr_gamma: float | None = 5.0  # None: plain MSE
+    type: str = (
+        "ddpm"  # ddpm (eps or v, model.prediction_type) | flow (rectified flow: the U-Net predicts eps - x_0; ldm/flow.py)
+    )
+    min_snr_gamma: float | None = 5.0  # ddpm; None: plain MSE
     offset_noise: float = 0.0  # e.g. 0.05; 0: off
-    zero_terminal_snr: bool = False  # needs prediction_type=v_prediction (a new U-Net only: init_from brings its schedule)
+    zero_terminal_snr: bool = False  # ddpm; needs prediction_type=v_prediction (a new U-Net only: init_from brings its schedule)
     caption_dropout: float = 0.1  # fraction of captions replaced by "" (for classifier-free guidance)
+    timesteps: str = "logit_normal"  # flow: how sigma is drawn: uniform | logit_normal | mode (SD3)
+    logit_mean: float = 0.0  # flow, logit_normal
+    logit_std: float = 1.0  # flow, logit_normal
+    mode_scale: float = 1.29  # flow, mode
+    shift: float = 1.0  # flow: SD3's resolution shift of sigma (> 1: more steps near the noise); the exported scheduler's too
+    weighting: str = "none"  # flow: the loss weight of sigma: none | sigma_sqrt | cosmap
+
+    DDPM_KEYS = ("min_snr_gamma", "zero_terminal_snr")
+    FLOW_KEYS = ("timesteps", "logit_mean", "logit_std", "mode_scale", "shift", "weighting")
 
     def __post_init__(self) -> None:
+        if self.type not in ("ddpm", "flow"):
+            raise ConfigError(f"objective.type='{self.type}' is unknown; valid: ddpm, flow")
+        if self.timesteps not in TIMESTEP_SAMPLINGS:
+            raise ConfigError(f"objective.timesteps='{self.timesteps}' is unknown; valid: {', '.join(TIMESTEP_SAMPLINGS)}")
+        if self.weighting not in LOSS_WEIGHTINGS:
+            raise ConfigError(f"objective.weighting='{self.weighting}' is unknown; valid: {', '.join(LOSS_WEIGHTINGS)}")
+        if self.shift <= 0 or self.logit_std <= 0:
+            raise ConfigError(f"objective.shift={self.shift} and objective.logit_std={self.logit_std} must be > 0")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"objective.caption_dropout={self.caption_dropout} must be in [0, 1)")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
@@ -158,6 +179,16 @@ def validate(cfg: LdmJobConfig) -> None:
     """The rules across sections (each section checks its own fields when it is built); no file is
     read: the folders the config names are checked by the job, the models' fit once they are built."""
     m, o = cfg.model, cfg.objective
+    other = ObjectiveConfig.FLOW_KEYS if o.type == "ddpm" else ObjectiveConfig.DDPM_KEYS
+    if ignored := _changed(o, other):
+        raise ConfigError(
+            f"objective.{ignored[0]} would be ignored: it is for objective.type={'flow' if o.type == 'ddpm' else 'ddpm'}, "
+            f"and this run's is {o.type}"
+        )
+    if o.type == "flow" and m.prediction_type != "epsilon":
+        raise ConfigError(
+            f"model.prediction_type={m.prediction_type} is DDPM's; with objective.type=flow the U-Net predicts the velocity eps - x_0"
+        )
     if o.zero_terminal_snr and m.prediction_type != "v_prediction":
         raise ConfigError(
             "objective.zero_terminal_snr=true needs model.prediction_type=v_prediction: at SNR 0 the noise "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 from typing import Any
 
 import torch
@@ -23,7 +24,6 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from autoencoder import normalize_latents, sample_latents
-from ldm.objective import DenoisingObjective
 from ldm.pipeline import check_pipeline_folder
 from ldm.text import uses_attention_mask
 from runtime import training_attention
@@ -38,7 +38,7 @@ from training.stage2.autoencoder_check import check_autoencoder_fit
 from training.stage2.cache import open_latent_cache
 from training.stage2.conditioning import Conditioning
 from training.stage2.export import export_run
-from training.stage2.models import Models, check_compatible, load_models, prepare_to_train
+from training.stage2.models import Models, check_compatible, check_objective, load_models, prepare_to_train, training_objective
 from training.stage2.samples import ema_weights, pipeline_of, sample_shapes, save_samples
 
 
@@ -57,10 +57,13 @@ class UNetAndTextEncoder(torch.nn.Module):
         return self.unet(x_t, t, encoder_hidden_states=states, encoder_attention_mask=mask).sample
 
 
-def step_randomness(seed: int, micro_batch: int, global_batch: int, latent_shape: tuple, rank: int, world: int) -> dict:
+def step_randomness(
+    seed: int, micro_batch: int, global_batch: int, latent_shape: tuple, rank: int, world: int, sigmas: Callable | None = None
+) -> dict:
     """Every random draw of one micro-batch, made for the whole global batch from (seed, micro-batch)
     and sliced like the data ([rank::world]): a sample gets the same noise whatever the number of
-    processes, and a resumed run the same as an uninterrupted one."""
+    processes, and a resumed run the same as an uninterrupted one. ``sigmas(n, generator)``: a flow
+    objective's noise levels, drawn last, so a DDPM run's draws are what they always were."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * micro_batch + 1)
     draws = {
         "latent_noise": torch.randn(global_batch, *latent_shape, generator=g),  # posterior sample
@@ -69,6 +72,8 @@ def step_randomness(seed: int, micro_batch: int, global_batch: int, latent_shape
         "t": torch.randint(0, 1000, (global_batch,), generator=g),
         "drop": torch.rand(global_batch, generator=g),
     }
+    if sigmas is not None:
+        draws["sigma"] = sigmas(global_batch, g)
     return {k: v[rank::world] for k, v in draws.items()}
 
 
@@ -86,13 +91,14 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     # 1. Data and models, checked against each other before anything expensive.
     records = load_records(cfg.data.path, cfg.data, captions=True)
     models = load_models(cfg)
+    check_objective(cfg, models)  # a fine-tune keeps its folder's objective and shift
     vae, tokenizer, text_encoder, unet = models.vae.to(device), models.tokenizer, models.text_encoder, models.unet
     trained_text_encoder = text_encoder if models.text_trains else None
     check_compatible(unet, vae, text_encoder, cfg.data.resolution, models.vae_dir)
     sizes = _bucket_sizes(cfg, models, accelerator)  # None: square crops
     autoencoder_fit = check_autoencoder_fit(vae, records, cfg, models.vae_dir) if is_main and cfg.model.check_images else None
     prepare_to_train(models, cfg.finetune, device)
-    objective = DenoisingObjective(models.noise_scheduler, cfg.objective.min_snr_gamma, cfg.objective.offset_noise)
+    objective, sigmas = training_objective(cfg, models)  # sigmas: a flow objective's draws of its noise levels
 
     # 2. The latent cache (encoded once, every process its share) and the stream of batches over it.
     cache = open_latent_cache(cfg, models, records, sizes, accelerator)
@@ -127,17 +133,18 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
             idx, flip = torch.tensor([i for i, _ in picks]), torch.tensor([f for _, f in picks])
             moments = cache.posteriors(idx, flip)  # (B, 2C, h, w): h, w of the batch's bucket
             latent_shape = (moments.shape[1] // 2, *moments.shape[2:])  # (C, h, w)
-            draws = step_randomness(cfg.seed, micro, stream.global_batch, latent_shape, rank, world)
+            draws = step_randomness(cfg.seed, micro, stream.global_batch, latent_shape, rank, world, sigmas)
             micro += 1
             # x_0: a fresh draw from each posterior, normalised to unit variance by the autoencoder's scaling/shift factor
             x0 = normalize_latents(vae, sample_latents(moments, draws["latent_noise"])).to(device)
-            t = draws["t"].to(device)
-            x_t, target = objective.noisy_input_and_target(x0, draws["eps"].to(device), t, draws["offset"])
+            level = draws[objective.draw].to(device)  # DDPM: the timestep t; flow: sigma, at timestep 1000 sigma
+            t = objective.timestep(level)
+            x_t, target = objective.noisy_input_and_target(x0, draws["eps"].to(device), level, draws["offset"])
             cond = conditioning(idx, draws["drop"] < cfg.objective.caption_dropout, device)  # dropped captions become ""
             with accelerator.accumulate(model), accelerator.autocast():
                 with training_attention(device):
                     pred = model(x_t, t, **cond)
-                loss = objective.per_sample_loss(pred, target, t).mean()
+                loss = objective.per_sample_loss(pred, target, level).mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and train_cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ldm.schedulers import make_scheduler
+from ldm.schedulers import folder_scheduler
 from runtime.files import write_json_atomic
 from training.config import to_dict
 from training.ldm_config import LdmJobConfig
@@ -30,9 +30,7 @@ def export_run(cfg: LdmJobConfig, models: Models, out: Path, steps: int, cached_
             models.source, out / "lora", vae if cfg.model.replace_vae else None, models.noise_scheduler.config
         )
     else:
-        pipe = pipeline_of(
-            vae, models.text_encoder, models.tokenizer, unet, make_scheduler("dpm++", models.noise_scheduler.config)
-        )
+        pipe = pipeline_of(vae, models.text_encoder, models.tokenizer, unet, folder_scheduler(models.noise_scheduler.config))
     pipe.save_pretrained(out / "pipeline")
     metrics = {
         "steps": steps,

@@ -10,7 +10,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict
 
 from ldm.pipeline import LatentDiffusionPipeline
-from ldm.schedulers import make_scheduler
+from ldm.schedulers import folder_scheduler
 from training.ldm_config import FinetuneConfig
 
 
@@ -58,5 +58,5 @@ def fused_lora_pipeline(source: str, lora_folder: Path, vae=None, noise_schedule
     pipe.load_lora_weights(str(lora_folder))
     pipe.fuse_lora()
     pipe.unload_lora_weights()
-    pipe.scheduler = make_scheduler("dpm++", noise_scheduler_config or pipe.scheduler.config)
+    pipe.scheduler = folder_scheduler(noise_scheduler_config or pipe.scheduler.config)
     return pipe

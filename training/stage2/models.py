@@ -12,6 +12,9 @@ from transformers import AutoModel, AutoTokenizer
 
 from autoencoder import downsampling_factor, load_autoencoder
 from ldm.diffusion import training_scheduler, training_scheduler_of
+from ldm.flow import flow_scheduler, sample_sigmas
+from ldm.objective import DenoisingObjective, FlowObjective
+from ldm.schedulers import flow_shift, is_flow
 from ldm.text import load_text_encoder
 from ldm.pipeline import total_downsampling
 from ldm.unet import build_unet
@@ -72,7 +75,10 @@ def load_models(cfg: LdmJobConfig) -> Models:
     unet = build_unet(
         m.unet, cfg.data.resolution // downsampling_factor(vae), text_encoder.config.hidden_size, vae.config.latent_channels
     )
-    noise_scheduler = training_scheduler(m.prediction_type, cfg.objective.zero_terminal_snr)
+    if cfg.objective.type == "flow":
+        noise_scheduler = flow_scheduler(cfg.objective.shift)
+    else:
+        noise_scheduler = training_scheduler(m.prediction_type, cfg.objective.zero_terminal_snr)
     return Models(
         vae,
         tokenizer,
@@ -85,6 +91,36 @@ def load_models(cfg: LdmJobConfig) -> Models:
         None,
         cfg.cache.text and not text_trains,
     )
+
+
+def check_objective(cfg: LdmJobConfig, models: Models) -> None:
+    """A fine-tune trains with its folder's objective (ddpm or flow) and, for flow, its shift: one line otherwise."""
+    if cfg.model.init_from and is_flow(models.noise_scheduler.config) != (cfg.objective.type == "flow"):
+        kind = "flow" if is_flow(models.noise_scheduler.config) else "ddpm"
+        raise ConfigError(
+            f"model.init_from={cfg.model.init_from} was trained with objective.type={kind}: set it (this run's is {cfg.objective.type})"
+        )
+    if (
+        cfg.model.init_from
+        and cfg.objective.type == "flow"
+        and cfg.objective.shift not in (1.0, flow_shift(models.noise_scheduler.config))
+    ):
+        raise ConfigError(
+            f"objective.shift={cfg.objective.shift}: model.init_from={cfg.model.init_from} was trained with shift "
+            f"{flow_shift(models.noise_scheduler.config)}, which fine-tuning keeps; leave objective.shift unset"
+        )
+
+
+def training_objective(cfg: LdmJobConfig, models: Models):
+    """(the loss, ``sigmas(n, generator)`` or None): DDPM's on the model's schedule, or flow matching's with its
+    noise levels drawn as ``objective.timesteps`` says and shifted by the model's shift."""
+    o = cfg.objective
+    if o.type == "flow":
+        shift = flow_shift(models.noise_scheduler.config)
+        return FlowObjective(o.weighting, o.offset_noise), lambda n, g: sample_sigmas(
+            n, g, o.timesteps, o.logit_mean, o.logit_std, o.mode_scale, shift
+        )
+    return DenoisingObjective(models.noise_scheduler, o.min_snr_gamma, o.offset_noise), None
 
 
 def prepare_to_train(models: Models, finetune: FinetuneConfig, device) -> None:
