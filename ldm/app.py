@@ -26,7 +26,7 @@ import runtime
 from runtime.errors import InputError, one_line_errors
 
 from .generate import load_pipeline, png_info, sample
-from .schedulers import SCHEDULERS
+from .schedulers import sampler_names
 
 MAX_SEED = 2**31 - 1
 
@@ -122,7 +122,7 @@ def build_app(pipe, has_lora: bool = False, title: str | None = None):
                     seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
                     random_seed = gr.Checkbox(value=False, label="Random seed")
                 with gr.Row():
-                    sampler = gr.Dropdown(list(SCHEDULERS), value="dpm++", label="Sampler")
+                    sampler = gr.Dropdown(sampler_names(pipe.scheduler.config), value="dpm++", label="Sampler")
                     num_images = gr.Slider(1, 16, value=4, step=1, label="Images", elem_id="num-images")
                 with gr.Row():
                     height = gr.Number(value=size, precision=0, label="Height", elem_id="height")

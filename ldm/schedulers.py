@@ -97,3 +97,8 @@ def folder_scheduler(config: Any) -> SchedulerMixin:
     """The scheduler an exported pipeline folder holds for the training schedule ``config``: DPM++ 2M for a DDPM
     model, diffusers' flow Euler with the model's shift for a flow-matching one (what diffusers' flow pipelines hold)."""
     return make_scheduler("euler" if is_flow(config) else "dpm++", config)
+
+
+def sampler_names(config: Any) -> list[str]:
+    """The samplers a model with the training schedule ``config`` offers (a flow-matching model: its flow ones)."""
+    return list(FLOW_SCHEDULERS if is_flow(config) else SCHEDULERS)

@@ -155,3 +155,15 @@ def test_img2img_on_a_flow_model_starts_on_the_straight_path_from_the_images_lat
     sigma = reference.sigmas[2]
     assert len(seen) == 2 and seen[0][1] == pytest.approx(float(reference.timesteps[2]))
     assert torch.allclose(seen[0][0], add_flow_noise(z, eps, sigma.view(1)), atol=1e-5)
+
+
+def test_the_web_page_offers_a_flow_models_own_samplers():
+    import gradio as gr
+
+    from ldm.app import build_app
+    from tests.conftest import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    (dropdown,) = [b for b in build_app(pipe).blocks.values() if isinstance(b, gr.Dropdown)]
+    assert [value for _, value in dropdown.choices] == ["euler", "heun", "dpm++", "unipc"] and dropdown.value == "dpm++"
