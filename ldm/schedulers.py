@@ -94,9 +94,11 @@ def step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | None = N
 
 
 def folder_scheduler(config: Any) -> SchedulerMixin:
-    """The scheduler an exported pipeline folder holds for the training schedule ``config``: DPM++ 2M for a DDPM
-    model, diffusers' flow Euler with the model's shift for a flow-matching one (what diffusers' flow pipelines hold)."""
-    return make_scheduler("euler" if is_flow(config) else "dpm++", config)
+    """The scheduler an exported pipeline folder holds for the training schedule ``config``: DPM++ 2M, for a
+    flow-matching model on its flow sigmas with its shift. Unlike diffusers' flow Euler (``euler`` here), it has the
+    ``init_noise_sigma`` and ``scale_model_input`` that diffusers' StableDiffusionPipeline calls, so that pipeline
+    samples the folder as it is (tested: the same image)."""
+    return make_scheduler("dpm++", config)
 
 
 def sampler_names(config: Any) -> list[str]:
