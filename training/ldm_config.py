@@ -63,9 +63,8 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    type: str = (
-        "ddpm"  # ddpm (eps or v, model.prediction_type) | flow (rectified flow: the U-Net predicts eps - x_0; ldm/flow.py)
-    )
+    # ddpm (eps or v, model.prediction_type) | flow (rectified flow: the U-Net predicts eps - x_0; ldm/flow.py)
+    type: str = "ddpm"
     min_snr_gamma: float | None = 5.0  # ddpm; None: plain MSE
     offset_noise: float = 0.0  # e.g. 0.05; 0: off
     zero_terminal_snr: bool = False  # ddpm; needs prediction_type=v_prediction (a new U-Net only: init_from brings its schedule)

@@ -95,19 +95,18 @@ def load_models(cfg: LdmJobConfig) -> Models:
 
 def check_objective(cfg: LdmJobConfig, models: Models) -> None:
     """A fine-tune trains with its folder's objective (ddpm or flow) and, for flow, its shift: one line otherwise."""
-    if cfg.model.init_from and is_flow(models.noise_scheduler.config) != (cfg.objective.type == "flow"):
-        kind = "flow" if is_flow(models.noise_scheduler.config) else "ddpm"
+    if not cfg.model.init_from:
+        return
+    config, o = models.noise_scheduler.config, cfg.objective
+    kind = "flow" if is_flow(config) else "ddpm"
+    if kind != o.type:
         raise ConfigError(
-            f"model.init_from={cfg.model.init_from} was trained with objective.type={kind}: set it (this run's is {cfg.objective.type})"
+            f"model.init_from={cfg.model.init_from} was trained with objective.type={kind}: set it (this run's is {o.type})"
         )
-    if (
-        cfg.model.init_from
-        and cfg.objective.type == "flow"
-        and cfg.objective.shift not in (1.0, flow_shift(models.noise_scheduler.config))
-    ):
+    if kind == "flow" and o.shift not in (1.0, flow_shift(config)):
         raise ConfigError(
-            f"objective.shift={cfg.objective.shift}: model.init_from={cfg.model.init_from} was trained with shift "
-            f"{flow_shift(models.noise_scheduler.config)}, which fine-tuning keeps; leave objective.shift unset"
+            f"objective.shift={o.shift}: model.init_from={cfg.model.init_from} was trained with shift "
+            f"{flow_shift(config)}, which fine-tuning keeps; leave objective.shift unset"
         )
 
 

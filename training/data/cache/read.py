@@ -26,9 +26,7 @@ class Captions(Sequence[str]):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+    def __getitem__(self, i: int) -> str:
         return self.texts[int(self.index[i])]["text"]
 
     def __iter__(self):
