@@ -60,6 +60,11 @@ class AutoencoderLoss(nn.Module):
     def gan_active(self, step: int) -> bool:
         return self.cfg.disc_weight > 0 and step >= self.cfg.disc_start
 
+    @property
+    def gan_start(self) -> int | None:
+        """The first optimizer step with the GAN terms (None: none has them)."""
+        return self.cfg.disc_start if self.cfg.disc_weight > 0 else None
+
     def generator_loss(
         self,
         x: torch.Tensor,  # (B, 3, H, W) in [-1, 1]

@@ -5,8 +5,8 @@ runs/demo-summary.json, and the README quotes a committed copy of a fresh clone'
 
 Reads runs/autoencoder-openmoji-32-f4/ (metrics.json, log.jsonl) and runs/ldm-openmoji-32/ (metrics.json,
 log.jsonl): the autoencoder's held-out and out-of-domain reconstruction figures beside its references, its running
-held-out PSNR, the stage-2 loss curve and evaluation; each job's wall time (its first log record to its metrics.json)
-and images/s; the precision each chose and why; the CPU and the package versions. ``--started``: a file holding the
+held-out PSNR, the stage-2 loss curve and evaluation; each job's wall time (its first log record to its metrics.json),
+images/s and the step count its time budget fixed; the precision each chose and why; the CPU and the package versions. ``--started``: a file holding the
 time `make demo` started (``date +%s``), for the wall time of the whole command.
 """
 
@@ -41,7 +41,9 @@ def _job(run: Path, metrics: dict) -> dict:
     """A job's wall time (its first log record, cache included, to its metrics.json) and mean logged images/s."""
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     speeds = [r["images_per_s"] for r in records if "images_per_s" in r]
+    budget = [r for r in records if r.get("event") == "budget"]  # train.max_minutes: the step count it fixed
     return {
+        "budget": {k: budget[-1][k] for k in ("max_minutes", "seconds_per_step", "max_steps")} if budget else None,
         "wall_seconds": round((run / "metrics.json").stat().st_mtime - records[0]["time"], 1),
         "images_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
         "mixed_precision": metrics["mixed_precision"],
@@ -76,7 +78,7 @@ def gather(seconds: float | None) -> dict:
             "steps": ldm["steps"],
             **_job(LDM, ldm),
             "train_seconds": ldm["train_seconds_this_run"],
-            "loss": _log(LDM, "loss", (400, 800, 1200, 1600)),
+            "loss": _log(LDM, "loss", (400, 800, 1200, 1600, ldm["steps"])),
             "prompt_top1": ldm["eval"]["prompt_top1"],
             "fd_vgg": round(ldm["eval"]["fd_vgg"], 1),
             "fd_vgg_floor_real_sample": round(ldm["eval"]["fd_vgg_floor_real_sample"], 1),

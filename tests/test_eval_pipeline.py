@@ -104,3 +104,32 @@ def test_a_runs_evaluation_and_the_command_give_the_distance_of_the_exported_pip
     assert result["prompts"] == 4 and result["steps"] == 2 and result["guidance"] == 2.0
     assert result["fd_vgg"] == pytest.approx(fd, rel=1e-4) and result["fd_vgg"] > result["fd_vgg_floor_real_sample"]
     assert result["prompt_top1"] in (0, 0.25, 0.5, 0.75, 1)
+
+
+def test_unseen_captions_reword_each_caption_in_a_sentence_no_caption_has(openmoji_small, monkeypatch):
+    """``captions_style="unseen"``: the pipeline is asked for the reworded captions (the four sentences in turn), and an
+    oracle that reads them back scores 1.0; unknown styles are refused."""
+    from training.eval.pipeline import UNSEEN_STYLES, restyled
+
+    assert restyled(["red apple", "sun"] * 3, "unseen")[:5] == [
+        "a drawing of red apple", "sun, as a flat icon", "an emoji that shows red apple", "a small picture of sun on white",
+        "a drawing of red apple"]  # fmt: skip
+    assert restyled(["sun"], "train") == ["sun"]
+    with pytest.raises(ValueError, match="caption style 'poems' is unknown; valid: train, unseen"):
+        restyled(["sun"], "poems")
+    cfg = DataConfig(path=str(openmoji_small), resolution=32)
+    by_caption = {}
+    for batch in eval_loader(load_records(openmoji_small, cfg), cfg, 64):
+        by_caption.update(zip(batch["text"], batch["pixel_values"]))
+    asked = []
+
+    class Reader(_Oracle):
+        def __call__(self, prompts, **kw):
+            asked.extend(prompts)
+            styles = [next(c for c in self.captions for s in UNSEEN_STYLES if s.format(c) == p) for p in prompts]
+            return super().__call__(styles, **kw)
+
+    monkeypatch.setattr(ldm.pipeline.LatentDiffusionPipeline, "from_pretrained", classmethod(lambda cls, p: Reader(by_caption, False)))
+    result = evaluate_pipeline("oracle", openmoji_small, num_prompts=30, steps=1, captions_style="unseen")
+    assert result["captions"] == "unseen" and result["prompt_top1"] == 1.0
+    assert len(asked) == 30 and not set(asked) & set(by_caption)

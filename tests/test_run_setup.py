@@ -30,6 +30,7 @@ def test_periodic_actions_are_due_every_n_steps_and_at_the_end():
     ("train.cpu_threads=0", "train.cpu_threads=0 must be >= 1"),
     ("train.ema_decay=1.5", "train.ema_decay=1.5 must be in (0, 1)"),
     ("train.lr_schedule=zigzag", "train.lr_schedule='zigzag' is unknown; valid: linear, cosine"),
+    ("train.max_minutes=0", "train.max_minutes=0.0 must be > 0 (or null for no time budget)"),
 ])  # fmt: skip
 def test_both_jobs_share_the_rules_of_the_shared_settings(override, message):
     from training.autoencoder_config import AutoencoderJobConfig

@@ -8,6 +8,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import psutil
@@ -60,20 +61,42 @@ def test_trained_text_encoder_is_exported(clip_run):
     assert torch.equal(exported[key], ckpt[10][f"text_encoder.{key}"])
 
 
-def test_resume_equals_an_uninterrupted_run_with_a_frozen_cached_encoder(openmoji_small, tiny_vae, tmp_path):
-    """MiniLM: frozen, its caption states come from the cache. Killed after step 3, relaunched:
-    the final EMA U-Net is bit-identical to a run that never stopped."""
-    common = ["model.text_encoder=minilm", "train.max_steps=6", "train.checkpoint_every=3", "train.sample_every=100",
-              f"cache.dir={tmp_path / 'cache'}"]  # fmt: skip
-    train(ldm_cfg(openmoji_small, tiny_vae, tmp_path / "full", *common))
-    train(ldm_cfg(openmoji_small, tiny_vae, tmp_path / "resumed", *common), stop_after_steps=3)
+def test_resume_equals_an_uninterrupted_run_with_a_frozen_cached_encoder_and_a_time_budget(openmoji_small, tiny_vae, tmp_path, monkeypatch):
+    """MiniLM: frozen, its caption states come from the cache. A run with train.max_minutes=0.5 on a clock where a step
+    takes 2 s: timed from step 1 to step 6 (10 s), 12 s spent, 18 s left: max_steps 15 of the cap's 20. Killed after
+    step 8, relaunched: it ends at step 15 with the final EMA U-Net bit-identical to a 15-step run that never stopped
+    and had no budget (the schedule is constant after its warm-up, so the horizon does not change it)."""
+    from training import run
+    from training.run import budget
+
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(budget, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(budget, "WARMUP_STEPS", 1)
+    monkeypatch.setattr(budget, "PROBE_STEPS", 2)
+    step_done = run.after_optimizer_step
+
+    def two_seconds_a_step(*args):
+        clock.now += 2.0
+        step_done(*args)
+
+    monkeypatch.setattr(run, "after_optimizer_step", two_seconds_a_step)
+    common = ["model.text_encoder=minilm", "train.checkpoint_every=4", "train.sample_every=100", f"cache.dir={tmp_path / 'cache'}"]
+    train(ldm_cfg(openmoji_small, tiny_vae, tmp_path / "full", *common, "train.max_steps=15"))
+    timed = [*common, "train.max_steps=20", "train.max_minutes=0.5"]
+    train(ldm_cfg(openmoji_small, tiny_vae, tmp_path / "resumed", *timed), stop_after_steps=8)
     assert not (tmp_path / "resumed" / "pipeline").exists()
-    train(ldm_cfg(openmoji_small, tiny_vae, tmp_path / "resumed", *common))
+    state = json.loads((tmp_path / "resumed" / "checkpoints" / "step-00000008" / "trainer_state.json").read_text())
+    assert state["budget_max_steps"] == 15 and state["budget_seconds"] == 16.0
+    train(ldm_cfg(openmoji_small, tiny_vae, tmp_path / "resumed", *timed))
     full, resumed = unet_weights(tmp_path / "full"), unet_weights(tmp_path / "resumed")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["steps"] == 15
     log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
-    # every launch checks the autoencoder on the data first, then starts or resumes
-    assert [r["event"] for r in log if "event" in r] == ["start", "autoencoder_check", "resume", "autoencoder_check"]
+    # every launch checks the autoencoder on the data first, then starts or resumes; the budget is fixed once
+    assert [r["event"] for r in log if "event" in r] == ["start", "autoencoder_check", "budget", "resume", "autoencoder_check"]
+    fixed = next(r for r in log if r.get("event") == "budget")
+    assert (fixed["step"], fixed["seconds_per_step"], fixed["seconds_so_far"], fixed["max_steps"]) == (6, 2.0, 12.0, 15)
+    assert logged(tmp_path / "resumed", "loss")[-1]["step"] == 15
 
 
 def test_latent_cache_is_reused_rebuilt_on_a_new_key_and_never_runs_in_the_step(openmoji_small, tiny_vae, tmp_path, monkeypatch):
@@ -250,8 +273,8 @@ def test_stage_2_caches_each_image_at_its_bucket_resumes_exactly_and_samples_eac
 
 @pytest.mark.parametrize("job", ["train_ldm", "train_autoencoder"])
 def test_two_ranks_on_buckets(job, mixed_shapes, tiny_vae, tmp_path):
-    """Stage 2: two ranks with batch 4 end with the U-Net of one rank with batch 8, every batch from
-    one bucket. Stage 1 draws its posterior noise per rank by design (so there only the data stream
+    """Stage 2, on the flow-matching objective (DDPM's 2 = 1 is the SIGTERM test's): two ranks with batch 4 end with
+    the U-Net of one rank with batch 8 and log its losses, every batch from one bucket. Stage 1 draws its posterior noise per rank by design (so there only the data stream
     is shared, tested at the sampler), and two ranks train and log the buckets."""
     import sys
     from pathlib import Path
@@ -262,7 +285,8 @@ def test_two_ranks_on_buckets(job, mixed_shapes, tiny_vae, tmp_path):
 
     accelerate = Path(sys.executable).parent / "accelerate"
     if job == "train_ldm":
-        common = ["--config", str(TINY_LDM_CONFIG), f"model.vae={tiny_vae}", f"cache.dir={tmp_path / 'cache'}", "train.sample_every=100"]
+        common = ["--config", str(TINY_LDM_CONFIG), f"model.vae={tiny_vae}", f"cache.dir={tmp_path / 'cache'}", "train.sample_every=100",
+                  "objective.type=flow"]  # fmt: skip
     else:
         common = ["--config", str(TINY_AE_CONFIG), "train.sample_every=100", "loss.disc_start=2"]
     common += [f"data.path={mixed_shapes}", "data.buckets.enabled=true", "train.max_steps=4", "train.checkpoint_every=4",
@@ -325,8 +349,8 @@ def test_a_flow_matching_run_resumes_exactly_exports_a_flow_folder_and_its_fine_
     assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.scheduler.config.shift == 3.0
     assert np.isfinite(pipe(["red apple"], generator=torch.Generator().manual_seed(0), **args).images).all()
 
-    def tune(out, *overrides):
-        return load_config(LdmJobConfig, ROOT / "configs" / "finetune" / "full-openmoji.yaml", [
+    def tune(out, *overrides, method="full"):
+        return load_config(LdmJobConfig, ROOT / "configs" / "finetune" / f"{method}-openmoji.yaml", [
             f"model.init_from={tmp_path / 'full' / 'pipeline'}", f"data.path={openmoji_small}", f"output_dir={out}",
             "train.max_steps=2", *FAST_STEPS, *overrides])  # fmt: skip
 
@@ -336,3 +360,13 @@ def test_a_flow_matching_run_resumes_exactly_exports_a_flow_folder_and_its_fine_
         train(tune(tmp_path / "tuned-shift", "objective.type=flow", "objective.shift=2.0"))
     train(tune(tmp_path / "tuned", "objective.type=flow"))  # the folder's shift
     assert LatentDiffusionPipeline.from_pretrained(tmp_path / "tuned" / "pipeline").scheduler.config.flow_shift == 3.0
+    # LoRA on the flow model: its fused export keeps the flow schedule, and the flow folder with the adapters loaded
+    # by diffusers' load_lora_weights makes the fused export's image
+    train(tune(tmp_path / "lora", "objective.type=flow", "train.lr=0.05", method="lora"))  # a large LR: visible adapters
+    fused = LatentDiffusionPipeline.from_pretrained(tmp_path / "lora" / "pipeline", dtype="fp32")
+    assert fused.scheduler.config.use_flow_sigmas and fused.scheduler.config.flow_shift == 3.0
+    loaded = LatentDiffusionPipeline.from_pretrained(tmp_path / "full" / "pipeline", dtype="fp32")
+    loaded.load_lora_weights(str(tmp_path / "lora" / "lora"))
+    lora_image = loaded(["red apple"], generator=torch.Generator().manual_seed(0), **args).images
+    assert np.abs(lora_image - fused(["red apple"], generator=torch.Generator().manual_seed(0), **args).images).max() < 1e-3
+    assert np.abs(lora_image - image).max() > 1e-3  # the adapters changed the image

@@ -2,6 +2,7 @@
 
     python -m training.evaluate autoencoder --vae DIR --data DIR [--ood DIR ...] [--out FILE]
     python -m training.evaluate pipeline --model DIR --data DIR [--num-prompts N] [--steps S] [--guidance G] [--seed S]
+                                         [--captions train|unseen]
 
 ``autoencoder``: PSNR (dB), SSIM, LPIPS-VGG and colour error (mean absolute difference of the
 8x8-pixel block averages, in 0-255 levels) of reconstructions (posterior mean) of every image in
@@ -66,6 +67,12 @@ def main(argv: list[str] | None = None) -> None:
     pl.add_argument("--steps", type=int, default=25)
     pl.add_argument("--guidance", type=float, default=3.0)
     pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument(
+        "--captions",
+        choices=("train", "unseen"),
+        default="train",
+        help="unseen: each caption reworded in a sentence no caption has",
+    )
     pl.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     runtime.configure()
@@ -88,7 +95,9 @@ def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
                 ood=[str(p) for p in args.ood],
             )
         else:
-            result = evaluate_pipeline(args.model, args.data, args.num_prompts, args.steps, args.guidance, args.seed)
+            result = evaluate_pipeline(
+                args.model, args.data, args.num_prompts, args.steps, args.guidance, args.seed, captions_style=args.captions
+            )
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"error: {err}\n")
     if args.out:

@@ -17,7 +17,6 @@ import datasets
 import torch
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
-from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from autoencoder import (
@@ -69,13 +68,8 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
     stream = _batch_stream(records, cfg, vae, accelerator)
 
     # 2. Networks and the loss (LPIPS weights are pretrained VGG16, frozen).
-    disc = PatchDiscriminator(channels=cfg.loss.disc_channels, num_layers=cfg.loss.disc_layers)
-    lpips = LPIPS.pretrained().to(device)
-    loss_fn = AutoencoderLoss(lpips, cfg.loss)
-    ae_params, opt_ae, opt_d, sched_ae = _optimisation(vae, disc, train_cfg)
-    memory_format = torch.channels_last if train_cfg.channels_last else torch.contiguous_format
-    for net in (vae, disc, lpips):
-        net.to(memory_format=memory_format)
+    disc, lpips, loss_fn, memory_format = _networks(cfg, vae, device)
+    ae_params, opt_ae, opt_d, sched_ae, horizon = _optimisation(vae, disc, train_cfg)
     model, disc, opt_ae, opt_d = accelerator.prepare(Reconstruction(vae), disc, opt_ae, opt_d)
     ema = run.checkpoint_schedule_and_ema(accelerator, sched_ae, ae_params, train_cfg.ema_decay)
     unwrapped_disc = accelerator.unwrap_model(disc)
@@ -95,14 +89,16 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
     # fixed images for sample grids and a running held-out PSNR (up to eval.batch_size of them)
     preview = preview_batch(held_out if held_out is not None else records, cfg, cfg.eval.batch_size)
 
-    def trainer_state() -> dict:  # a collective: every process calls it
-        return {"micro_batches": batches.micro_batches, "bad_images": batches.total_bad(), **layout}
+    budget = run.StepBudget(train_cfg, horizon, state, accelerator, opt_ae, sched_ae, (loss_fn.gan_start,))  # GAN steps cost more
 
-    bar = tqdm(total=train_cfg.max_steps, initial=step, desc="autoencoder", disable=not is_main, dynamic_ncols=True)
+    def trainer_state() -> dict:  # a collective: every process calls it
+        return {"micro_batches": batches.micro_batches, "bad_images": batches.total_bad(), **layout, **budget.state()}
+
+    bar = tqdm(total=budget.max_steps, initial=step, desc="autoencoder", disable=not is_main, dynamic_ncols=True)
     window_start, window_images, window = time.perf_counter(), 0, {}
     # from here SIGTERM / SIGINT stop after the step, with a checkpoint
     stop = run.StopGuard(accelerator, out, train_cfg.keep_checkpoints, bar)
-    while step < train_cfg.max_steps:
+    while step < budget.max_steps:
         # 4. One optimizer step = grad_accum_steps micro-batches.
         use_gan = loss_fn.gan_active(step)
         gan_disc = unwrapped_disc if use_gan else None
@@ -135,9 +131,10 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
         run.after_optimizer_step(sched_ae, ema, ae_params, bar)
         step += 1
         stopping = stop.after_step(step, step_loss)  # a signal on any process (a non-finite loss raises)
+        budget.after_step(step, log, bar)
 
         # 5. Logs (the step a signal stops at too: its loss is in the curve), sample grids, checkpoints.
-        if stopping or run.due(step, train_cfg.log_every, train_cfg.max_steps):
+        if stopping or run.due(step, train_cfg.log_every, budget.max_steps):
             elapsed = time.perf_counter() - window_start
             n = window.pop("n")
             means = {k: round(v / n, 6) for k, v in window.items()}
@@ -146,12 +143,12 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
             window_start, window_images, window = time.perf_counter(), 0, {}
         if stopping:
             raise stop.checkpoint_and_stop(step, trainer_state(), log)
-        if is_main and run.due(step, train_cfg.sample_every, train_cfg.max_steps):
+        if is_main and run.due(step, train_cfg.sample_every, budget.max_steps):
             grid = out / "samples" / f"step-{step:08d}.png"
             val_psnr = save_reconstructions(vae, preview, grid)
             log.write(step=step, val_psnr=round(val_psnr, 3), val_images=preview.shape[0])
             log.images("reconstructions", grid, step)
-        if run.due(step, train_cfg.checkpoint_every, train_cfg.max_steps):
+        if run.due(step, train_cfg.checkpoint_every, budget.max_steps):
             run.save_checkpoint(accelerator, out, step, trainer_state(), train_cfg.keep_checkpoints)
         if stop_after_steps is not None and step >= stop_after_steps:
             bar.close()
@@ -159,7 +156,12 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
     # 6. Export: fit the latent scale, save vae/ in the diffusers layout, held-out metrics.
     bad_images = batches.total_bad()
     run.finish(
-        accelerator, stop, log, ema, ae_params, lambda: export_autoencoder(vae, records, held_out, lpips, cfg, out, bad_images)
+        accelerator,
+        stop,
+        log,
+        ema,
+        ae_params,
+        lambda: export_autoencoder(vae, records, held_out, lpips, cfg, out, bad_images, step),
     )
     return out / "vae"
 
@@ -197,8 +199,21 @@ def _batch_stream(records, cfg: AutoencoderJobConfig, vae: AutoencoderKL, accele
     return BatchStream(len(records), cfg.train.batch_size, cfg.seed, rank, world, cfg.data.random_flip, sizes, bucket_of)
 
 
-def _optimisation(vae: AutoencoderKL, disc, train_cfg) -> tuple[list, torch.optim.Optimizer, torch.optim.Optimizer, object]:
-    """(trained autoencoder parameters, AdamW over them, AdamW over the discriminator, the autoencoder's LR schedule).
+def _networks(cfg: AutoencoderJobConfig, vae: AutoencoderKL, device) -> tuple:
+    """(the patch discriminator, LPIPS, the loss, the memory format): every network in the run's memory format."""
+    disc = PatchDiscriminator(channels=cfg.loss.disc_channels, num_layers=cfg.loss.disc_layers)
+    lpips = LPIPS.pretrained().to(device)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    for net in (vae, disc, lpips):
+        net.to(memory_format=memory_format)
+    return disc, lpips, AutoencoderLoss(lpips, cfg.loss), memory_format
+
+
+def _optimisation(
+    vae: AutoencoderKL, disc, train_cfg
+) -> tuple[list, torch.optim.Optimizer, torch.optim.Optimizer, object, run.Horizon]:
+    """(trained autoencoder parameters, AdamW over them, AdamW over the discriminator, the autoencoder's LR schedule,
+    its horizon).
     With ``decoder_only`` the encoder and quant_conv, which define the latent space, stay frozen. The discriminator's
     LR stays constant, as in the reference recipe; the schedule is stepped once per optimizer step (not per process)."""
     if train_cfg.decoder_only:
@@ -210,10 +225,8 @@ def _optimisation(vae: AutoencoderKL, disc, train_cfg) -> tuple[list, torch.opti
     opt_d = torch.optim.AdamW(
         disc.parameters(), lr=train_cfg.disc_lr or train_cfg.lr, betas=betas, weight_decay=decay, fused=True
     )
-    sched_ae = get_scheduler(
-        train_cfg.lr_schedule, opt_ae, num_warmup_steps=train_cfg.lr_warmup_steps, num_training_steps=train_cfg.max_steps
-    )
-    return ae_params, opt_ae, opt_d, sched_ae
+    horizon = run.Horizon(train_cfg.lr_schedule, train_cfg.lr_warmup_steps, train_cfg.max_steps, opt_ae.defaults["lr"])
+    return ae_params, opt_ae, opt_d, horizon.scheduler(opt_ae), horizon
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,7 +20,6 @@ from typing import Callable
 from typing import Any
 
 import torch
-from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from autoencoder import normalize_latents, sample_latents
@@ -106,7 +105,7 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     stream = cache.batch_stream(train_cfg.batch_size, cfg.seed, rank, world, cfg.data.random_flip, bucket_set=sizes)
 
     # 3. Optimiser, LR schedule, EMA; resume.
-    unet_params, optimizer, lr_sched = _optimisation(unet, trained_text_encoder, train_cfg)
+    unet_params, optimizer, lr_sched, horizon = _optimisation(unet, trained_text_encoder, train_cfg)
     model, optimizer = accelerator.prepare(UNetAndTextEncoder(unet, trained_text_encoder), optimizer)
     ema = run.checkpoint_schedule_and_ema(accelerator, lr_sched, unet_params, train_cfg.ema_decay)
     layout = {**stream.layout, "grad_accum_steps": train_cfg.grad_accum_steps}
@@ -120,12 +119,13 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     run.write_start(log, step, accelerator, train_cfg, threads, **_data_figures(cache, stream), **parameters)
     _say_what_the_data_is(log, step, cfg, cache, stream, autoencoder_fit)
     batches = iter(stream.sampler(micro))
+    budget = run.StepBudget(train_cfg, horizon, state, accelerator, optimizer, lr_sched)  # train.max_minutes
 
-    bar = tqdm(total=train_cfg.max_steps, initial=step, desc="latent diffusion", disable=not is_main, dynamic_ncols=True)
+    bar = tqdm(total=budget.max_steps, initial=step, desc="latent diffusion", disable=not is_main, dynamic_ncols=True)
     window_start, window_loss, window_n, started = time.perf_counter(), 0.0, 0, time.perf_counter()
     # from here SIGTERM / SIGINT stop after the step, with a checkpoint
     stop = run.StopGuard(accelerator, out, train_cfg.keep_checkpoints, bar)
-    while step < train_cfg.max_steps:
+    while step < budget.max_steps:
         # 4. One optimizer step = grad_accum_steps micro-batches.
         step_loss = 0.0
         for _ in range(train_cfg.grad_accum_steps):
@@ -156,23 +156,26 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
         run.after_optimizer_step(lr_sched, ema, unet_params, bar)
         step += 1
         stopping = stop.after_step(step, step_loss)  # a signal on any process (a non-finite loss raises)
+        budget.after_step(step, log, bar)  # with train.max_minutes: max_steps fixed from the measured step time
 
         # 5. Logs (the step a signal stops at too: its loss is in the curve), sample grids, checkpoints.
-        if stopping or run.due(step, train_cfg.log_every, train_cfg.max_steps):
+        if stopping or run.due(step, train_cfg.log_every, budget.max_steps):
             mean_loss = accelerator.reduce(torch.tensor(window_loss / window_n, device=device), "mean").item()
             images_per_s = round(window_n * stream.global_batch / (time.perf_counter() - window_start), 2)
             log.write(step=step, loss=round(mean_loss, 6), lr=lr_sched.get_last_lr()[0], images_per_s=images_per_s)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             window_start, window_loss, window_n = time.perf_counter(), 0.0, 0
         if stopping:
-            raise stop.checkpoint_and_stop(step, {"micro_batches": micro, **layout}, log)
-        if is_main and run.due(step, train_cfg.sample_every, train_cfg.max_steps):
+            raise stop.checkpoint_and_stop(step, {"micro_batches": micro, **layout, **budget.state()}, log)
+        if is_main and run.due(step, train_cfg.sample_every, budget.max_steps):
             with ema_weights(ema, unet_params):
                 pipe = pipeline_of(vae, text_encoder, tokenizer, unet, models.noise_scheduler)
                 grid = save_samples(pipe, cfg.sample, out / "samples" / f"step-{step:08d}.png", sample_shapes(stream.sizes))
             log.images("samples", grid, step)
-        if run.due(step, train_cfg.checkpoint_every, train_cfg.max_steps):
-            run.save_checkpoint(accelerator, out, step, {"micro_batches": micro, **layout}, train_cfg.keep_checkpoints)
+        if run.due(step, train_cfg.checkpoint_every, budget.max_steps):
+            run.save_checkpoint(
+                accelerator, out, step, {"micro_batches": micro, **layout, **budget.state()}, train_cfg.keep_checkpoints
+            )
         if stop_after_steps is not None and step >= stop_after_steps:
             bar.close()
             return out / "pipeline"
@@ -218,9 +221,9 @@ def _say_what_the_data_is(
         print(f"warning: {cache.upscaled} images are smaller than {target} and were upscaled")
 
 
-def _optimisation(unet, trained_text_encoder, train_cfg) -> tuple[list, torch.optim.Optimizer, Any]:
+def _optimisation(unet, trained_text_encoder, train_cfg) -> tuple[list, torch.optim.Optimizer, Any, run.Horizon]:
     """(trained U-Net parameters, AdamW over them and the trained text encoder's, the LR schedule
-    (stepped once per optimizer step)). Fused AdamW and foreach EMA: one kernel over all parameters
+    (stepped once per optimizer step), its horizon (``train.max_steps`` until a time budget fixes it)). Fused AdamW and foreach EMA: one kernel over all parameters
     instead of one per tensor (train step 0.42 -> 0.39 s in benchmarks/training_throughput.py's setting)."""
     if train_cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -231,10 +234,8 @@ def _optimisation(unet, trained_text_encoder, train_cfg) -> tuple[list, torch.op
             {"params": [p for p in trained_text_encoder.parameters() if p.requires_grad], "lr": train_cfg.text_lr or train_cfg.lr}
         )
     optimizer = torch.optim.AdamW(groups, weight_decay=train_cfg.weight_decay, fused=True)
-    lr_sched = get_scheduler(
-        train_cfg.lr_schedule, optimizer, num_warmup_steps=train_cfg.lr_warmup_steps, num_training_steps=train_cfg.max_steps
-    )
-    return unet_params, optimizer, lr_sched
+    horizon = run.Horizon(train_cfg.lr_schedule, train_cfg.lr_warmup_steps, train_cfg.max_steps, optimizer.defaults["lr"])
+    return unet_params, optimizer, horizon.scheduler(optimizer), horizon
 
 
 def main(argv: list[str] | None = None) -> None:

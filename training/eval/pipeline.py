@@ -13,6 +13,20 @@ from training.data.loader import eval_loader, spread_indices
 from training.data.records import DataConfig, load_records
 from training.eval.frechet import frechet_distance, vgg_features
 
+# Captions in a style no training caption has (OpenMoji's are bare names: "red apple"): the same images,
+# each caption put in one of these sentences by its position, so a model is also measured on wording it never saw.
+UNSEEN_STYLES = ("a drawing of {}", "{}, as a flat icon", "an emoji that shows {}", "a small picture of {} on white")
+CAPTION_STYLES = ("train", "unseen")
+
+
+def restyled(captions: list[str], style: str) -> list[str]:
+    """``captions`` as they are (``train``) or each in an unseen sentence (``unseen``, :data:`UNSEEN_STYLES`)."""
+    if style not in CAPTION_STYLES:
+        raise ValueError(f"caption style '{style}' is unknown; valid: {', '.join(CAPTION_STYLES)}")
+    if style == "train":
+        return list(captions)
+    return [UNSEEN_STYLES[k % len(UNSEEN_STYLES)].format(c) for k, c in enumerate(captions)]
+
 
 def evaluate_pipeline(
     model_dir: str | Path,
@@ -25,8 +39,10 @@ def evaluate_pipeline(
     candidates: int = 20,
     batch_size: int = 50,
     max_real: int = 5000,
+    captions_style: str = "train",
 ) -> dict:
-    """FD-VGG (with real-data floors) and top-1 prompt adherence of a pipeline on a captioned dataset."""
+    """FD-VGG (with real-data floors) and top-1 prompt adherence of a pipeline on a captioned dataset; with
+    ``captions_style="unseen"`` the prompts are the captions reworded (:data:`UNSEEN_STYLES`)."""
     from ldm.pipeline import LatentDiffusionPipeline
 
     pipe = LatentDiffusionPipeline.from_pretrained(model_dir)
@@ -47,13 +63,14 @@ def evaluate_pipeline(
     if n < 2 or len(real) < candidates:
         raise ValueError(f"{data_dir}: {len(real)} readable images; the evaluation needs at least {max(candidates, 4)}")
     chosen = spread_indices(len(real), n)
+    prompts = restyled([captions[i] for i in chosen], captions_style)
 
     generated = []
     for start in range(0, n, batch_size):
         part = chosen[start : start + batch_size]
         generators = [torch.Generator().manual_seed(seed + start + k) for k in range(len(part))]
         images = pipe(
-            [captions[i] for i in part],
+            prompts[start : start + batch_size],
             num_inference_steps=steps,
             guidance_scale=guidance,
             generator=generators,
@@ -85,6 +102,7 @@ def evaluate_pipeline(
         "prompts": n,
         "steps": steps,
         "guidance": guidance,
+        "captions": captions_style,
         "fd_vgg": frechet_distance(gen_f, real_f),
         "fd_vgg_floor_real_sample": frechet_distance(real_f[perm[:n]], real_f[rest]),
         "fd_vgg_real_halves": frechet_distance(real_f[halves[0]], real_f[halves[1]]),

@@ -2,6 +2,7 @@
 resume-or-start, the run's log and trackers, checkpoints, and the guard (lock, signals,
 divergence). A job calls these as ``run.<name>``; its loop stays in its own file."""
 
+from training.run.budget import Horizon, StepBudget
 from training.run.checkpoint import save_checkpoint
 from training.run.guard import StopGuard, check_finite, guarded
 from training.run.setup import (
@@ -16,7 +17,9 @@ from training.run.setup import (
 from training.run.tracking import RunLog
 
 __all__ = [
+    "Horizon",
     "RunLog",
+    "StepBudget",
     "StopGuard",
     "after_optimizer_step",
     "check_finite",

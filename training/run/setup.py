@@ -30,6 +30,7 @@ class RunConfig:
     batch_size: int = 32  # per process, per micro-batch
     grad_accum_steps: int = 1
     max_steps: int = 2000  # optimizer steps
+    max_minutes: float | None = None  # a time budget for the steps (training/run/budget.py); max_steps stays the cap
     lr: float = 4e-4
     lr_schedule: str = "cosine"  # any diffusers.optimization schedule name
     lr_warmup_steps: int = 100
@@ -56,6 +57,8 @@ def validate_run(train_cfg: RunConfig) -> None:
     for key in ("batch_size", "max_steps", "grad_accum_steps", "checkpoint_every", "log_every", "sample_every"):
         if getattr(train_cfg, key) < 1:
             raise ConfigError(f"train.{key}={getattr(train_cfg, key)} must be >= 1")
+    if train_cfg.max_minutes is not None and not train_cfg.max_minutes > 0:
+        raise ConfigError(f"train.max_minutes={train_cfg.max_minutes} must be > 0 (or null for no time budget)")
     if train_cfg.ema_decay is not None and not 0.0 < train_cfg.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay={train_cfg.ema_decay} must be in (0, 1) (or null for no EMA)")
     tracker_names(train_cfg.report_to)  # unknown or not installed: said now, not after the cache is built

@@ -19,7 +19,9 @@ from training.eval.autoencoder import autoencoder_report, load_images, ood_sets
 from training.run.guard import check_finite
 
 
-def export_autoencoder(vae, records, held_out, lpips: LPIPS, cfg: AutoencoderJobConfig, out: Path, bad_images: int) -> Path:
+def export_autoencoder(
+    vae, records, held_out, lpips: LPIPS, cfg: AutoencoderJobConfig, out: Path, bad_images: int, steps: int
+) -> Path:
     """``out/vae`` (diffusers layout, with the latent normalisation fitted on the training images unless only the decoder
     trained) and ``out/metrics.json``: held-out and out-of-domain figures beside bicubic and PCA. Refused if a weight is
     not finite."""
@@ -42,7 +44,7 @@ def export_autoencoder(vae, records, held_out, lpips: LPIPS, cfg: AutoencoderJob
     metrics: dict = {
         "scaling_factor": scale,
         "shift_factor": shift,
-        "steps": cfg.train.max_steps,
+        "steps": steps,  # train.max_steps, or fewer where train.max_minutes ended the run
         "bad_images": bad_images,
         "mixed_precision": cfg.train.mixed_precision.accelerate_name(str(vae.device)),
         "precision_reason": cfg.train.mixed_precision.reason(str(vae.device)),

@@ -1,0 +1,125 @@
+"""Stage-2 recipes at equal wall-clock time: objectives, then the levers on the winner (issue 26).
+
+    .venv/bin/python benchmarks/stage2_recipes.py [--minutes 6] [--only NAME ...] [--table] [--save]
+
+Each variant is ``configs/ldm/openmoji-32.yaml`` plus overrides, trained for ``--minutes`` of its
+own loop (``train.max_minutes``: the job measures its step time and fixes its step count; the
+step cap is lifted), on the default autoencoder (``runs/autoencoder-openmoji-32-f4/vae``, from
+``make demo``'s first stage) with one latent cache for all. Every run is scored by
+``training.eval.pipeline`` on 100 training captions and on the same captions reworded in sentences no
+caption has (``--captions unseen``), each at 25 and at 8 DPM++ steps (guidance 3): prompt top-1 among
+20 candidates (chance 0.05) and FD-VGG with its floor (100 real images vs the rest). Rows go to
+``runs/recipes/results.jsonl`` as each run ends (a variant run again replaces its row); ``--save``
+writes them with the machine to ``benchmarks/STAGE2_RECIPES.json`` as one sweep, which
+``benchmarks/report.py`` renders. About ``--minutes`` + 2 minutes per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "ldm" / "openmoji-32.yaml"
+VAE = ROOT / "runs" / "autoencoder-openmoji-32-f4" / "vae"
+OUT = ROOT / "runs" / "recipes"
+SAVED = ROOT / "benchmarks" / "STAGE2_RECIPES.json"
+FLOW = ["objective.type=flow", "objective.min_snr_gamma=null"]
+# name: (overrides on the config, what we expected it to do)
+VARIANTS: dict[str, tuple[list[str], str]] = {
+    "ddpm eps, min-SNR 5 (the config)": ([], "the reference"),
+    "ddpm v, zero terminal SNR": (["model.prediction_type=v_prediction", "objective.zero_terminal_snr=true"],
+                                  "about the same; better colour at high guidance"),  # fmt: skip
+    "flow, uniform sigma": ([*FLOW, "objective.timesteps=uniform"], "close to ddpm eps"),
+    "flow, logit-normal sigma": ([*FLOW, "objective.timesteps=logit_normal"], "better than uniform (SD3's finding)"),
+    "flow, logit-normal, shift 3": ([*FLOW, "objective.timesteps=logit_normal", "objective.shift=3.0"],
+                                    "worse at 8x8 latents: shift is for many pixels"),  # fmt: skip
+}
+
+
+def job(out: Path, overrides: list[str], minutes: float) -> list[str]:
+    return [sys.executable, "-m", "training.train_ldm", "--config", str(CONFIG), f"model.vae={VAE}", f"output_dir={out}",
+            f"cache.dir={OUT / 'latent-cache'}", f"train.max_minutes={minutes}", "train.max_steps=1000000",
+            "train.sample_every=1000000", "train.checkpoint_every=1000000", "eval.num_prompts=0", "train.report_to=none", *overrides]  # fmt: skip
+
+
+def evaluate(pipeline: Path) -> dict:
+    from training.eval.pipeline import evaluate_pipeline
+
+    figures = {}
+    for captions in ("train", "unseen"):
+        for steps in (25, 8):
+            m = evaluate_pipeline(pipeline, ROOT / "data" / "openmoji-32", 100, steps, 3.0, captions_style=captions)
+            figures[f"{captions}_{steps}"] = {
+                "top1": m["prompt_top1"], "fd_vgg": round(m["fd_vgg"], 1), "floor": round(m["fd_vgg_floor_real_sample"], 1)
+            }  # fmt: skip
+    return figures
+
+
+def run_variant(name: str, overrides: list[str], expected: str, minutes: float) -> dict:
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    out = OUT / slug
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    subprocess.run(job(out, overrides, minutes), cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    fixed = next(r for r in log if r.get("event") == "budget")
+    metrics = json.loads((out / "metrics.json").read_text())
+    row = {"name": name, "overrides": overrides, "expected": expected, "steps": metrics["steps"],
+           "train_seconds": metrics["train_seconds_this_run"], "seconds_per_step": fixed["seconds_per_step"],
+           "final_loss": metrics["final_loss"], **evaluate(out / "pipeline")}  # fmt: skip
+    with open(OUT / "results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    cells = ("train_25", "train_8", "unseen_25", "unseen_8")
+    lines = ["| variant | steps | train s | " + " | ".join(f"{c.replace('_', ' captions, ')} steps: top-1 / FD-VGG (floor)" for c in cells)
+             + " | expected |", "|---|---|---|" + "---|" * len(cells) + "---|"]  # fmt: skip
+    for r in rows:
+        figs = " | ".join(f"{r[c]['top1']:.2f} / {r[c]['fd_vgg']:.0f} ({r[c]['floor']:.0f})" for c in cells)
+        lines.append(f"| {r['name']} | {r['steps']} | {r['train_seconds']:.0f} | {figs} | {r['expected']} |")
+    return "\n".join(lines)
+
+
+def load_sweeps() -> list[dict]:
+    return json.loads(SAVED.read_text())["sweeps"] if SAVED.is_file() else []
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=6.0, help="training minutes per variant (train.max_minutes)")
+    p.add_argument("--only", nargs="*", default=None, help="variant names (default: all)")
+    p.add_argument("--table", action="store_true", help="print the table of runs/recipes/results.jsonl and stop")
+    p.add_argument("--save", action="store_true", help="write runs/recipes/results.jsonl (the --only rows) to "
+                   "benchmarks/STAGE2_RECIPES.json as this machine's sweep of today, and stop")  # fmt: skip
+    args = p.parse_args()
+    if args.table or args.save:
+        rows = {}
+        for line in (OUT / "results.jsonl").read_text().splitlines():  # a variant run again replaces its row
+            row = json.loads(line)
+            rows[row["name"]] = row
+        if args.only is not None:
+            rows = {k: v for k, v in rows.items() if k in args.only}
+        if args.save:
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+            from report import machine
+
+            sweep = {"machine": machine(), "minutes": args.minutes, "command": " ".join(sys.argv), "rows": list(rows.values())}
+            same = lambda s: (s["machine"]["date"], s["machine"]["CPU"]) == (sweep["machine"]["date"], sweep["machine"]["CPU"])  # noqa: E731
+            SAVED.write_text(json.dumps({"sweeps": [s for s in load_sweeps() if not same(s)] + [sweep]}, indent=2))
+        print(table(list(rows.values())))
+        return
+    if not (VAE / "config.json").is_file():
+        sys.exit(f"{VAE} is missing: run make demo's first stage (or the stage-1 command in the README) first")
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name, (overrides, expected) in VARIANTS.items():
+        if args.only is None or name in args.only:
+            print(json.dumps(run_variant(name, overrides, expected, args.minutes)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
