@@ -107,12 +107,35 @@ def render(record: dict) -> str:
         lines += [f"### Sweep {i}: {m['CPU']} ({m['cores']} cores, bf16 conv probe {m['bf16 conv speed-up (probe)']}), {m['date']}", "",
                   f"`.venv/bin/python benchmarks/autoencoder_ablations.py --budget {ab['budget_seconds']:.0f} --only ...` then `--save`", "",
                   table(ab["rows"]), ""]  # fmt: skip
+    lines += stage2_recipes_section()
     for path in sorted(HERE.glob("LARGE_DATASET*.json")):  # LARGE_DATASET.json: imagefolders; -parquet, -webdataset
         lines += large_dataset_section(path)
     notes = HERE / "NOTES.md"
     if notes.is_file():
         lines += [notes.read_text()]
     return "\n".join(lines)
+
+
+def stage2_recipes_section() -> list[str]:
+    """The sweeps of ``benchmarks/stage2_recipes.py --save`` (about 10 minutes a variant: not part of make bench)."""
+    from stage2_recipes import load_sweeps, table
+
+    sweeps = load_sweeps()
+    if not sweeps:
+        return []
+    lines = ["## Stage-2 recipes at equal wall-clock (issue 26)", "",
+             "Each variant of `configs/ldm/openmoji-32.yaml` trains for the same minutes of its loop (`train.max_minutes`), on "
+             "the default autoencoder, and is scored on 100 training captions and on the same captions reworded in sentences "
+             "no caption has (`--captions unseen`), at 25 and 8 DPM++ steps, guidance 3: prompt top-1 among 20 (chance 0.05) "
+             "and FD-VGG (floor: 100 real images vs the rest). Compare rows only within one sweep.", ""]  # fmt: skip
+    for i, sweep in enumerate(sweeps, 1):
+        m = sweep["machine"]
+        lines += [f"### Sweep {i}, {sweep['title']}: {m['CPU']} ({m['cores']} cores, bf16 conv probe "
+                  f"{m['bf16 conv speed-up (probe)']}), {m['date']}, {sweep['minutes']:g} minutes each", "",
+                  f"`.venv/bin/python benchmarks/stage2_recipes.py --minutes {sweep['minutes']:g} --only ...` then "
+                  f"`--save --title {sweep['title']}`", "",
+                  table(sweep["rows"]), ""]  # fmt: skip
+    return lines
 
 
 def large_dataset_section(path: Path) -> list[str]:

@@ -59,3 +59,5 @@ def test_each_objectives_keys_are_refused_under_the_other_and_its_names_are_chec
     assert "valid: uniform, logit_normal, mode" in error("objective.type=flow", "objective.timesteps=cosine")
     assert "valid: none, sigma_sqrt, cosmap" in error("objective.type=flow", "objective.weighting=snr")
     validate(load_config(LdmJobConfig, TINY_LDM_CONFIG, ["objective.type=flow", "objective.timesteps=mode", "objective.shift=3"]))
+    # a DDPM term switched off is no conflict: a DDPM config (min_snr_gamma: 5) turned to flow can say min_snr_gamma=null
+    validate(load_config(LdmJobConfig, TINY_LDM_CONFIG, ["objective.type=flow", "objective.min_snr_gamma=null"]))

@@ -179,7 +179,7 @@ def validate(cfg: LdmJobConfig) -> None:
     read: the folders the config names are checked by the job, the models' fit once they are built."""
     m, o = cfg.model, cfg.objective
     other = ObjectiveConfig.FLOW_KEYS if o.type == "ddpm" else ObjectiveConfig.DDPM_KEYS
-    if ignored := _changed(o, other):
+    if ignored := [k for k in _changed(o, other) if getattr(o, k) not in (None, False)]:  # "off" is no conflict
         raise ConfigError(
             f"objective.{ignored[0]} would be ignored: it is for objective.type={'flow' if o.type == 'ddpm' else 'ddpm'}, "
             f"and this run's is {o.type}"
