@@ -1,6 +1,7 @@
 """Stage-2 recipes at equal wall-clock time: objectives, then the levers on the winner (issue 26).
 
-    .venv/bin/python benchmarks/stage2_recipes.py [--minutes 6] [--only NAME ...] [--table] [--save]
+    .venv/bin/python benchmarks/stage2_recipes.py [--minutes 6] [--only NAME ...] [--table] [--save [--title T]]
+    .venv/bin/python benchmarks/stage2_recipes.py --eval-of NAME   # the evaluation's levers on a trained variant
 
 Each variant is ``configs/ldm/openmoji-32.yaml`` plus overrides, trained for ``--minutes`` of its
 own loop (``train.max_minutes``: the job measures its step time and fixes its step count; the
@@ -27,26 +28,31 @@ CONFIG = ROOT / "configs" / "ldm" / "openmoji-32.yaml"
 VAE = ROOT / "runs" / "autoencoder-openmoji-32-f4" / "vae"
 OUT = ROOT / "runs" / "recipes"
 SAVED = ROOT / "benchmarks" / "STAGE2_RECIPES.json"
-FLOW = ["objective.type=flow", "objective.min_snr_gamma=null"]
+# The sweeps ran on the config as it was, DDPM eps + min-SNR 5 at LR 5e-4; their winner is the config now, so
+# each variant names every key it changes from the config of today: the same runs.
+DDPM = ["objective.type=ddpm", "objective.min_snr_gamma=5.0", "train.lr=5e-4"]
+FLOW = ["objective.type=flow", "train.lr=5e-4"]
 FLOW_LN = [*FLOW, "objective.timesteps=logit_normal"]
 # name: (overrides on the config, what we expected it to do)
+# fmt: off
 VARIANTS: dict[str, tuple[list[str], str]] = {
-    "ddpm eps, min-SNR 5 (the config)": ([], "the reference"),
-    "ddpm v, zero terminal SNR": (["model.prediction_type=v_prediction", "objective.zero_terminal_snr=true"],
-                                  "about the same; better colour at high guidance"),  # fmt: skip
+    "ddpm eps, min-SNR 5 (the old default)": (DDPM, "the reference"),
+    "ddpm v, zero terminal SNR": ([*DDPM, "model.prediction_type=v_prediction", "objective.zero_terminal_snr=true"],
+                                  "about the same; better colour at high guidance"),
     "flow, uniform sigma": ([*FLOW, "objective.timesteps=uniform"], "close to ddpm eps"),
     "flow, logit-normal sigma": ([*FLOW, "objective.timesteps=logit_normal"], "better than uniform (SD3's finding)"),
     "flow, logit-normal, shift 3": ([*FLOW, "objective.timesteps=logit_normal", "objective.shift=3.0"],
-                                    "worse at 8x8 latents: shift is for many pixels"),  # fmt: skip
+                                    "worse at 8x8 latents: shift is for many pixels"),
     # the levers, on the objective screen's winner (flow, logit-normal: the lowest FD-VGG of the flows)
     "flow-ln, batch 128": ([*FLOW_LN, "train.batch_size=128"], "better: 8x8 steps are overhead-bound, so more images a minute"),
     "flow-ln, batch 256, LR 1e-3": ([*FLOW_LN, "train.batch_size=256", "train.lr=1e-3"],
-                                    "better still if the LR keeps up with the batch"),  # fmt: skip
-    "flow-ln, LR 1e-3": ([*FLOW_LN, "train.lr=1e-3"], "a little better early, unstable later"),
+                                    "better still if the LR keeps up with the batch"),
+    "flow-ln, LR 1e-3": ([*FLOW_LN, "train.lr=1e-3"], "a little better early, unstable later"),  # the config now
     "flow-ln, cosine to 0 over the budget": ([*FLOW_LN, "train.lr_schedule=cosine"],
-                                             "better: the budget fixes the horizon, so the LR can anneal"),  # fmt: skip
+                                             "better: the budget fixes the horizon, so the LR can anneal"),
     "flow-ln, U-Net small (35M)": ([*FLOW_LN, "model.unet=small"], "worse in 6 min: fewer steps; may win in longer runs"),
 }
+# fmt: on
 
 
 def job(out: Path, overrides: list[str], minutes: float) -> list[str]:
@@ -55,22 +61,34 @@ def job(out: Path, overrides: list[str], minutes: float) -> list[str]:
             "train.sample_every=1000000", "train.checkpoint_every=1000000", "eval.num_prompts=0", "train.report_to=none", *overrides]  # fmt: skip
 
 
-def evaluate(pipeline: Path) -> dict:
+# the evaluation's levers, on one trained variant (--eval-of): name: (evaluate() arguments, what we expected)
+EVAL_LEVERS: dict[str, tuple[dict, str]] = {
+    "guidance 2": ({"guidance": 2.0}, "lower top-1, about the same FD-VGG"),
+    "guidance 5": ({"guidance": 5.0}, "higher top-1, worse FD-VGG (less diverse)"),
+    "UniPC": ({"sampler": "unipc"}, "the same as DPM++ at 25 steps, a little better at 8"),
+    "Euler": ({"sampler": "euler"}, "the same at 25 steps, worse at 8 (first order)"),
+}
+
+
+def evaluate(pipeline: Path, guidance: float = 3.0, sampler: str = "dpm++") -> dict:
     from training.eval.pipeline import evaluate_pipeline
 
     figures = {}
     for captions in ("train", "unseen"):
         for steps in (25, 8):
-            m = evaluate_pipeline(pipeline, ROOT / "data" / "openmoji-32", 100, steps, 3.0, captions_style=captions)
+            m = evaluate_pipeline(pipeline, ROOT / "data" / "openmoji-32", 100, steps, guidance, captions_style=captions, sampler=sampler)
             figures[f"{captions}_{steps}"] = {
                 "top1": m["prompt_top1"], "fd_vgg": round(m["fd_vgg"], 1), "floor": round(m["fd_vgg_floor_real_sample"], 1)
             }  # fmt: skip
     return figures
 
 
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
 def run_variant(name: str, overrides: list[str], expected: str, minutes: float) -> dict:
-    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    out = OUT / slug
+    out = OUT / slug(name)
     subprocess.run(["rm", "-rf", str(out)], check=True)
     subprocess.run(job(out, overrides, minutes), cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -79,9 +97,29 @@ def run_variant(name: str, overrides: list[str], expected: str, minutes: float) 
     row = {"name": name, "overrides": overrides, "expected": expected, "steps": metrics["steps"],
            "train_seconds": metrics["train_seconds_this_run"], "seconds_per_step": fixed["seconds_per_step"],
            "final_loss": metrics["final_loss"], **evaluate(out / "pipeline")}  # fmt: skip
+    return _append(row)
+
+
+def eval_lever(variant: str, name: str, arguments: dict, expected: str) -> dict:
+    """The trained ``variant`` scored with other evaluation settings (DPM++ at guidance 3 is its own row)."""
+    trained = next(r for r in _rows().values() if r["name"] == variant)
+    row = {**{k: trained[k] for k in ("overrides", "steps", "train_seconds", "seconds_per_step", "final_loss")},
+           "name": f"{variant}; eval: {name}", "expected": expected, **evaluate(OUT / slug(variant) / "pipeline", **arguments)}  # fmt: skip
+    return _append(row)
+
+
+def _append(row: dict) -> dict:
     with open(OUT / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     return row
+
+
+def _rows() -> dict[str, dict]:
+    rows = {}
+    for line in (OUT / "results.jsonl").read_text().splitlines():  # a variant run again replaces its row
+        row = json.loads(line)
+        rows[row["name"]] = row
+    return rows
 
 
 def table(rows: list[dict]) -> str:
@@ -103,15 +141,13 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=6.0, help="training minutes per variant (train.max_minutes)")
     p.add_argument("--only", nargs="*", default=None, help="variant names (default: all)")
     p.add_argument("--title", default="objectives", help="the sweep's name in benchmarks/STAGE2_RECIPES.json (--save)")
+    p.add_argument("--eval-of", default=None, help="a trained variant's name: score it with each of EVAL_LEVERS instead")
     p.add_argument("--table", action="store_true", help="print the table of runs/recipes/results.jsonl and stop")
     p.add_argument("--save", action="store_true", help="write runs/recipes/results.jsonl (the --only rows) to "
                    "benchmarks/STAGE2_RECIPES.json as this machine's sweep of today named --title, and stop")  # fmt: skip
     args = p.parse_args()
     if args.table or args.save:
-        rows = {}
-        for line in (OUT / "results.jsonl").read_text().splitlines():  # a variant run again replaces its row
-            row = json.loads(line)
-            rows[row["name"]] = row
+        rows = _rows()
         if args.only is not None:
             rows = {k: v for k, v in rows.items() if k in args.only}
         if args.save:
@@ -119,12 +155,16 @@ def main() -> None:
             from report import machine
 
             sweep = {"title": args.title, "machine": machine(), "minutes": args.minutes, "command": " ".join(sys.argv), "rows": list(rows.values())}
-            key = lambda s: (s.get("title"), s["machine"]["date"], s["machine"]["CPU"])  # noqa: E731
+            key = lambda s: (s.get("title"), s["machine"]["date"], s["machine"]["CPU"])
             SAVED.write_text(json.dumps({"sweeps": [s for s in load_sweeps() if key(s) != key(sweep)] + [sweep]}, indent=2))
         print(table(list(rows.values())))
         return
     if not (VAE / "config.json").is_file():
         sys.exit(f"{VAE} is missing: run make demo's first stage (or the stage-1 command in the README) first")
+    if args.eval_of is not None:
+        for name, (arguments, expected) in EVAL_LEVERS.items():
+            print(json.dumps(eval_lever(args.eval_of, name, arguments, expected)), flush=True)
+        return
     OUT.mkdir(parents=True, exist_ok=True)
     for name, (overrides, expected) in VARIANTS.items():
         if args.only is None or name in args.only:

@@ -124,12 +124,16 @@ def test_unseen_captions_reword_each_caption_in_a_sentence_no_caption_has(openmo
     asked = []
 
     class Reader(_Oracle):
+        def set_scheduler(self, name):
+            asked.append(f"sampler {name}")
+
         def __call__(self, prompts, **kw):
             asked.extend(prompts)
             styles = [next(c for c in self.captions for s in UNSEEN_STYLES if s.format(c) == p) for p in prompts]
             return super().__call__(styles, **kw)
 
     monkeypatch.setattr(ldm.pipeline.LatentDiffusionPipeline, "from_pretrained", classmethod(lambda cls, p: Reader(by_caption, False)))
-    result = evaluate_pipeline("oracle", openmoji_small, num_prompts=30, steps=1, captions_style="unseen")
-    assert result["captions"] == "unseen" and result["prompt_top1"] == 1.0
-    assert len(asked) == 30 and not set(asked) & set(by_caption)
+    result = evaluate_pipeline("oracle", openmoji_small, num_prompts=30, steps=1, captions_style="unseen", sampler="unipc")
+    assert result["captions"] == "unseen" and result["prompt_top1"] == 1.0 and result["sampler"] == "unipc"
+    assert asked[0] == "sampler unipc"  # the sampler is set before any image is made
+    assert len(asked) == 31 and not set(asked[1:]) & set(by_caption)

@@ -2,7 +2,7 @@
 
     python -m training.evaluate autoencoder --vae DIR --data DIR [--ood DIR ...] [--out FILE]
     python -m training.evaluate pipeline --model DIR --data DIR [--num-prompts N] [--steps S] [--guidance G] [--seed S]
-                                         [--captions train|unseen]
+                                         [--captions train|unseen] [--sampler dpm++]
 
 ``autoencoder``: PSNR (dB), SSIM, LPIPS-VGG and colour error (mean absolute difference of the
 8x8-pixel block averages, in 0-255 levels) of reconstructions (posterior mean) of every image in
@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     pl.add_argument("--guidance", type=float, default=3.0)
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument(
+        "--sampler", default="dpm++", help="ddpm, ddim, dpm++, euler, euler-a, heun, unipc (flow: euler, heun, dpm++, unipc)"
+    )
+    pl.add_argument(
         "--captions",
         choices=("train", "unseen"),
         default="train",
@@ -96,7 +99,14 @@ def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             )
         else:
             result = evaluate_pipeline(
-                args.model, args.data, args.num_prompts, args.steps, args.guidance, args.seed, captions_style=args.captions
+                args.model,
+                args.data,
+                args.num_prompts,
+                args.steps,
+                args.guidance,
+                args.seed,
+                captions_style=args.captions,
+                sampler=args.sampler,
             )
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"error: {err}\n")

@@ -40,13 +40,15 @@ def evaluate_pipeline(
     batch_size: int = 50,
     max_real: int = 5000,
     captions_style: str = "train",
+    sampler: str = "dpm++",
 ) -> dict:
     """FD-VGG (with real-data floors) and top-1 prompt adherence of a pipeline on a captioned dataset; with
-    ``captions_style="unseen"`` the prompts are the captions reworded (:data:`UNSEEN_STYLES`)."""
+    ``captions_style="unseen"`` the prompts are the captions reworded (:data:`UNSEEN_STYLES`); ``sampler`` is a
+    name of :meth:`LatentDiffusionPipeline.set_scheduler` (the model's own schedule)."""
     from ldm.pipeline import LatentDiffusionPipeline
 
     pipe = LatentDiffusionPipeline.from_pretrained(model_dir)
-    pipe.set_scheduler("dpm++")
+    pipe.set_scheduler(sampler)
     pipe.set_progress_bar_config(disable=True)
     resolution = pipe.default_resolution
     cfg = replace(data_cfg or DataConfig(), path=str(data_dir), resolution=resolution, random_flip=False)
@@ -102,6 +104,7 @@ def evaluate_pipeline(
         "prompts": n,
         "steps": steps,
         "guidance": guidance,
+        "sampler": sampler,
         "captions": captions_style,
         "fd_vgg": frechet_distance(gen_f, real_f),
         "fd_vgg_floor_real_sample": frechet_distance(real_f[perm[:n]], real_f[rest]),
