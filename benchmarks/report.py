@@ -135,6 +135,8 @@ def stage2_recipes_section() -> list[str]:
                   f"`.venv/bin/python benchmarks/stage2_recipes.py --minutes {sweep['minutes']:g} --only ...` then "
                   f"`--save --title {sweep['title']}`", "",
                   table(sweep["rows"]), ""]  # fmt: skip
+        if sweep.get("finding"):
+            lines += [sweep["finding"], ""]
     return lines
 
 

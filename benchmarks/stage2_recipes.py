@@ -66,7 +66,6 @@ EVAL_LEVERS: dict[str, tuple[dict, str]] = {
     "guidance 2": ({"guidance": 2.0}, "lower top-1, about the same FD-VGG"),
     "guidance 5": ({"guidance": 5.0}, "higher top-1, worse FD-VGG (less diverse)"),
     "UniPC": ({"sampler": "unipc"}, "the same as DPM++ at 25 steps, a little better at 8"),
-    "Euler": ({"sampler": "euler"}, "the same at 25 steps, worse at 8 (first order)"),
 }
 
 
