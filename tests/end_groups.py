@@ -46,7 +46,10 @@ def one_rank(rank: int, rounds: int, port: int, out: str) -> None:
             job(SimpleNamespace(output_dir=Path(out) / f"rank-{rank}"), round_=round_)
         except Stop:
             pass
-        print(f"ended {round_}", flush=True)
+        # one write of the whole line: print() writes the text and its newline apart, so the two ranks'
+        # lines could interleave on the shared pipe ("ended 5ended 5"), which read as a lost round
+        sys.stdout.write(f"ended {round_}\n")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":
