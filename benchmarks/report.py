@@ -103,8 +103,7 @@ def render(record: dict) -> str:
                   "of 8x8-block means, 0-255 levels. Compare rows only within one sweep (one machine, one day). See NOTES.md "
                   "for what each row moved.", ""]  # fmt: skip
     for i, ab in enumerate(sweeps, 1):
-        m = ab["machine"]
-        lines += [f"### Sweep {i}: {m['CPU']} ({m['cores']} cores, bf16 conv probe {m['bf16 conv speed-up (probe)']}), {m['date']}", "",
+        lines += [f"### Sweep {i}: {machine_line(ab['machine'])}", "",
                   f"`.venv/bin/python benchmarks/autoencoder_ablations.py --budget {ab['budget_seconds']:.0f} --only ...` then `--save`", "",
                   table(ab["rows"]), ""]  # fmt: skip
     lines += stage2_recipes_section()
@@ -114,6 +113,11 @@ def render(record: dict) -> str:
     if notes.is_file():
         lines += [notes.read_text()]
     return "\n".join(lines)
+
+
+def machine_line(m: dict) -> str:
+    """A sweep's machine, as its heading names it: CPU, cores, bf16 probe, date."""
+    return f"{m['CPU']} ({m['cores']} cores, bf16 conv probe {m['bf16 conv speed-up (probe)']}), {m['date']}"
 
 
 def stage2_recipes_section() -> list[str]:
@@ -129,9 +133,7 @@ def stage2_recipes_section() -> list[str]:
              "no caption has (`--captions unseen`), at 25 and 8 DPM++ steps, guidance 3: prompt top-1 among 20 (chance 0.05) "
              "and FD-VGG (floor: 100 real images vs the rest). Compare rows only within one sweep.", ""]  # fmt: skip
     for i, sweep in enumerate(sweeps, 1):
-        m = sweep["machine"]
-        lines += [f"### Sweep {i}, {sweep['title']}: {m['CPU']} ({m['cores']} cores, bf16 conv probe "
-                  f"{m['bf16 conv speed-up (probe)']}), {m['date']}, {sweep['minutes']:g} minutes each", "",
+        lines += [f"### Sweep {i}, {sweep['title']}: {machine_line(sweep['machine'])}, {sweep['minutes']:g} minutes each", "",
                   f"`.venv/bin/python benchmarks/stage2_recipes.py --minutes {sweep['minutes']:g} --only ...` then "
                   f"`--save --title {sweep['title']}`", "",
                   table(sweep["rows"]), ""]  # fmt: skip

@@ -101,7 +101,7 @@ def run_variant(name: str, overrides: list[str], expected: str, minutes: float) 
 
 def eval_lever(variant: str, name: str, arguments: dict, expected: str) -> dict:
     """The trained ``variant`` scored with other evaluation settings (DPM++ at guidance 3 is its own row)."""
-    trained = next(r for r in _rows().values() if r["name"] == variant)
+    trained = _rows()[variant]
     row = {**{k: trained[k] for k in ("overrides", "steps", "train_seconds", "seconds_per_step", "final_loss")},
            "name": f"{variant}; eval: {name}", "expected": expected, **evaluate(OUT / slug(variant) / "pipeline", **arguments)}  # fmt: skip
     return _append(row)
