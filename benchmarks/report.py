@@ -131,7 +131,8 @@ def stage2_recipes_section() -> list[str]:
              "Each variant of `configs/ldm/openmoji-32.yaml` trains for the same minutes of its loop (`train.max_minutes`), on "
              "the default autoencoder, and is scored on 100 training captions and on the same captions reworded in sentences "
              "no caption has (`--captions unseen`), at 25 and 8 DPM++ steps, guidance 3: prompt top-1 among 20 (chance 0.05) "
-             "and FD-VGG (floor: 100 real images vs the rest). Compare rows only within one sweep.", ""]  # fmt: skip
+             "and FD-VGG (floor: 100 real images vs the rest; autoencoder floor: the same 100 encoded and decoded by the "
+             "autoencoder, vs the rest, the best a stage 2 on it can expect). Compare rows only within one sweep.", ""]  # fmt: skip
     for i, sweep in enumerate(sweeps, 1):
         lines += [f"### Sweep {i}, {sweep['title']}: {machine_line(sweep['machine'])}, {sweep['minutes']:g} minutes each", "",
                   f"`.venv/bin/python benchmarks/stage2_recipes.py --minutes {sweep['minutes']:g} --only ...` then "

@@ -21,12 +21,26 @@ def test_frechet_distance_closed_forms():
     assert abs(frechet_distance(a, b) - 4.0) < 0.15
 
 
+class _Autoencoder(torch.nn.Module):
+    """An 'autoencoder' whose latent is the image itself, decoded through ``decode`` (identity by default)."""
+
+    def __init__(self, decode=lambda z: z) -> None:
+        super().__init__()
+        self.weight, self._decode = torch.nn.Parameter(torch.zeros(1)), decode
+
+    def encode(self, x):
+        return type("Out", (), {"latent_dist": type("Posterior", (), {"mode": lambda _: x})()})
+
+    def decode(self, z, return_dict=True):
+        return (self._decode(z),)
+
+
 class _Oracle:
     """A 'pipeline' that returns each caption's real image (or, shuffled, someone else's)."""
 
-    def __init__(self, by_caption: dict, shuffle: bool) -> None:
+    def __init__(self, by_caption: dict, shuffle: bool, vae=None) -> None:
         self.by_caption, self.shuffle, self.default_resolution = by_caption, shuffle, 32
-        self.captions = list(by_caption)
+        self.captions, self.vae = list(by_caption), vae or _Autoencoder()
 
     def set_scheduler(self, name):
         pass
@@ -52,6 +66,32 @@ def test_adherence_is_one_for_the_true_images_and_low_for_wrong_ones(openmoji_sm
         result = evaluate_pipeline("oracle", openmoji_small, num_prompts=30, steps=1)
         assert result["prompts"] == 30 and result["prompt_top1_chance"] == 0.05
         assert check(result), result
+        # a lossless autoencoder's floor is the real images' own; its images are the oracle's, whatever it generates
+        assert result["fd_vgg_floor_autoencoder"] == pytest.approx(result["fd_vgg_floor_real_sample"], rel=1e-5)
+
+
+def test_the_autoencoder_floor_is_the_distance_of_its_reconstructions(openmoji_small, monkeypatch):
+    """An autoencoder that loses detail (here: decodes a 4x4-pooled image) raises its floor above the real one, by the
+    Frechet distance of exactly those reconstructions of the n sampled images to the rest."""
+    import torch.nn.functional as F
+
+    from autoencoder.perceptual import LPIPS
+    from training.eval.frechet import vgg_features
+
+    cfg = DataConfig(path=str(openmoji_small), resolution=32, random_flip=False)
+    real, by_caption = [], {}
+    for batch in eval_loader(load_records(openmoji_small, cfg), cfg, 64):
+        real.append(batch["pixel_values"])
+        by_caption.update(zip(batch["text"], batch["pixel_values"]))
+    real = torch.cat(real)
+    blur = _Autoencoder(lambda z: F.interpolate(F.avg_pool2d(z, 4), scale_factor=4.0))
+    monkeypatch.setattr(ldm.pipeline.LatentDiffusionPipeline, "from_pretrained", classmethod(lambda cls, p: _Oracle(by_caption, False, blur)))
+    result = evaluate_pipeline("oracle", openmoji_small, num_prompts=30, steps=1, seed=3)
+    perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(3))
+    lpips = LPIPS.pretrained()
+    fd = _frechet_by_eigenvalues(vgg_features(lpips, blur.decode(real[perm[:30]])[0]), vgg_features(lpips, real[perm[30:]]))
+    assert result["fd_vgg_floor_autoencoder"] == pytest.approx(fd, rel=1e-3)
+    assert result["fd_vgg_floor_autoencoder"] > 1.5 * result["fd_vgg_floor_real_sample"]
 
 
 def _frechet_by_eigenvalues(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -28,6 +28,14 @@ def restyled(captions: list[str], style: str) -> list[str]:
     return [UNSEEN_STYLES[k % len(UNSEEN_STYLES)].format(c) for k, c in enumerate(captions)]
 
 
+@torch.no_grad()
+def reconstructions(vae, images: torch.Tensor, batch_size: int = 50) -> torch.Tensor:
+    """``images`` (B, 3, R, R) in [-1, 1] encoded (posterior mean) and decoded by ``vae``, clamped to [-1, 1]."""
+    dtype = next(vae.parameters()).dtype
+    parts = [vae.decode(vae.encode(x.to(dtype)).latent_dist.mode(), return_dict=False)[0] for x in images.split(batch_size)]
+    return torch.cat(parts).float().clamp(-1, 1)
+
+
 def evaluate_pipeline(
     model_dir: str | Path,
     data_dir: str | Path,
@@ -87,6 +95,7 @@ def evaluate_pipeline(
     perm = torch.randperm(len(real), generator=g)
     rest = torch.ones(len(real), dtype=torch.bool)
     rest[perm[:n]] = False
+    recon_f = vgg_features(lpips, reconstructions(pipe.vae, real[perm[:n]], batch_size))
     halves = perm[: len(real) // 2], perm[len(real) // 2 :]
 
     hits = 0
@@ -108,6 +117,8 @@ def evaluate_pipeline(
         "captions": captions_style,
         "fd_vgg": frechet_distance(gen_f, real_f),
         "fd_vgg_floor_real_sample": frechet_distance(real_f[perm[:n]], real_f[rest]),
+        # the same n real images through the pipeline's autoencoder (encode, decode): the best FD its decoder allows
+        "fd_vgg_floor_autoencoder": frechet_distance(recon_f, real_f[rest]),
         "fd_vgg_real_halves": frechet_distance(real_f[halves[0]], real_f[halves[1]]),
         "prompt_top1": hits / n,
         "prompt_top1_chance": 1 / candidates,
