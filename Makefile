@@ -56,6 +56,8 @@ data: install $(DATA)/train/metadata.jsonl $(GENERIC)/train/metadata.jsonl $(OOD
 LDM_CONFIG := configs/ldm/openmoji-32.yaml
 LDM_RUN    := runs/ldm-openmoji-32
 DEMO_PROMPTS := --prompt "red apple" --prompt "grinning face" --prompt "sun" --prompt "red heart" --prompt "rocket"
+# the guidance of the config's sample grids and evaluation (ldm.generate's own default, 7.5, is Stable Diffusion's)
+DEMO_GUIDANCE ?= 3
 
 # Time budgets of the demo's two trainings (train.max_minutes: each fixes its step count from its measured step time,
 # at most its config's max_steps), so that `make demo` ends within 30 minutes on a 2-core CPU without bf16 units too
@@ -68,7 +70,7 @@ demo: demo-started data
 	$(PY) -m training.evaluate autoencoder --vae runs/autoencoder-openmoji-32-f4/vae --data $(DATA)/test \
 		--ood $(OOD)/photos $(OOD)/glyphs --grid runs/autoencoder-openmoji-32-f4/eval-grid.png --out runs/autoencoder-openmoji-32-f4/eval.json
 	$(VENV)/bin/accelerate launch --num_processes 1 -m training.train_ldm --config $(LDM_CONFIG) train.max_minutes=$(DEMO_LDM_MINUTES)
-	$(PY) -m ldm.generate --model $(LDM_RUN)/pipeline $(DEMO_PROMPTS) --num-images 6 --grid --out $(LDM_RUN)/demo-grid.png
+	$(PY) -m ldm.generate --model $(LDM_RUN)/pipeline $(DEMO_PROMPTS) --num-images 6 --guidance $(DEMO_GUIDANCE) --grid --out $(LDM_RUN)/demo-grid.png
 	$(PY) benchmarks/demo_figures.py --started runs/demo-started --json runs/demo-summary.json > /dev/null
 	@echo "figures of this run: runs/demo-summary.json"
 	@echo "curves and sample grids: .venv/bin/tensorboard --logdir runs/ ; generate in a web page: .venv/bin/python -m ldm.app --model $(LDM_RUN)/pipeline"

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers.optimization import get_scheduler
+from transformers.optimization import get_wsd_schedule
 
 from training.run import budget as budget_module
 from training.run.budget import Horizon, StepBudget
@@ -26,6 +27,10 @@ def test_the_horizon_schedule_is_diffusers_schedule_of_the_same_length(name):
 
     ours = lrs(Horizon(name, 5, 40, lr_init=0.5).scheduler)  # polynomial's decay is relative to the optimizer's lr
     assert ours == lrs(lambda opt: get_scheduler(name, opt, num_warmup_steps=5, num_training_steps=40))
+    if name == "constant_with_warmup":  # warmup_stable_decay: the same, then 1-sqrt to 0 over the last quarter
+        wsd = lrs(Horizon("warmup_stable_decay", 5, 40, lr_init=0.5, decay_fraction=0.25).scheduler)
+        assert wsd == lrs(lambda opt: get_wsd_schedule(opt, 5, 10, num_training_steps=40, decay_type="1-sqrt"))
+        assert wsd[:30] == ours[:30] and wsd[35] == pytest.approx(0.5 * (1 - 0.5**0.5)) and wsd[40:] == [0.0] * 5
 
 
 class _Clock:
@@ -44,13 +49,13 @@ class _Log:
         self.records.append(record)
 
 
-def _run(monkeypatch, cost, cap=1000, minutes=1.0, gan_start=None, state=None, steps=None):
+def _run(monkeypatch, cost, cap=1000, minutes=1.0, gan_start=None, state=None, steps=None, schedule="cosine"):
     """A fake loop: step s costs cost(s) seconds of a fake clock; returns (budget, log, LRs used per step, optimizer)."""
     clock = _Clock()
     monkeypatch.setattr(budget_module, "time", clock)
     accelerator = SimpleNamespace(device="cpu", gather=lambda t: t)
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    horizon = Horizon("cosine", 10, cap, 1.0)
+    horizon = Horizon(schedule, 10, cap, 1.0)
     sched = horizon.scheduler(opt)
     state = dict(state or {"step": 0})
     train_cfg = SimpleNamespace(max_minutes=minutes, max_steps=cap)
@@ -80,6 +85,13 @@ def test_the_probe_fixes_max_steps_from_the_measured_step_time_and_the_horizon_f
     assert lrs[25:] == pytest.approx([factor_fixed(s) for s in range(25, 120)])
     assert lrs[-1] < 0.01  # decayed to the fixed end, not to step 1000's
     assert budget.state() == {"budget_max_steps": 120, "budget_seconds": 60.0, "budget_phases": [0]}
+
+
+def test_warmup_stable_decay_decays_over_the_last_fifth_of_the_steps_the_budget_fixed(monkeypatch):
+    # as above: fixed at 120 steps after step 25; the decay is the last 24 of those, not the last 200 of the cap's 1000
+    _, _, lrs, last = _run(monkeypatch, lambda s: 0.5, schedule="warmup_stable_decay")
+    assert last == 120 and lrs[10:97] == [1.0] * 87
+    assert lrs[97] == pytest.approx(1 - (1 / 24) ** 0.5) and lrs[-1] == pytest.approx(1 - (23 / 24) ** 0.5)
 
 
 def test_the_cap_wins_when_the_budget_would_allow_more_and_no_budget_changes_nothing(monkeypatch):

@@ -328,14 +328,17 @@ def test_a_flow_matching_run_resumes_exactly_exports_a_flow_folder_and_its_fine_
     from training.ldm_config import LdmJobConfig
 
     common = ["objective.type=flow", "objective.shift=3.0", "train.max_steps=6", "train.checkpoint_every=3", "train.sample_every=100",
-              "model.check_images=0", f"cache.dir={tmp_path / 'cache'}"]  # fmt: skip
+              "model.check_images=0", f"cache.dir={tmp_path / 'cache'}",
+              # the default config's LR schedule and export (no EMA); the relaunch at step 3 lands in the decay (steps 3-5)
+              "train.lr_schedule=warmup_stable_decay", "train.lr_decay_fraction=0.5", "train.ema_decay=null"]  # fmt: skip
     train(ldm_cfg(openmoji_small, tiny_vae, tmp_path / "full", *common))
     train(ldm_cfg(openmoji_small, tiny_vae, tmp_path / "resumed", *common), stop_after_steps=3)
     train(ldm_cfg(openmoji_small, tiny_vae, tmp_path / "resumed", *common))
     full, resumed = unet_weights(tmp_path / "full"), unet_weights(tmp_path / "resumed")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
-    losses = logged(tmp_path / "full", "loss")
+    losses = logged(tmp_path / "full", "loss", "lr")
     assert len(losses) == 3 and all(0 < r["loss"] < 10 for r in losses)
+    assert [r["lr"] for r in losses] == pytest.approx([1e-3, 1e-3 * (1 - (1 / 3) ** 0.5), 0.0])  # after steps 2, 4, 6
 
     pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "full" / "pipeline", dtype="fp32")
     assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler) and pipe.scheduler.config.use_flow_sigmas

@@ -225,7 +225,7 @@ def _optimisation(
     opt_d = torch.optim.AdamW(
         disc.parameters(), lr=train_cfg.disc_lr or train_cfg.lr, betas=betas, weight_decay=decay, fused=True
     )
-    horizon = run.Horizon(train_cfg.lr_schedule, train_cfg.lr_warmup_steps, train_cfg.max_steps, opt_ae.defaults["lr"])
+    horizon = run.Horizon.of(train_cfg, opt_ae.defaults["lr"])
     return ae_params, opt_ae, opt_d, horizon.scheduler(opt_ae), horizon
 
 

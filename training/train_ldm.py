@@ -234,7 +234,7 @@ def _optimisation(unet, trained_text_encoder, train_cfg) -> tuple[list, torch.op
             {"params": [p for p in trained_text_encoder.parameters() if p.requires_grad], "lr": train_cfg.text_lr or train_cfg.lr}
         )
     optimizer = torch.optim.AdamW(groups, weight_decay=train_cfg.weight_decay, fused=True)
-    horizon = run.Horizon(train_cfg.lr_schedule, train_cfg.lr_warmup_steps, train_cfg.max_steps, optimizer.defaults["lr"])
+    horizon = run.Horizon.of(train_cfg, optimizer.defaults["lr"])
     return unet_params, optimizer, horizon.scheduler(optimizer), horizon
 
 

@@ -27,6 +27,7 @@ import torch
 from accelerate.utils import broadcast
 from diffusers.optimization import get_scheduler
 from torch.optim.lr_scheduler import LambdaLR
+from transformers.optimization import get_wsd_schedule
 
 WARMUP_STEPS = 5  # not timed: allocations, kernel choices
 PROBE_STEPS = 10
@@ -37,19 +38,37 @@ def probe_seconds(budget_s: float) -> float:
     return max(10.0, 0.03 * budget_s)
 
 
+WSD = "warmup_stable_decay"  # beside diffusers' schedule names: transformers' get_wsd_schedule
+
+
 class Horizon:
     """The LR schedule's length as something that can change once the budget is known. The schedule is
     diffusers' ``get_scheduler(name, ...)`` as a function of the step, for the current ``total``; ``lr_init``:
-    the optimizer's default LR (diffusers' polynomial schedule decays relative to it)."""
+    the optimizer's default LR (diffusers' polynomial schedule decays relative to it).
 
-    def __init__(self, name: str, warmup: int, total: int, lr_init: float) -> None:
-        self.name, self.warmup, self.lr_init = name, warmup, lr_init
+    ``warmup_stable_decay`` (transformers' ``get_wsd_schedule``): linear warm-up, the full LR, then a
+    1-sqrt decay to 0 over the last ``decay_fraction`` of the steps (Hägele et al. 2024, "Scaling Laws and
+    Compute-Optimal Training Beyond Fixed Training Durations"). With a time budget the decay lands at the
+    end of whatever the budget allows, while the mean LR stays near the peak (cosine's is half of it)."""
+
+    def __init__(self, name: str, warmup: int, total: int, lr_init: float, decay_fraction: float = 0.2) -> None:
+        self.name, self.warmup, self.lr_init, self.decay_fraction = name, warmup, lr_init, decay_fraction
         self.set(total)
+
+    @classmethod
+    def of(cls, train_cfg, lr_init: float) -> Horizon:
+        """The horizon of a job's ``train:`` settings (``train.max_steps`` until a time budget fixes it)."""
+        return cls(train_cfg.lr_schedule, train_cfg.lr_warmup_steps, train_cfg.max_steps, lr_init, train_cfg.lr_decay_fraction)
 
     def set(self, total: int) -> None:
         probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=self.lr_init)
         self.total = total
-        self.factor = get_scheduler(self.name, probe, num_warmup_steps=self.warmup, num_training_steps=total).lr_lambdas[0]
+        if self.name == WSD:
+            decay = max(0, min(round(self.decay_fraction * total), total - self.warmup))
+            made = get_wsd_schedule(probe, self.warmup, decay, num_training_steps=total, decay_type="1-sqrt")
+        else:
+            made = get_scheduler(self.name, probe, num_warmup_steps=self.warmup, num_training_steps=total)
+        self.factor = made.lr_lambdas[0]
 
     def scheduler(self, optimizer: torch.optim.Optimizer) -> LambdaLR:
         """A scheduler over ``optimizer`` that always follows the current horizon (its state is the step count)."""

@@ -32,8 +32,9 @@ class RunConfig:
     max_steps: int = 2000  # optimizer steps
     max_minutes: float | None = None  # a time budget for the steps (training/run/budget.py); max_steps stays the cap
     lr: float = 4e-4
-    lr_schedule: str = "cosine"  # any diffusers.optimization schedule name
+    lr_schedule: str = "cosine"  # any diffusers.optimization schedule name, or warmup_stable_decay (training/run/budget.py)
     lr_warmup_steps: int = 100
+    lr_decay_fraction: float = 0.2  # warmup_stable_decay: the last fraction of the steps, over which the LR decays to 0
     weight_decay: float = 0.0
     mixed_precision: MixedPrecision = MixedPrecision.auto  # auto | fp32 | bf16 | fp16
     ema_decay: float | None = None  # EMA of the trained weights (e.g. 0.999); the export is the EMA copy. None: off
@@ -66,9 +67,17 @@ def validate_run(train_cfg: RunConfig) -> None:
         raise ConfigError(f"train.cpu_threads={train_cfg.cpu_threads} must be >= 1 (or null for all cores)")
     from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION
 
-    names = [s.value for s in TYPE_TO_SCHEDULER_FUNCTION]
+    from training.run.budget import WSD
+
+    names = [s.value for s in TYPE_TO_SCHEDULER_FUNCTION] + [WSD]
     if train_cfg.lr_schedule not in names:
         raise ConfigError(f"train.lr_schedule='{train_cfg.lr_schedule}' is unknown; valid: {', '.join(names)}")
+    if not 0.0 < train_cfg.lr_decay_fraction <= 1.0:
+        raise ConfigError(f"train.lr_decay_fraction={train_cfg.lr_decay_fraction} must be in (0, 1]")
+    if train_cfg.lr_decay_fraction != RunConfig.lr_decay_fraction and train_cfg.lr_schedule != WSD:
+        raise ConfigError(
+            f"train.lr_decay_fraction would be ignored: it is for train.lr_schedule={WSD}, and this run's is {train_cfg.lr_schedule}"
+        )
 
 
 def start_accelerator(train_cfg: RunConfig, seed: int, out: Path) -> tuple[Accelerator, int]:
