@@ -45,6 +45,16 @@ def test_the_readmes_demo_figures_are_the_committed_summarys(name):
     assert not missing, f"README.md lacks these figures of docs/{name}: {missing}"
 
 
+def test_the_readmes_avx2_demo_figures_are_the_committed_measurement():
+    proxy = json.loads((ROOT / "docs" / "demo-summary-avx2.json").read_text())
+    budgets = 60 * (proxy["autoencoder"]["budget"]["max_minutes"] + proxy["ldm"]["budget"]["max_minutes"])
+    assert proxy["ldm"]["mixed_precision"] == "no"  # fp32, as on a CPU without bf16 units
+    said = [minutes(proxy["make_demo_seconds"]), f"{minutes(proxy['make_demo_seconds'] - budgets)} of it outside", proxy["command"].split(" make")[0]]
+    text = " ".join(README.split())
+    missing = [s for s in said if s not in text]
+    assert not missing, f"README.md lacks these figures of docs/demo-summary-avx2.json: {missing}"
+
+
 def test_the_readmes_parquet_memory_figures_are_the_committed_measurements():
     record = json.loads((ROOT / "benchmarks" / "LARGE_DATASET-parquet.json").read_text())
     small = [row["peak_rss_mib"] for row in record["rows"] if row["images"] == 2000]
