@@ -45,6 +45,19 @@ def test_the_readmes_demo_figures_are_the_committed_summarys(name):
     assert not missing, f"README.md lacks these figures of docs/{name}: {missing}"
 
 
+def test_the_readmes_stage2_recipe_figures_are_the_committed_sweeps():
+    sweep = next(s for s in json.loads((ROOT / "benchmarks" / "STAGE2_RECIPES.json").read_text())["sweeps"] if s["title"] == "full length, WSD")
+    rows = {r["name"]: r for r in sweep["rows"]}
+    cell = lambda name, key="train_25": f"{rows[name][key]['top1']:.2f} / {rows[name][key]['fd_vgg']:.0f}"  # noqa: E731
+    default = "default, WSD, no EMA"
+    said = [f"**{cell(default)}**", f"**{cell(default, 'train_8')}**", cell(default, "unseen_25"), cell("the default config, 1600 steps"),
+            cell(f"{default}; eval: guidance 2"), cell(f"{default}; eval: seed 1"), cell(f"{default}; eval: seed 2"),
+            f"with EMA 0.995 it gave {cell('default, WSD (1-sqrt decay over the last 20%)')}"]  # fmt: skip
+    text = " ".join(README.split())
+    missing = [s for s in said if s not in text]
+    assert not missing, f"README.md lacks these figures of benchmarks/STAGE2_RECIPES.json: {missing}"
+
+
 def test_the_readmes_avx2_demo_figures_are_the_committed_measurement():
     proxy = json.loads((ROOT / "docs" / "demo-summary-avx2.json").read_text())
     budgets = 60 * (proxy["autoencoder"]["budget"]["max_minutes"] + proxy["ldm"]["budget"]["max_minutes"])
