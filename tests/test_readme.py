@@ -12,7 +12,14 @@ import pytest
 from tests.conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
+README_TEXT = " ".join(README.split())  # lines unwrapped: a command or a sentence may be wrapped over lines there
 SUMMARIES = {name: json.loads((ROOT / "docs" / name).read_text()) for name in ("demo-summary.json", "full-configs-summary.json")}
+
+
+def assert_said(said: list[str], source: str) -> None:
+    """Every string of ``said`` (figures of the committed file ``source``) is in the README, lines unwrapped."""
+    missing = [s for s in said if s not in README_TEXT]
+    assert not missing, f"README.md lacks these figures of {source}: {missing}"
 
 
 def minutes(seconds: float) -> str:
@@ -54,9 +61,7 @@ def test_the_readmes_stage2_recipe_figures_are_the_committed_sweeps():
             cell(f"{default}; eval: guidance 2"), cell(f"{default}; eval: seed 1"), cell(f"{default}; eval: seed 2"),
             f"with EMA 0.995 it gave {cell('default, WSD (1-sqrt decay over the last 20%)')}",
             f"30% decay scored {cell('default, WSD over the last 30%, no EMA')} (8 steps {cell('default, WSD over the last 30%, no EMA', 'train_8')})"]  # fmt: skip
-    text = " ".join(README.split())
-    missing = [s for s in said if s not in text]
-    assert not missing, f"README.md lacks these figures of benchmarks/STAGE2_RECIPES.json: {missing}"
+    assert_said(said, "benchmarks/STAGE2_RECIPES.json")
 
 
 def test_the_readmes_avx2_demo_figures_are_the_committed_measurement():
@@ -64,9 +69,7 @@ def test_the_readmes_avx2_demo_figures_are_the_committed_measurement():
     budgets = 60 * (proxy["autoencoder"]["budget"]["max_minutes"] + proxy["ldm"]["budget"]["max_minutes"])
     assert proxy["ldm"]["mixed_precision"] == "no"  # fp32, as on a CPU without bf16 units
     said = [minutes(proxy["make_demo_seconds"]), f"{minutes(proxy['make_demo_seconds'] - budgets)} of it outside", proxy["command"].split(" make")[0]]
-    text = " ".join(README.split())
-    missing = [s for s in said if s not in text]
-    assert not missing, f"README.md lacks these figures of docs/demo-summary-avx2.json: {missing}"
+    assert_said(said, "docs/demo-summary-avx2.json")
 
 
 def test_the_readmes_parquet_memory_figures_are_the_committed_measurements():
@@ -80,10 +83,8 @@ def test_the_readmes_parquet_memory_figures_are_the_committed_measurements():
         f"+{growth[0]}% to +{growth[-1]}%",
         record["command"].removeprefix("benchmarks/large_dataset.py "),
     ]
-    text = " ".join(README.split())  # the command is wrapped over lines there
-    missing = [s for s in said if s not in text]
-    assert not missing, f"README.md lacks these figures of benchmarks/LARGE_DATASET-parquet.json: {missing}"
+    assert_said(said, "benchmarks/LARGE_DATASET-parquet.json")
     assert max(growth) <= 10  # the promise: within +10% at 20x the images
     wds = {row["images"]: row["peak_rss_mib"] for row in json.loads((ROOT / "benchmarks" / "LARGE_DATASET-webdataset.json").read_text())["rows"]}
     said = f"from {round(wds[2000])} MiB at 2,000 to {round(wds[10000])} MiB at 10,000 (+{round(100 * (wds[10000] / wds[2000] - 1))}%;"
-    assert said in text, said
+    assert said in README_TEXT, said

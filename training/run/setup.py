@@ -16,6 +16,7 @@ from diffusers.training_utils import EMAModel
 
 import runtime
 
+from training.run.budget import WSD
 from training.run.checkpoint import resume_from_latest
 from training.config import ConfigError, MixedPrecision, save_config
 from training.run.guard import StopGuard
@@ -66,8 +67,6 @@ def validate_run(train_cfg: RunConfig) -> None:
     if train_cfg.cpu_threads is not None and train_cfg.cpu_threads < 1:
         raise ConfigError(f"train.cpu_threads={train_cfg.cpu_threads} must be >= 1 (or null for all cores)")
     from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION
-
-    from training.run.budget import WSD
 
     names = [s.value for s in TYPE_TO_SCHEDULER_FUNCTION] + [WSD]
     if train_cfg.lr_schedule not in names:
