@@ -1,12 +1,14 @@
 """Generation speed: diffusers' StableDiffusionPipeline (fp32, its defaults) vs LatentDiffusionPipeline
 (its defaults) on the same weights, sampler, steps, batch and seed, in one process.
 
-    .venv/bin/python benchmarks/generation_speed.py [--resolution 64] [--steps 25] [--batch 4] [--compile]
+    .venv/bin/python benchmarks/generation_speed.py [--resolution 64] [--steps 25] [--batch 4] [--compile] [--student]
 
 The model is tiny but shaped like a real one: a 35M-parameter U-Net (128/256/256 channels, two
 cross-attention levels), a 4-layer CLIP text encoder (width 384) with the real CLIP tokenizer and
 the f4-small autoencoder, randomly initialised. Prints the seconds per batch (best of --repeats rounds in which the pipelines take turns),
-the speed ratio, and the PSNR between the two pipelines' images.
+the speed ratio, and the PSNR between the two pipelines' images. ``--student`` also times a few-step consistency
+student of the same U-Net (training/distill.py's: a guidance embedding, LCM's sampler, no unconditional pass) at
+``--student-steps`` (4): its speed does not depend on its weights, so the untrained copy times what a distilled one does.
 """
 
 from __future__ import annotations
@@ -51,20 +53,32 @@ def build_model(folder: Path, resolution: int) -> None:
           f"{resolution}x{resolution} images, {resolution // 4}x{resolution // 4} latents")  # fmt: skip
 
 
-def interleaved(pipes: dict, prompts: list[str], steps: int, repeats: int) -> tuple[dict, dict]:
+def build_student(folder: Path, student_folder: Path) -> None:
+    """The benchmark model's U-Net as a consistency student would be (training/stage2/student.py): a guidance embedding
+    (zero-initialised) and LCM's sampler on the model's schedule."""
+    from training.distill_config import DistillConfig
+    from training.stage2.student import build_student as student_of, load_teacher
+
+    teacher = load_teacher(str(folder))
+    pipe = LatentDiffusionPipeline(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
+                                   unet=student_of(teacher, DistillConfig()), scheduler=make_scheduler("lcm", teacher.noise_scheduler.config))  # fmt: skip
+    pipe.save_pretrained(student_folder)
+
+
+def interleaved(pipes: dict, prompts: list[str], steps: dict, repeats: int) -> tuple[dict, dict]:
     """Best-of-``repeats`` seconds per pipeline, the pipelines taking turns in each round (so a slow
     spell of a shared machine hits all of them), after one warm-up call each (the compilation, with
-    compile); and each one's images."""
-    def run(pipe):
-        return pipe(prompts, num_inference_steps=steps, guidance_scale=7.5, generator=torch.Generator().manual_seed(0),
-                    output_type="np").images  # fmt: skip
+    compile); and each one's images. ``steps``: each pipeline's number of steps."""
+    def run(name):
+        return pipes[name](prompts, num_inference_steps=steps[name], guidance_scale=7.5 if steps[name] > 8 else 3.0,
+                           generator=torch.Generator().manual_seed(0), output_type="np").images  # fmt: skip
 
-    images = {name: run(pipe) for name, pipe in pipes.items()}
+    images = {name: run(name) for name in pipes}
     best = dict.fromkeys(pipes, float("inf"))
     for _ in range(repeats):
-        for name, pipe in pipes.items():
+        for name in pipes:
             start = time.perf_counter()
-            run(pipe)
+            run(name)
             best[name] = min(best[name], time.perf_counter() - start)
     return best, images
 
@@ -84,6 +98,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also time compile=True (minutes of compilation on a CPU)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--student", action="store_true", help="also time a consistency student (no unconditional pass)")
+    p.add_argument("--student-steps", type=int, default=4)
     args = p.parse_args()
     prompts = (PROMPTS * args.batch)[: args.batch]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -107,9 +123,16 @@ def main() -> None:
             pipes[name] = LatentDiffusionPipeline.from_pretrained(folder, device=device, **options)
             pipes[name].set_scheduler("dpm++")
             results[f"{name}_dtype"] = str(pipes[name].unet.dtype).replace("torch.", "")
+        steps = dict.fromkeys(pipes, args.steps)
+        if args.student:
+            build_student(folder, Path(tmp) / "student")
+            name = f"student_{args.student_steps}_steps"
+            pipes[name] = LatentDiffusionPipeline.from_pretrained(Path(tmp) / "student", device=device)
+            results[f"{name}_dtype"] = str(pipes[name].unet.dtype).replace("torch.", "")
+            variants[name], steps[name] = {}, args.student_steps
         for pipe in pipes.values():
             pipe.set_progress_bar_config(disable=True)
-        seconds, images = interleaved(pipes, prompts, args.steps, args.repeats)
+        seconds, images = interleaved(pipes, prompts, steps, args.repeats)
         results |= seconds
         reference = images["diffusers_fp32"]
 
@@ -119,6 +142,9 @@ def main() -> None:
     for name in variants:
         label = f"{name.replace('_', ' ')} ({results[name + '_dtype']})"
         results[f"{name}_speedup"] = base / results[name]
+        if name.startswith("student"):  # another model and sampler: its images are not the reference's
+            print(f"{label:<34}{results[name]:>10.2f}{results[name + '_speedup']:>9.2f}x{'-':>20}")
+            continue
         results[f"{name}_psnr_db"] = psnr(images[name], reference)
         print(f"{label:<34}{results[name]:>10.2f}{results[name + '_speedup']:>9.2f}x{results[name + '_psnr_db']:>17.1f} dB")
     print(f"\nratio (this pipeline at its defaults / diffusers fp32): {results['ours_default_speedup']:.2f}x, "

@@ -70,6 +70,9 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "default, WSD over the last 30%, no EMA": (["train.max_steps=1600", "train.lr_schedule=warmup_stable_decay",
                                                 "train.lr_decay_fraction=0.3", "train.ema_decay=null"],
                                                "about the same: a longer decay lowers the mean LR"),
+    # a diagnostic, not a candidate: twice the default's steps (and wall-clock). Does compute alone draw the
+    # grid's single-image captions ("sun", "rocket") as shapes, or do they stay fragments?
+    "default, 3200 steps (twice the wall-clock)": (["train.max_steps=3200"], "better on both; sun and rocket take shape"),
 }
 # fmt: on
 

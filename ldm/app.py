@@ -25,7 +25,7 @@ from PIL import Image
 import runtime
 from runtime.errors import InputError, one_line_errors
 
-from .generate import load_pipeline, png_info, sample
+from .generate import generation_defaults, load_pipeline, png_info, sample
 from .schedulers import sampler_names
 
 MAX_SEED = 2**31 - 1
@@ -54,6 +54,7 @@ def build_app(pipe, has_lora: bool = False, title: str | None = None):
     import gradio as gr
 
     size = pipe.default_resolution
+    defaults = generation_defaults(pipe.name_or_path or "")  # a few-step student's own steps, guidance and sampler
     out_dir = Path(tempfile.mkdtemp(prefix="ldm-app-"))
 
     def generate(
@@ -116,13 +117,13 @@ def build_app(pipe, has_lora: bool = False, title: str | None = None):
                 prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red apple")
                 negative = gr.Textbox(label="Negative prompt", lines=1)
                 with gr.Row():
-                    steps = gr.Slider(1, 150, value=25, step=1, label="Steps")
-                    guidance = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="Guidance")
+                    steps = gr.Slider(1, 150, value=defaults["steps"], step=1, label="Steps")
+                    guidance = gr.Slider(0.0, 20.0, value=defaults["guidance"], step=0.5, label="Guidance")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
                     random_seed = gr.Checkbox(value=False, label="Random seed")
                 with gr.Row():
-                    sampler = gr.Dropdown(sampler_names(pipe.scheduler.config), value="dpm++", label="Sampler")
+                    sampler = gr.Dropdown(sampler_names(pipe.scheduler.config), value=defaults["scheduler"], label="Sampler")
                     num_images = gr.Slider(1, 16, value=4, step=1, label="Images", elem_id="num-images")
                 with gr.Row():
                     height = gr.Number(value=size, precision=0, label="Height", elem_id="height")

@@ -74,3 +74,15 @@ def _check_weights(component: Path) -> None:
             "Convert them to safetensors, or use a folder a training run wrote"
         )
     raise InputError(f"{component}: no weights (*.safetensors) beside its config.json")
+
+
+SAMPLING_FILE = "sampling.json"  # a few-step student's own steps, guidance and sampler, written by training/distill.py
+
+
+def sampling_defaults(folder: str | Path) -> dict:
+    """What a folder says it samples with (a distilled student's ``sampling.json``: steps, guidance, scheduler), or {}."""
+    path = Path(folder) / SAMPLING_FILE
+    if not path.is_file():
+        return {}
+    settings = json.loads(path.read_text())
+    return {k: settings[k] for k in ("steps", "guidance", "scheduler") if k in settings}

@@ -20,7 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 import runtime
 from runtime.errors import InputError, one_line_errors
 
-from .folders import check_pipeline_folder
+from .folders import check_pipeline_folder, sampling_defaults
 from .schedulers import SCHEDULERS
 
 
@@ -30,10 +30,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
+    p.add_argument("--steps", type=int, default=None, help="default: 25, or a distilled student's own (its sampling.json)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (<= 1: off); default: 7.5, or a distilled student's own",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scheduler", choices=list(SCHEDULERS), default="dpm++")
+    p.add_argument("--scheduler", choices=list(SCHEDULERS), default=None, help="default: dpm++, or a distilled student's lcm")
     p.add_argument("--height", type=int, default=None, help="default: the model's training resolution")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--init-image", type=Path, default=None, help="img2img: start from this image")
@@ -46,6 +51,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid", action="store_true", help="one grid PNG (a row per prompt) instead of one PNG per image")
     p.add_argument("--out", type=Path, required=True, help="output folder (or a .png file with --grid)")
     return p.parse_args(argv)
+
+
+GENERATION_DEFAULTS = {"steps": 25, "guidance": 7.5, "scheduler": "dpm++"}  # a folder's sampling.json overrides them
+
+
+def generation_defaults(folder: str | Path) -> dict:
+    """Steps, guidance and sampler for a pipeline folder: 25 / 7.5 / dpm++, or a few-step student's own (its sampling.json)."""
+    return {**GENERATION_DEFAULTS, **sampling_defaults(folder)}
 
 
 def _slug(text: str) -> str:
@@ -156,6 +169,9 @@ def generate(args: argparse.Namespace) -> list[Path]:
     if args.init_image is not None and not args.init_image.is_file():
         raise InputError(f"--init-image {args.init_image} does not exist")
     pipe = load_pipeline(args.model, args.lora, args.dtype, args.device, args.compile)
+    defaults = generation_defaults(args.model)
+    steps, guidance, scheduler = (v if v is not None else defaults[k] for k, v in
+                                  (("steps", args.steps), ("guidance", args.guidance), ("scheduler", args.scheduler)))  # fmt: skip
 
     init = Image.open(args.init_image) if args.init_image else None
     images = sample(
@@ -163,10 +179,10 @@ def generate(args: argparse.Namespace) -> list[Path]:
         args.prompt,
         negative_prompt=args.negative_prompt,
         num_images=args.num_images,
-        steps=args.steps,
-        guidance=args.guidance,
+        steps=steps,
+        guidance=guidance,
         seed=args.seed,
-        scheduler=args.scheduler,
+        scheduler=scheduler,
         height=args.height,
         width=args.width,
         init_image=init,

@@ -29,6 +29,7 @@ from runtime import bf16_narrow_refusal
 from runtime.errors import InputError
 from runtime.files import atomic_dir
 
+from .consistency import guidance_condition
 from .folders import check_pipeline_folder, resolve_dtype
 from .guidance import classifier_free_guidance
 from .inputs import OUTPUT_TYPES, ImageInput, image_tensor, negative_prompts
@@ -179,7 +180,9 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         self._check_inputs(
             prompts, num_inference_steps, height, width, num_images_per_prompt, output_type, strength, generator, batch
         )
-        device, do_cfg = self._execution_device, guidance_scale > 1.0
+        device = self._execution_device
+        timestep_cond = guidance_condition(self.unet, guidance_scale, batch, device)  # a few-step student's: no CFG pass
+        do_cfg = guidance_scale > 1.0 and timestep_cond is None
 
         # 1. Encode the prompts (and, for guidance, the negative/empty prompts in the same batch);
         #    a LoRA scale applies to text-encoder adapters too, as in Stable Diffusion.
@@ -225,6 +228,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
                     t,
                     encoder_hidden_states=states,
                     encoder_attention_mask=mask,
+                    timestep_cond=timestep_cond,
                     cross_attention_kwargs=cross_attention_kwargs,
                     return_dict=False,
                 )[0].float()

@@ -22,7 +22,9 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchLCMScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -38,6 +40,7 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "euler-a": (EulerAncestralDiscreteScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
+    "lcm": (LCMScheduler, {}),  # multistep consistency sampling: for a distilled student (training/distill.py)
 }
 
 # a flow-matching model's: name -> (class, settings, the name of the class's shift setting)
@@ -50,6 +53,7 @@ FLOW_SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any], str]] = {
         "flow_shift",
     ),  # fmt: skip
     "unipc": (UniPCMultistepScheduler, {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}, "flow_shift"),
+    "lcm": (FlowMatchLCMScheduler, {}, "shift"),  # a distilled flow student's
 }
 
 
@@ -78,7 +82,15 @@ def make_scheduler(name: str, config: Any) -> SchedulerMixin:
     if key not in SCHEDULERS:
         raise InputError(f"unknown scheduler '{name}'; valid: {', '.join(SCHEDULERS)}")
     cls, settings = SCHEDULERS[key]
+    if cls is LCMScheduler:  # its default betas are Stable Diffusion's: carry over the model's even where they were defaults
+        config = schedule_of(config)
     return cls.from_config(config, **settings)
+
+
+def schedule_of(config: Any) -> dict:
+    """``config`` with every value taken as given: diffusers' ``from_config`` replaces the values a scheduler was built
+    with by default (``_use_default_values``) with the new class's defaults, and LCMScheduler's betas differ from DDPM's."""
+    return {k: v for k, v in dict(config).items() if k != "_use_default_values"}
 
 
 def step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | None = None, eta: float | None = None) -> dict:

@@ -9,8 +9,8 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 PACKAGES = ("autoencoder", "ldm", "runtime", "training")
-COMMANDS = {"train_autoencoder.py", "train_ldm.py", "evaluate.py", "prepare_data.py"}
-SCHEMAS = {"config.py", "autoencoder_config.py", "ldm_config.py", "__init__.py"}
+COMMANDS = {"train_autoencoder.py", "train_ldm.py", "distill.py", "evaluate.py", "prepare_data.py"}
+SCHEMAS = {"config.py", "autoencoder_config.py", "ldm_config.py", "distill_config.py", "__init__.py"}
 
 
 def _modules() -> dict[str, Path]:
@@ -49,7 +49,7 @@ def test_the_import_directions_of_the_design_hold():
         ("autoencoder", ("training", "ldm"), "stage 1 knows nothing of stage 2"),
         ("runtime", ("autoencoder", "ldm", "training"), "every package may import runtime/, it imports none of them"),
     ]
-    for command in ("train_autoencoder", "train_ldm", "evaluate", "prepare_data"):  # commands import no command
+    for command in ("train_autoencoder", "train_ldm", "distill", "evaluate", "prepare_data"):  # commands import no command
         rules.append(("training.", (f"training.{command}",), "a command is imported by no library module"))
     broken = []
     for module, path in _modules().items():
@@ -75,6 +75,6 @@ def test_the_training_top_level_holds_the_commands_and_the_config_only():
 def test_no_library_file_is_over_300_lines_and_each_train_function_over_110():
     long = {m: n for m, p in _modules().items() if (n := len(p.read_text().splitlines())) > 300}
     assert not long, long
-    for job in ("train_autoencoder", "train_ldm"):
-        (train,) = [n for n in ast.parse((ROOT / "training" / f"{job}.py").read_text()).body if getattr(n, "name", "") == "train"]
+    for job, function in (("train_autoencoder", "train"), ("train_ldm", "train"), ("distill", "distill")):
+        (train,) = [n for n in ast.parse((ROOT / "training" / f"{job}.py").read_text()).body if getattr(n, "name", "") == function]
         assert train.end_lineno - train.lineno + 1 + len(train.decorator_list) <= 110, job

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
 from typing import Any
 
 import torch
@@ -38,6 +37,7 @@ from training.stage2.cache import open_latent_cache
 from training.stage2.conditioning import Conditioning
 from training.stage2.export import export_run
 from training.stage2.models import Models, check_compatible, check_objective, load_models, prepare_to_train, training_objective
+from training.stage2.randomness import step_randomness
 from training.stage2.samples import ema_weights, pipeline_of, sample_shapes, save_samples
 
 
@@ -54,26 +54,6 @@ class UNetAndTextEncoder(torch.nn.Module):
         if input_ids is not None:  # (B, L, D); masked only for bidirectional encoders (CLIP: as at generation)
             states = self.text_encoder(input_ids, attention_mask=mask)[0] if mask is not None else self.text_encoder(input_ids)[0]
         return self.unet(x_t, t, encoder_hidden_states=states, encoder_attention_mask=mask).sample
-
-
-def step_randomness(
-    seed: int, micro_batch: int, global_batch: int, latent_shape: tuple, rank: int, world: int, sigmas: Callable | None = None
-) -> dict:
-    """Every random draw of one micro-batch, made for the whole global batch from (seed, micro-batch)
-    and sliced like the data ([rank::world]): a sample gets the same noise whatever the number of
-    processes, and a resumed run the same as an uninterrupted one. ``sigmas(n, generator)``: a flow
-    objective's noise levels, drawn last, so a DDPM run's draws are what they always were."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * micro_batch + 1)
-    draws = {
-        "latent_noise": torch.randn(global_batch, *latent_shape, generator=g),  # posterior sample
-        "eps": torch.randn(global_batch, *latent_shape, generator=g),  # diffusion noise
-        "offset": torch.randn(global_batch, latent_shape[0], generator=g),
-        "t": torch.randint(0, 1000, (global_batch,), generator=g),
-        "drop": torch.rand(global_batch, generator=g),
-    }
-    if sigmas is not None:
-        draws["sigma"] = sigmas(global_batch, g)
-    return {k: v[rank::world] for k, v in draws.items()}
 
 
 @run.guarded  # one run per output_dir; a signal before or after the steps stops at once
@@ -98,6 +78,7 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     autoencoder_fit = check_autoencoder_fit(vae, records, cfg, models.vae_dir) if is_main and cfg.model.check_images else None
     prepare_to_train(models, cfg.finetune, device)
     objective, sigmas = training_objective(cfg, models)  # sigmas: a flow objective's draws of its noise levels
+    levels = {"sigma": sigmas} if sigmas is not None else None
 
     # 2. The latent cache (encoded once, every process its share) and the stream of batches over it.
     cache = open_latent_cache(cfg, models, records, sizes, accelerator)
@@ -133,7 +114,7 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
             idx, flip = torch.tensor([i for i, _ in picks]), torch.tensor([f for _, f in picks])
             moments = cache.posteriors(idx, flip)  # (B, 2C, h, w): h, w of the batch's bucket
             latent_shape = (moments.shape[1] // 2, *moments.shape[2:])  # (C, h, w)
-            draws = step_randomness(cfg.seed, micro, stream.global_batch, latent_shape, rank, world, sigmas)
+            draws = step_randomness(cfg.seed, micro, stream.global_batch, latent_shape, rank, world, levels)
             micro += 1
             # x_0: a fresh draw from each posterior, normalised to unit variance by the autoencoder's scaling/shift factor
             x0 = normalize_latents(vae, sample_latents(moments, draws["latent_noise"])).to(device)

@@ -38,9 +38,14 @@ def add_text_lora(text_encoder, config: LoraConfig) -> None:
     text_encoder.peft_config = {"default": config}
 
 
-def export_lora(unet, text_encoder, folder: Path) -> Path:
-    """``folder/pytorch_lora_weights.safetensors`` in the format diffusers' ``load_lora_weights`` reads."""
-    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+def export_lora(unet, text_encoder, folder: Path, convert: bool = True) -> Path:
+    """``folder/pytorch_lora_weights.safetensors`` in the format diffusers' ``load_lora_weights`` reads: with
+    ``convert``, the U-Net's keys renamed as diffusers' DreamBooth-LoRA script saves them (``lora.down`` / ``lora.up``,
+    for adapters on the attention projections); without, peft's own names (``lora_A`` / ``lora_B``), as diffusers'
+    LCM-LoRA script saves adapters on convolutions too: the renaming covers only the attention projections, and a file
+    that mixes both namings loses the renamed ones on loading."""
+    unet_layers = get_peft_model_state_dict(unet)
+    unet_layers = convert_state_dict_to_diffusers(unet_layers) if convert else unet_layers
     text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder)) if text_encoder is not None else None
     LatentDiffusionPipeline.save_lora_weights(
         folder, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True

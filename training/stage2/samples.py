@@ -4,6 +4,7 @@ weights swapped in; at each bucket shape when the run trains on buckets."""
 from __future__ import annotations
 
 import math
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -39,22 +40,24 @@ def pipeline_of(vae, text_encoder, tokenizer, unet, scheduler) -> LatentDiffusio
 
 
 @torch.no_grad()
-def save_samples(pipe: LatentDiffusionPipeline, cfg: SampleConfig, path: Path, shapes: list | None = None) -> Path:
+def save_samples(
+    pipe: LatentDiffusionPipeline, cfg: SampleConfig, path: Path, shapes: list | None = None, step_counts: list | None = None
+) -> Path:
     """A grid with a row per validation prompt, the same seeds every time; with ``shapes`` ((height,
     width) in pixels), the row holds the prompt's images at each shape, each on a white cell of the
-    largest height and width."""
+    largest height and width; with ``step_counts`` (a few-step student's 1, 2, 4), at each number of steps."""
     was_training = pipe.unet.training
     pipe.unet.eval()
     pipe.scheduler = make_scheduler(cfg.scheduler, pipe.scheduler.config)
     n, cells = cfg.images_per_prompt, []
-    for height, width in shapes or [(None, None)]:  # None: the pipeline's default size
+    for (height, width), steps in product(shapes or [(None, None)], step_counts or [cfg.steps]):  # None: the default size
         generators = [torch.Generator().manual_seed(cfg.seed + i) for i in range(len(cfg.prompts) * n)]
         cells.append(
             pipe(
                 list(cfg.prompts),
                 height=height,
                 width=width,
-                num_inference_steps=cfg.steps,
+                num_inference_steps=steps,
                 guidance_scale=cfg.guidance,
                 num_images_per_prompt=n,
                 generator=generators,

@@ -1,0 +1,88 @@
+"""The models of a distillation run: the frozen teacher (a pipeline folder), the consistency student made from
+it, and the student's export (a pipeline folder whose scheduler is LCM's, or LoRA adapters on the teacher)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from transformers import AutoModel, AutoTokenizer
+
+from autoencoder import load_autoencoder
+from ldm.consistency import GUIDANCE_EMBEDDING_DIM, DDPMConsistency, FlowConsistency
+from ldm.diffusion import training_scheduler_of
+from ldm.folders import SAMPLING_FILE, check_pipeline_folder
+from ldm.schedulers import flow_shift, is_flow
+from runtime.files import write_json_atomic
+from training.distill_config import DistillConfig
+from training.ldm_config import FinetuneConfig
+from training.stage2.finetune import add_lora, export_lora, fused_lora_pipeline
+from training.stage2.models import Models
+from training.stage2.samples import pipeline_of
+
+
+class StudentForward(torch.nn.Module):
+    """What a distillation step trains, as one ``forward`` (DDP synchronises what runs through it): the student U-Net,
+    with the guidance embedding for a full LCM student. Returns its raw output (the teacher's kind: v, eps or v)."""
+
+    def __init__(self, unet) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x_t, t, states, mask=None, timestep_cond=None):
+        return self.unet(x_t, t, encoder_hidden_states=states, encoder_attention_mask=mask, timestep_cond=timestep_cond).sample
+
+
+def load_teacher(folder: str) -> Models:
+    """Every component of the teacher's pipeline folder, frozen; its text encoder's caption states go into the cache."""
+    check_pipeline_folder(folder)
+    root = Path(folder)
+    vae = load_autoencoder(root / "vae").eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+    text_encoder = AutoModel.from_pretrained(root / "text_encoder", use_safetensors=True).eval().requires_grad_(False)
+    unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True).eval().requires_grad_(False)
+    scheduler = training_scheduler_of(root / "scheduler")
+    return Models(vae, tokenizer, text_encoder, False, unet, scheduler, str(root / "vae"), str(root / "text_encoder"),
+                  str(root), cache_text=True)  # fmt: skip
+
+
+def consistency_of(teacher: Models, grid: int) -> FlowConsistency | DDPMConsistency:
+    """The consistency math on the teacher's own path: flow (with its shift) or DDPM (its schedule and prediction type)."""
+    config = teacher.noise_scheduler.config
+    return FlowConsistency(flow_shift(config), grid) if is_flow(config) else DDPMConsistency(config, grid)
+
+
+def build_student(teacher: Models, d: DistillConfig) -> UNet2DConditionModel:
+    """lcm: a copy of the teacher's U-Net with a guidance embedding added to its timestep embedding, initialised to
+    zero (the student starts as the teacher at every scale); lcm-lora: the teacher's U-Net with adapters, which are
+    all that trains (the teacher itself stays a separate frozen copy)."""
+    if d.method == "lcm":
+        student = UNet2DConditionModel.from_config({**teacher.unet.config, "time_cond_proj_dim": GUIDANCE_EMBEDDING_DIM})
+        missing, unexpected = student.load_state_dict(teacher.unet.state_dict(), strict=False)
+        assert missing == ["time_embedding.cond_proj.weight"] and not unexpected, (missing, unexpected)
+        torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+        return student.train().requires_grad_(True)
+    student = UNet2DConditionModel.from_config(teacher.unet.config)
+    student.load_state_dict(teacher.unet.state_dict())
+    lora = FinetuneConfig(
+        method="lora", lora_rank=d.lora_rank, lora_alpha=d.lora_alpha, lora_target_modules=d.lora_target_modules
+    )
+    add_lora(student, None, lora, text_trains=False)
+    return student.train()
+
+
+def export_student(d: DistillConfig, teacher: Models, student, scheduler, out: Path) -> Path:
+    """``out/pipeline``: the teacher's autoencoder and text encoder with the student U-Net (lcm-lora: the adapters
+    fused into the teacher's, and the adapters alone in ``out/lora``, diffusers' format), ``scheduler/`` LCM's, and
+    ``sampling.json``: the student's steps and guidance (a LoRA student has its guidance built in: 1, no CFG pass)."""
+    if d.method == "lcm-lora":
+        export_lora(student, None, out / "lora", convert=False)  # adapters on convolutions too (LCM-LoRA's)
+        pipe = fused_lora_pipeline(teacher.source, out / "lora")
+    else:
+        pipe = pipeline_of(teacher.vae, teacher.text_encoder, teacher.tokenizer, student, scheduler)
+    pipe.scheduler = scheduler
+    pipe.save_pretrained(out / "pipeline")
+    sampling = {"steps": d.steps, "guidance": d.guidance if d.method == "lcm" else 1.0, "scheduler": "lcm"}
+    write_json_atomic(out / "pipeline" / SAMPLING_FILE, sampling)
+    return out / "pipeline"
