@@ -17,7 +17,7 @@ GENERIC := data/generic-32
 OOD    := data/ood-32
 AE_CONFIG := configs/autoencoder/openmoji-32-f4.yaml
 
-.PHONY: install test lint demo demo-started data bench clean constraints
+.PHONY: install test lint demo demo-started data distill bench clean constraints
 
 install: $(STAMP)
 
@@ -77,6 +77,13 @@ demo: demo-started data
 
 demo-started:
 	@mkdir -p runs && date +%s > runs/demo-started
+
+# After `make demo`: its model distilled into a 4-step student (configs/distill/openmoji-32.yaml; the README's
+# "Images in a few steps"), then scored beside its teacher and drawn in one grid (runs/distill-openmoji-32/)
+distill: data
+	$(VENV)/bin/accelerate launch --num_processes 1 -m training.distill --config configs/distill/openmoji-32.yaml
+	$(PY) benchmarks/distill_quality.py --teacher $(LDM_RUN)/pipeline --student runs/distill-openmoji-32/pipeline \
+		--grid runs/distill-openmoji-32/teacher-and-student.png --no-score
 
 # Side-by-side benchmarks (never part of `make test`): writes benchmarks/RESULTS.md (12.4 min from a fresh clone).
 bench: data

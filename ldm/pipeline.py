@@ -33,7 +33,7 @@ from .consistency import guidance_condition
 from .folders import check_pipeline_folder, resolve_dtype
 from .guidance import classifier_free_guidance
 from .inputs import OUTPUT_TYPES, ImageInput, image_tensor, negative_prompts
-from .schedulers import make_scheduler, step_kwargs
+from .schedulers import make_scheduler, set_sampling_timesteps, step_kwargs
 from .text import encode_text, uses_attention_mask
 from .unet import unet_downsampling
 
@@ -196,7 +196,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         # rows: [negative x (B*n), prompt x (B*n)] with guidance, [prompt x (B*n)] without
 
         # 2. Timesteps; img2img skips the first (1 - strength) of them.
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        set_sampling_timesteps(self.scheduler, num_inference_steps, device)
         timesteps = self.scheduler.timesteps
         start_from_image = image is not None and strength < 1.0
         if start_from_image:

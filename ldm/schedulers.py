@@ -93,6 +93,16 @@ def schedule_of(config: Any) -> dict:
     return {k: v for k, v in dict(config).items() if k != "_use_default_values"}
 
 
+def set_sampling_timesteps(scheduler: SchedulerMixin, steps: int, device=None) -> None:
+    """``scheduler.set_timesteps(steps)``, but a flow student's FlowMatchLCMScheduler samples at sigma = 1, (k-1)/k, ...,
+    1/k (then its shift), as LCMScheduler spaces its k steps over the schedule (999, 759, 499, 259 for 4): its own
+    spacing ends at sigma 0.001, where a consistency step returns its input, so k steps would do the work of k - 1."""
+    if isinstance(scheduler, FlowMatchLCMScheduler):
+        scheduler.set_timesteps(sigmas=[1 - i / steps for i in range(steps)], device=device)
+    else:
+        scheduler.set_timesteps(steps, device=device)
+
+
 def step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | None = None, eta: float | None = None) -> dict:
     """The optional keyword arguments that this scheduler's ``step`` accepts: only the stochastic
     samplers take a ``generator``, only DDIM/DDPM-like ones an ``eta``."""

@@ -158,6 +158,8 @@ def test_a_flow_student_resumes_exactly_exports_flow_lcm_and_samples_at_1_2_4_st
     images = {w: pipe(["red apple"], num_inference_steps=4, guidance_scale=w, output_type="np",
                       generator=torch.Generator().manual_seed(0)).images for w in (2.0, 5.0)}  # fmt: skip
     assert images[2.0].shape == (1, 32, 32, 3) and np.abs(images[2.0] - images[5.0]).max() > 1e-4
+    # 4 steps at sigma 1, 3/4, 1/2, 1/4 before the shift of 2 (the scheduler's own spacing ends at 0.001, a wasted step)
+    assert torch.allclose(pipe.scheduler.sigmas, torch.tensor([1.0, 1.5 / 1.75, 1 / 1.5, 0.5 / 1.25, 0.0]))
     grid = Image.open(tmp_path / "full" / "samples" / "step-00000006.png")  # 2 prompts x (1, 2, 4 steps) x 2 images, x2
     assert grid.size == (3 * 2 * 64, 2 * 64)
 
@@ -255,4 +257,4 @@ def test_a_teacher_that_is_not_a_pipeline_folder_is_one_line(openmoji_small, tmp
                                f"model.teacher={teacher}", f"data.path={openmoji_small}", f"output_dir={tmp_path / 'out'}"],
                               capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
         assert done.returncode != 0 and said in error_line(done.stderr)
-    assert not (tmp_path / "out").exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".lock"]  # the run's lock only: no cache, no checkpoint

@@ -166,4 +166,4 @@ def test_the_web_page_offers_a_flow_models_own_samplers():
     pipe = tiny_pipeline()
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     (dropdown,) = [b for b in build_app(pipe).blocks.values() if isinstance(b, gr.Dropdown)]
-    assert [value for _, value in dropdown.choices] == ["euler", "heun", "dpm++", "unipc"] and dropdown.value == "dpm++"
+    assert [value for _, value in dropdown.choices] == ["euler", "heun", "dpm++", "unipc", "lcm"] and dropdown.value == "dpm++"

@@ -62,6 +62,11 @@ def test_the_readmes_stage2_recipe_figures_are_the_committed_sweeps():
             f"with EMA 0.995 it gave {cell('default, WSD (1-sqrt decay over the last 20%)')}",
             f"30% decay scored {cell('default, WSD over the last 30%, no EMA')} (8 steps {cell('default, WSD over the last 30%, no EMA', 'train_8')})"]  # fmt: skip
     assert_said(said, "benchmarks/STAGE2_RECIPES.json")
+    twice = next(s for s in json.loads((ROOT / "benchmarks" / "STAGE2_RECIPES.json").read_text())["sweeps"]
+                 if s["title"] == "diagnostic: twice the steps")["rows"][0]  # fmt: skip
+    pair = lambda key: f"{twice[key]['top1']:.2f} / {twice[key]['fd_vgg']:.0f}"  # noqa: E731
+    assert_said([f"{pair('train_25')} at 25 steps (autoencoder floor {twice['train_25']['autoencoder_floor']:.0f}",
+                 f"{pair('unseen_25')} on unseen captions"], "benchmarks/STAGE2_RECIPES.json")  # fmt: skip
 
 
 def test_the_readmes_avx2_demo_figures_are_the_committed_measurement():
@@ -88,3 +93,19 @@ def test_the_readmes_parquet_memory_figures_are_the_committed_measurements():
     wds = {row["images"]: row["peak_rss_mib"] for row in json.loads((ROOT / "benchmarks" / "LARGE_DATASET-webdataset.json").read_text())["rows"]}
     said = f"from {round(wds[2000])} MiB at 2,000 to {round(wds[10000])} MiB at 10,000 (+{round(100 * (wds[10000] / wds[2000] - 1))}%;"
     assert said in README_TEXT, said
+
+
+def test_the_readmes_distillation_figures_are_the_committed_measurements():
+    run = json.loads((ROOT / "benchmarks" / "DISTILL.json").read_text())["runs"][0]
+    speed = json.loads((ROOT / "benchmarks" / "DISTILL_SPEED.json").read_text())["results"]
+    said = [f"**{run['distill_seconds']:.0f} s of training**", f"({run['distill_seconds'] / run['distill_steps']:.2f} s a step)",
+            minutes(run["timeline_seconds"]["first_cache_write_to_metrics"]), f"{run['avx2_fp32_proxy']['seconds_per_step']:.2f} s",
+            f"{speed['diffusers_fp32']:.2f} s", f"{speed['ours_default']:.2f} s ({speed['ours_default_speedup']:.2f}x)",
+            f"**{speed['student_4_steps']:.2f} s: {speed['student_4_steps_speedup']:.1f}x**"]  # fmt: skip
+    for row in run["rows"]:
+        t, u = row["train"], row["unseen"]
+        cell = f"{t['top1']:.2f} / {t['fd_vgg']:.0f}"
+        label = {"dpm++": "DPM++", "lcm": "LCM"}[row["sampler"]]
+        said.append(f"| {row['model']} | {label}, {row['steps']} | {row['guidance']:g} | "
+                    + (f"**{cell}**" if row["model"] == "student" and row["steps"] == 4 else cell) + f" | {u['top1']:.2f} / {u['fd_vgg']:.0f} |")  # fmt: skip
+    assert_said(said, "benchmarks/DISTILL.json and benchmarks/DISTILL_SPEED.json")
