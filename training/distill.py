@@ -118,11 +118,7 @@ def distill(cfg: DistillJobConfig, *, stop_after_steps: int | None = None) -> Pa
                 with training_attention(device):
                     out_n = model(x_n, path.timestep(n).to(device), **cond, timestep_cond=embedded)
                 loss = consistency_loss(path.consistency(x_n, n, out_n), wanted, d.distance, d.huber_c).mean()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and train_cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                run.backward_and_step(accelerator, model, optimizer, loss, train_cfg.max_grad_norm)
             step_loss += loss.detach().item()
             window_n += 1
         window_loss += step_loss

@@ -126,11 +126,7 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
                 with training_attention(device):
                     pred = model(x_t, t, **cond)
                 loss = objective.per_sample_loss(pred, target, level).mean()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and train_cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                run.backward_and_step(accelerator, model, optimizer, loss, train_cfg.max_grad_norm)
             step_loss += loss.detach().item()
             window_n += 1
         window_loss += step_loss

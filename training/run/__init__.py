@@ -7,6 +7,7 @@ from training.run.checkpoint import save_checkpoint
 from training.run.guard import StopGuard, check_finite, guarded
 from training.run.setup import (
     after_optimizer_step,
+    backward_and_step,
     checkpoint_schedule_and_ema,
     due,
     finish,
@@ -22,6 +23,7 @@ __all__ = [
     "StepBudget",
     "StopGuard",
     "after_optimizer_step",
+    "backward_and_step",
     "check_finite",
     "checkpoint_schedule_and_ema",
     "due",

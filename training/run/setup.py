@@ -144,6 +144,16 @@ def checkpoint_schedule_and_ema(accelerator: Accelerator, lr_schedule, params: l
     return ema
 
 
+def backward_and_step(accelerator: Accelerator, model, optimizer, loss: torch.Tensor, max_grad_norm: float | None) -> None:
+    """Inside ``accelerator.accumulate``: the backward pass, the gradients clipped to ``max_grad_norm`` once they are
+    synchronised (None or 0: not clipped), the optimizer's step and its gradients zeroed."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def after_optimizer_step(lr_schedule, ema: EMAModel | None, params: list, bar) -> None:
     """Once per optimizer step (not per micro-batch, not per process): the LR schedule's step, the EMA's, the bar's."""
     lr_schedule.step()
