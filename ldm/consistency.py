@@ -63,7 +63,7 @@ class FlowConsistency:
     def __init__(self, shift: float = 1.0, grid: int = LCM_GRID) -> None:
         # sigma_0 = 0 (the data), ..., sigma_N = 1 (pure noise), shifted as the teacher's sampler shifts them
         self.levels = shift_sigmas(torch.arange(grid + 1, dtype=torch.float64) / grid, shift).float()  # (N + 1,)
-        self.grid = grid
+        self.shift = shift
 
     def timestep(self, n: torch.Tensor) -> torch.Tensor:
         """The U-Net's timestep at grid index ``n``: 1000 sigma_n."""
@@ -82,8 +82,9 @@ class FlowConsistency:
         """f(x, sigma_n) = x - sigma_n F: what FlowMatchLCMScheduler takes for x_0."""
         return x - _per_sample(self.levels[n], x) * out.float()
 
-    def scheduler(self, shift: float) -> FlowMatchLCMScheduler:
-        return FlowMatchLCMScheduler(num_train_timesteps=1000, shift=shift)
+    def scheduler(self) -> FlowMatchLCMScheduler:
+        """The sampler of a student on this path (the export's scheduler/)."""
+        return FlowMatchLCMScheduler(num_train_timesteps=1000, shift=self.shift)
 
 
 class DDPMConsistency:
@@ -96,7 +97,6 @@ class DDPMConsistency:
         step = self.lcm.config.num_train_timesteps // grid
         # t_0 = 0 (the data end, as LCM's solver clamps it), t_n = n T / N - 1 for n = 1..N
         self.levels = torch.cat([torch.zeros(1), torch.arange(1, grid + 1) * step - 1]).long()  # (N + 1,)
-        self.grid = grid
 
     def timestep(self, n: torch.Tensor) -> torch.Tensor:
         return self.levels[n]
@@ -127,7 +127,8 @@ class DDPMConsistency:
         c_skip, c_out = self.lcm.get_scalings_for_boundary_condition_discrete(self.levels[n].float())
         return _per_sample(c_skip, x) * x + _per_sample(c_out, x) * self._x0_eps(x, n, out)[0]
 
-    def scheduler(self, shift: float | None = None) -> LCMScheduler:
+    def scheduler(self) -> LCMScheduler:
+        """The sampler of a student on this path (the export's scheduler/): LCMScheduler on the teacher's schedule."""
         return self.lcm
 
 

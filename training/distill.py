@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 from autoencoder import normalize_latents, sample_latents
 from ldm.consistency import consistency_loss, guidance_embedding
 from ldm.guidance import classifier_free_guidance
-from ldm.schedulers import flow_shift
 from ldm.text import uses_attention_mask
 from runtime import training_attention
 from runtime.errors import one_line_errors
@@ -43,7 +42,14 @@ from training.stage2.export import last_logged
 from training.stage2.models import check_compatible
 from training.stage2.randomness import step_randomness
 from training.stage2.samples import ema_weights, pipeline_of, save_samples
-from training.stage2.student import StudentForward, build_student, consistency_of, export_student, load_teacher
+from training.stage2.student import (
+    StudentForward,
+    build_student,
+    consistency_of,
+    export_student,
+    load_teacher,
+    student_guidance,
+)
 from training.run.guard import check_finite
 
 SAMPLE_STEPS = [1, 2, 4]  # the sample grids' columns: the student at 1, 2 and 4 steps
@@ -94,7 +100,7 @@ def distill(cfg: DistillJobConfig, *, stop_after_steps: int | None = None) -> Pa
     target_net = StudentForward(target.module if target is not None else student)  # the raw modules: no DDP, no grad
 
     bar = tqdm(total=budget.max_steps, initial=step, desc="consistency distillation", disable=not is_main, dynamic_ncols=True)
-    window_start, window_loss, window_n, started = time.perf_counter(), 0.0, 0, time.perf_counter()
+    window, started = run.LossWindow(), time.perf_counter()
     stop = run.StopGuard(accelerator, out, train_cfg.keep_checkpoints, bar)  # SIGTERM / SIGINT: after the step, a checkpoint
     while step < budget.max_steps:
         # 4. One optimizer step = grad_accum_steps micro-batches.
@@ -120,8 +126,7 @@ def distill(cfg: DistillJobConfig, *, stop_after_steps: int | None = None) -> Pa
                 loss = consistency_loss(path.consistency(x_n, n, out_n), wanted, d.distance, d.huber_c).mean()
                 run.backward_and_step(accelerator, model, optimizer, loss, train_cfg.max_grad_norm)
             step_loss += loss.detach().item()
-            window_n += 1
-        window_loss += step_loss
+        window.add(step_loss, train_cfg.grad_accum_steps)
         run.after_optimizer_step(lr_sched, ema, params, bar)
         if target is not None:
             target.update_parameters(student)
@@ -131,17 +136,13 @@ def distill(cfg: DistillJobConfig, *, stop_after_steps: int | None = None) -> Pa
 
         # 5. Logs, sample grids (1, 2 and 4 steps), checkpoints.
         if stopping or run.due(step, train_cfg.log_every, budget.max_steps):
-            mean_loss = accelerator.reduce(torch.tensor(window_loss / window_n, device=device), "mean").item()
-            images_per_s = round(window_n * stream.global_batch / (time.perf_counter() - window_start), 2)
-            log.write(step=step, loss=round(mean_loss, 6), lr=lr_sched.get_last_lr()[0], images_per_s=images_per_s)
-            bar.set_postfix(loss=f"{mean_loss:.4f}")
-            window_start, window_loss, window_n = time.perf_counter(), 0.0, 0
+            window.write(log, step, lr_sched.get_last_lr()[0], stream.global_batch, bar)
         if stopping:
             raise stop.checkpoint_and_stop(step, {"micro_batches": micro, **stream.layout, **budget.state()}, log)
         if is_main and run.due(step, train_cfg.sample_every, budget.max_steps):
             with ema_weights(ema, params):
-                pipe = pipeline_of(vae, text_encoder, teacher.tokenizer, student, path.scheduler(_shift(teacher)))
-                sample_cfg = cfg.sample if lcm else replace(cfg.sample, guidance=1.0)
+                pipe = pipeline_of(vae, text_encoder, teacher.tokenizer, student, path.scheduler())
+                sample_cfg = cfg.sample if lcm else replace(cfg.sample, guidance=student_guidance(d))
                 grid = save_samples(pipe, sample_cfg, out / "samples" / f"step-{step:08d}.png", step_counts=SAMPLE_STEPS)
             log.images("samples", grid, step)
         if run.due(step, train_cfg.checkpoint_every, budget.max_steps):
@@ -185,22 +186,17 @@ def _export(cfg: DistillJobConfig, teacher, student, path, figures: dict) -> Pat
     ``eval.steps`` and its own guidance, when ``eval.num_prompts`` asks for it. Refused if a weight is not finite."""
     out, d = Path(cfg.output_dir), cfg.distill
     check_finite(student, "student U-Net")
-    folder = export_student(d, teacher, student, path.scheduler(_shift(teacher)), out)
+    folder = export_student(d, teacher, student, path.scheduler(), out)
     metrics = {**figures, "final_loss": last_logged(out / "log.jsonl", "loss")}
     if cfg.eval.num_prompts:
         from training.eval.pipeline import evaluate_pipeline
 
-        guidance = d.guidance if d.method == "lcm" else 1.0
-        metrics["eval"] = evaluate_pipeline(folder, cfg.data.path, cfg.eval.num_prompts, cfg.eval.steps, guidance,
+        metrics["eval"] = evaluate_pipeline(folder, cfg.data.path, cfg.eval.num_prompts, cfg.eval.steps, student_guidance(d),
                                             seed=cfg.seed, data_cfg=cfg.data, sampler="lcm")  # fmt: skip
     metrics["config"] = to_dict(cfg)
     write_json_atomic(out / "metrics.json", metrics)
     print(f"saved {folder}; metrics in {out / 'metrics.json'}")
     return folder
-
-
-def _shift(teacher) -> float:
-    return flow_shift(teacher.noise_scheduler.config)
 
 
 def main(argv: list[str] | None = None) -> None:

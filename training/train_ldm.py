@@ -103,7 +103,7 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     budget = run.StepBudget(train_cfg, horizon, state, accelerator, optimizer, lr_sched)  # train.max_minutes
 
     bar = tqdm(total=budget.max_steps, initial=step, desc="latent diffusion", disable=not is_main, dynamic_ncols=True)
-    window_start, window_loss, window_n, started = time.perf_counter(), 0.0, 0, time.perf_counter()
+    window, started = run.LossWindow(), time.perf_counter()
     # from here SIGTERM / SIGINT stop after the step, with a checkpoint
     stop = run.StopGuard(accelerator, out, train_cfg.keep_checkpoints, bar)
     while step < budget.max_steps:
@@ -128,8 +128,7 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
                 loss = objective.per_sample_loss(pred, target, level).mean()
                 run.backward_and_step(accelerator, model, optimizer, loss, train_cfg.max_grad_norm)
             step_loss += loss.detach().item()
-            window_n += 1
-        window_loss += step_loss
+        window.add(step_loss, train_cfg.grad_accum_steps)
         run.after_optimizer_step(lr_sched, ema, unet_params, bar)
         step += 1
         stopping = stop.after_step(step, step_loss)  # a signal on any process (a non-finite loss raises)
@@ -137,11 +136,7 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
 
         # 5. Logs (the step a signal stops at too: its loss is in the curve), sample grids, checkpoints.
         if stopping or run.due(step, train_cfg.log_every, budget.max_steps):
-            mean_loss = accelerator.reduce(torch.tensor(window_loss / window_n, device=device), "mean").item()
-            images_per_s = round(window_n * stream.global_batch / (time.perf_counter() - window_start), 2)
-            log.write(step=step, loss=round(mean_loss, 6), lr=lr_sched.get_last_lr()[0], images_per_s=images_per_s)
-            bar.set_postfix(loss=f"{mean_loss:.4f}")
-            window_start, window_loss, window_n = time.perf_counter(), 0.0, 0
+            window.write(log, step, lr_sched.get_last_lr()[0], stream.global_batch, bar)
         if stopping:
             raise stop.checkpoint_and_stop(step, {"micro_batches": micro, **layout, **budget.state()}, log)
         if is_main and run.due(step, train_cfg.sample_every, budget.max_steps):

@@ -15,10 +15,11 @@ from training.run.setup import (
     start_accelerator,
     write_start,
 )
-from training.run.tracking import RunLog
+from training.run.tracking import LossWindow, RunLog
 
 __all__ = [
     "Horizon",
+    "LossWindow",
     "RunLog",
     "StepBudget",
     "StopGuard",

@@ -152,6 +152,32 @@ class RunLog:
                 tracker.log_images({tag: [image]}, step=step)
 
 
+class LossWindow:
+    """The losses of the micro-batches since the last log record: what a stage-2 job logs as its loss (the mean over
+    them and over processes) and its images per second."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.loss, self.micro_batches = time.perf_counter(), 0.0, 0
+
+    def add(self, step_loss: float, micro_batches: int) -> None:
+        """After an optimizer step: the sum of its ``micro_batches`` micro-batch losses."""
+        self.loss, self.micro_batches = self.loss + step_loss, self.micro_batches + micro_batches
+
+    def write(self, log: RunLog, step: int, lr: float, global_batch: int, bar) -> None:
+        """The log record of ``step`` (loss, LR, images per second) and the bar's loss; the window starts again."""
+        import torch
+
+        accelerator = log.accelerator
+        mean_loss = accelerator.reduce(torch.tensor(self.loss / self.micro_batches, device=accelerator.device), "mean").item()
+        images_per_s = round(self.micro_batches * global_batch / (time.perf_counter() - self.start), 2)
+        log.write(step=step, loss=round(mean_loss, 6), lr=lr, images_per_s=images_per_s)
+        bar.set_postfix(loss=f"{mean_loss:.4f}")
+        self.reset()
+
+
 def _step_of(line: str) -> float:
     """A log line's step; a line cut short (a kill or a full disk mid-write) counts as after every step."""
     try:

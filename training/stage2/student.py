@@ -83,6 +83,12 @@ def export_student(d: DistillConfig, teacher: Models, student, scheduler, out: P
         pipe = pipeline_of(teacher.vae, teacher.text_encoder, teacher.tokenizer, student, scheduler)
     pipe.scheduler = scheduler
     pipe.save_pretrained(out / "pipeline")
-    sampling = {"steps": d.steps, "guidance": d.guidance if d.method == "lcm" else 1.0, "scheduler": "lcm"}
+    sampling = {"steps": d.steps, "guidance": student_guidance(d), "scheduler": "lcm"}
     write_json_atomic(out / "pipeline" / SAMPLING_FILE, sampling)
     return out / "pipeline"
+
+
+def student_guidance(d: DistillConfig) -> float:
+    """The guidance a student samples at: a full one's default scale; a LoRA one has its scale built in, so 1 (no
+    unconditional pass: classifier-free guidance on top would apply it twice)."""
+    return d.guidance if d.method == "lcm" else 1.0
