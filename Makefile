@@ -57,7 +57,7 @@ LDM_CONFIG := configs/ldm/openmoji-32.yaml
 LDM_RUN    := runs/ldm-openmoji-32
 DEMO_PROMPTS := --prompt "red apple" --prompt "grinning face" --prompt "sun" --prompt "red heart" --prompt "rocket"
 # the guidance of the config's sample grids and evaluation (ldm.generate's own default, 7.5, is Stable Diffusion's)
-DEMO_GUIDANCE ?= 3
+DEMO_GUIDANCE ?= 1.5
 
 # Time budgets of the demo's two trainings (train.max_minutes: each fixes its step count from its measured step time,
 # at most its config's max_steps), so that `make demo` ends within 30 minutes on a 2-core CPU without bf16 units too

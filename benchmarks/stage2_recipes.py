@@ -31,7 +31,8 @@ OUT = ROOT / "runs" / "recipes"
 SAVED = ROOT / "benchmarks" / "STAGE2_RECIPES.json"
 # The sweeps ran on the config as it was, DDPM eps + min-SNR 5 at LR 5e-4 with a constant LR and EMA 0.995; their
 # winners are the config now, so each variant names every key it changes from the config of today: the same runs.
-CONSTANT = ["train.lr_schedule=constant_with_warmup", "train.ema_decay=0.995"]  # the config before the WSD rows
+BASE = ["model.unet=base"]  # the U-Net of every sweep before the shape rows
+CONSTANT = [*BASE, "train.lr_schedule=constant_with_warmup", "train.ema_decay=0.995"]  # the config before the WSD rows
 DDPM = [*CONSTANT, "objective.type=ddpm", "objective.min_snr_gamma=5.0", "train.lr=5e-4"]
 FLOW = [*CONSTANT, "objective.type=flow", "train.lr=5e-4"]
 FLOW_LN = [*FLOW, "objective.timesteps=logit_normal"]
@@ -61,18 +62,28 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "default, logit-normal mean -0.5": ([*CONSTANT, "objective.logit_mean=-0.5"],
                                         "lower FD-VGG, lower top-1: more training near the data (shift 3, the other way, did the opposite)"),
     # the LR's end: warm-up, constant, then 1-sqrt to 0 over the last 20% (cosine over the whole run lost: half the mean LR)
-    "default, WSD (1-sqrt decay over the last 20%)": (["train.max_steps=1600", "train.lr_schedule=warmup_stable_decay", "train.ema_decay=0.995"],
+    "default, WSD (1-sqrt decay over the last 20%)": ([*BASE, "train.max_steps=1600", "train.lr_schedule=warmup_stable_decay", "train.ema_decay=0.995"],
                                                       "better on both: the decayed end fits what the constant LR leaves noisy"),
     # its raw weights at step 1,600 scored better than its EMA (0.86 / 1399 vs 0.85 / 1459 at 25 steps): the EMA's
     # 200-step memory reaches back into the weights before the decay. "WSD, no EMA" is the config now
-    "default, WSD, no EMA": (["train.max_steps=1600", "train.lr_schedule=warmup_stable_decay", "train.ema_decay=null"],
+    "default, WSD, no EMA": ([*BASE, "train.max_steps=1600", "train.lr_schedule=warmup_stable_decay", "train.ema_decay=null"],
                              "better than WSD with EMA 0.995: the decay averages the weights already"),
-    "default, WSD over the last 30%, no EMA": (["train.max_steps=1600", "train.lr_schedule=warmup_stable_decay",
+    "default, WSD over the last 30%, no EMA": ([*BASE, "train.max_steps=1600", "train.lr_schedule=warmup_stable_decay",
                                                 "train.lr_decay_fraction=0.3", "train.ema_decay=null"],
                                                "about the same: a longer decay lowers the mean LR"),
     # a diagnostic, not a candidate: twice the default's steps (and wall-clock). Does compute alone draw the
     # grid's single-image captions ("sun", "rocket") as shapes, or do they stay fragments?
-    "default, 3200 steps (twice the wall-clock)": (["train.max_steps=3200"], "better on both; sun and rocket take shape"),
+    "default, 3200 steps (twice the wall-clock)": ([*BASE, "train.max_steps=3200"], "better on both; sun and rocket take shape"),
+    # the U-Net's shape at the default's wall-clock (--minutes: the reference row's training minutes on the machine).
+    # A step of "base" spends most of its time at the 8x8 level (its cross-attention and two ResNets per block);
+    # these move attention to the 4x4 and 2x2 levels (and the mid block), where a token costs 1/4 and 1/16 as much
+    "the default config (WSD, no EMA), 1600 steps": ([*BASE, "train.max_steps=1600"], "the reference: 0.86 / 1399 in sweep 5 (another VM)"),
+    "default, U-Net attention at 4x4 and 2x2, 1 layer per block": (["model.unet=coarse-attn"],
+        "better on both: 2.3x the steps (261 vs 612 ms a step), 17M parameters against 18.5M"),
+    # the row above overran its budget by 21% (its first 100 steps, which fix the step count, ran at 210 images/s, the
+    # rest at ~188): the same at the steps 188 images/s fit in the reference's 906 s of training
+    "default, U-Net attention at 4x4 and 2x2, 1 layer per block, 2660 steps": (["model.unet=coarse-attn", "train.max_steps=2660"],
+        "better on top-1, about the same FD-VGG: the row above at 83% of its steps"),
 }
 # fmt: on
 
@@ -93,6 +104,8 @@ EVAL_LEVERS: dict[str, tuple[dict, str]] = {
     # the evaluation's own spread: other noise for the same 100 captions (and another draw of the real sample and candidates)
     "seed 1": ({"seed": 1}, "within ~0.04 top-1 and a few tens of FD-VGG of seed 0"),
     "seed 2": ({"seed": 2}, "within ~0.04 top-1 and a few tens of FD-VGG of seed 0"),
+    "guidance 1.5, seed 1": ({"guidance": 1.5, "seed": 1}, "within ~0.04 top-1 and a few tens of FD-VGG of seed 0"),
+    "guidance 1.5, seed 2": ({"guidance": 1.5, "seed": 2}, "within ~0.04 top-1 and a few tens of FD-VGG of seed 0"),
 }
 
 

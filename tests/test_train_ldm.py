@@ -163,7 +163,7 @@ def test_v_prediction_with_zero_terminal_snr_exports_its_schedule(openmoji_small
         (["data.resolution=36"], "data.resolution=36 is not divisible by 8"),
         (["objective.zero_terminal_snr=true"], "needs model.prediction_type=v_prediction"),
         (["model.prediction_type=sample"], "valid: epsilon, v_prediction"),
-        (["model.unet=huge"], "valid: tiny, base, small"),
+        (["model.unet=huge"], "valid: tiny, base, small, coarse-attn"),
         (["model.text_encoder=/nowhere"], "neither minilm, clip-scratch nor an existing folder"),
     ],
 )
