@@ -76,11 +76,13 @@ def _check_weights(component: Path) -> None:
     raise InputError(f"{component}: no weights (*.safetensors) beside its config.json")
 
 
-SAMPLING_FILE = "sampling.json"  # a few-step student's own steps, guidance and sampler, written by training/distill.py
+# the steps, guidance and sampler a folder is meant to be sampled with: a stage-2 run's sample settings (the default
+# model's guidance 1.5, not Stable Diffusion's 7.5), a few-step student's own; diffusers ignores the file
+SAMPLING_FILE = "sampling.json"
 
 
 def sampling_defaults(folder: str | Path) -> dict:
-    """What a folder says it samples with (a distilled student's ``sampling.json``: steps, guidance, scheduler), or {}."""
+    """What a folder says it samples with (its ``sampling.json``: steps, guidance, scheduler), or {}."""
     path = Path(folder) / SAMPLING_FILE
     if not path.is_file():
         return {}

@@ -57,7 +57,8 @@ GENERATION_DEFAULTS = {"steps": 25, "guidance": 7.5, "scheduler": "dpm++"}  # a 
 
 
 def generation_defaults(folder: str | Path) -> dict:
-    """Steps, guidance and sampler for a pipeline folder: 25 / 7.5 / dpm++, or a few-step student's own (its sampling.json)."""
+    """Steps, guidance and sampler for a pipeline folder: its sampling.json (a stage-2 run's sample settings, a
+    few-step student's own), or 25 / 7.5 / dpm++ (Stable Diffusion's) for a folder without one."""
     return {**GENERATION_DEFAULTS, **sampling_defaults(folder)}
 
 

@@ -53,14 +53,25 @@ def test_the_readmes_demo_figures_are_the_committed_summarys(name):
 
 
 def test_the_readmes_stage2_recipe_figures_are_the_committed_sweeps():
-    sweep = next(s for s in json.loads((ROOT / "benchmarks" / "STAGE2_RECIPES.json").read_text())["sweeps"] if s["title"] == "full length, WSD")
-    rows = {r["name"]: r for r in sweep["rows"]}
+    sweeps = {s["title"]: {r["name"]: r for r in s["rows"]} for s in json.loads((ROOT / "benchmarks" / "STAGE2_RECIPES.json").read_text())["sweeps"]}
+    rows = sweeps["U-Net shape"]
     cell = lambda name, key="train_25": f"{rows[name][key]['top1']:.2f} / {rows[name][key]['fd_vgg']:.0f}"  # noqa: E731
-    default = "default, WSD, no EMA"
-    said = [f"**{cell(default)}**", f"**{cell(default, 'train_8')}**", cell(default, "unseen_25"), cell("the default config, 1600 steps"),
-            cell(f"{default}; eval: guidance 2"), cell(f"{default}; eval: seed 1"), cell(f"{default}; eval: seed 2"),
-            f"with EMA 0.995 it gave {cell('default, WSD (1-sqrt decay over the last 20%)')}",
-            f"30% decay scored {cell('default, WSD over the last 30%, no EMA')} (8 steps {cell('default, WSD over the last 30%, no EMA', 'train_8')})"]  # fmt: skip
+    default, base = "default, U-Net attention at 4x4 and 2x2, 1 layer per block, 2660 steps", "the default config (WSD, no EMA), 1600 steps"
+    g15 = f"{default}; eval: guidance 1.5"
+    seeds = [rows[n]["train_25"] for n in (g15, f"{g15}, seed 1", f"{g15}, seed 2")]
+    said = [f"| **{cell(g15)}** | {cell(f'{base}; eval: guidance 1.5')} |", f"| **{cell(g15, 'train_8')}** | {cell(f'{base}; eval: guidance 1.5', 'train_8')} |",
+            f"| {cell(g15, 'unseen_25')} | {cell(f'{base}; eval: guidance 1.5', 'unseen_25')} |", f"| {cell(default)} | {cell(base)} |",
+            f"| {rows[default]['train_seconds']:.0f} s of training | {rows[base]['train_seconds']:.0f} s of training |",
+            f"{rows[default]['final_loss']:.3f} @{rows[default]['steps']}", f"{rows[base]['final_loss']:.3f} @{rows[base]['steps']}",
+            "top-1 {:.2f}, {:.2f} and {:.2f} and FD-VGG {:.0f}, {:.0f} and {:.0f} at 25 steps (mean {:.0f};".format(
+                *(s["top1"] for s in seeds), *(s["fd_vgg"] for s in seeds), sum(s["fd_vgg"] for s in seeds) / 3),
+            f"3,216 steps ({rows['default, U-Net attention at 4x4 and 2x2, 1 layer per block']['train_seconds']:,.0f} s",
+            f"scored {cell('default, U-Net attention at 4x4 and 2x2, 1 layer per block')} at guidance 3"]  # fmt: skip
+    wsd = sweeps["full length, WSD"]
+    pair = lambda name, key="train_25": f"{wsd[name][key]['top1']:.2f} / {wsd[name][key]['fd_vgg']:.0f}"  # noqa: E731
+    said += [f"constant LR with EMA 0.995 scored {pair('the default config, 1600 steps')}",
+             f"EMA 0.995 {pair('default, WSD (1-sqrt decay over the last 20%)')}", f"decay, {pair('default, WSD, no EMA')} (8 steps",
+             f"a 30% decay {pair('default, WSD over the last 30%, no EMA')} (8 steps {pair('default, WSD over the last 30%, no EMA', 'train_8')})"]  # fmt: skip
     assert_said(said, "benchmarks/STAGE2_RECIPES.json")
     twice = next(s for s in json.loads((ROOT / "benchmarks" / "STAGE2_RECIPES.json").read_text())["sweeps"]
                  if s["title"] == "diagnostic: twice the steps")["rows"][0]  # fmt: skip

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from autoencoder.model import build_autoencoder, save_autoencoder
 from ldm import LatentDiffusionPipeline
+from ldm.generate import generation_defaults
 from tests.conftest import FROZEN_STEPS, ROOT, TINY_LDM_CONFIG, fresh_state, ldm_cfg, logged, max_difference, unet_weights
 from training.stage2.models import check_compatible
 from training.train_ldm import train as train_job
@@ -42,6 +43,8 @@ def test_run_exports_a_pipeline_that_generates(clip_run):
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
     metrics = json.loads((clip_run / "metrics.json").read_text())
     assert metrics["steps"] == 10 and metrics["cached_images"] > 100
+    sample = metrics["config"]["sample"]  # the command and the page sample as the run's own grids did
+    assert generation_defaults(clip_run / "pipeline") == {"steps": sample["steps"], "guidance": sample["guidance"], "scheduler": sample["scheduler"]}
 
 
 def test_run_logs_a_falling_loss_samples_and_checkpoints(clip_run):

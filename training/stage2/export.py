@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ldm.folders import SAMPLING_FILE
 from ldm.schedulers import folder_scheduler
 from runtime.files import write_json_atomic
 from training.config import to_dict
@@ -18,7 +19,9 @@ from training.stage2.samples import pipeline_of
 
 def export_run(cfg: LdmJobConfig, models: Models, out: Path, steps: int, cached_images: int, seconds: float) -> Path:
     """``out/pipeline`` (and ``out/lora`` for a LoRA run) and ``out/metrics.json``, with the
-    held-out evaluation when ``eval.num_prompts`` asks for it. Refused if a trained weight is not finite."""
+    held-out evaluation when ``eval.num_prompts`` asks for it. Refused if a trained weight is not finite.
+    The folder's ``sampling.json`` is the run's ``sample:`` steps, guidance and sampler (those of its sample
+    grids): what ``ldm.generate`` and the web page use when no flag says otherwise."""
     unet, vae = models.unet, models.vae
     trained_text_encoder = models.text_encoder if models.text_trains else None
     check_finite(unet, "U-Net")
@@ -32,6 +35,8 @@ def export_run(cfg: LdmJobConfig, models: Models, out: Path, steps: int, cached_
     else:
         pipe = pipeline_of(vae, models.text_encoder, models.tokenizer, unet, folder_scheduler(models.noise_scheduler.config))
     pipe.save_pretrained(out / "pipeline")
+    sample = cfg.sample
+    write_json_atomic(out / "pipeline" / SAMPLING_FILE, {"steps": sample.steps, "guidance": sample.guidance, "scheduler": sample.scheduler})
     metrics = {
         "steps": steps,
         "train_seconds_this_run": round(seconds, 1),
