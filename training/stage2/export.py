@@ -36,7 +36,9 @@ def export_run(cfg: LdmJobConfig, models: Models, out: Path, steps: int, cached_
         pipe = pipeline_of(vae, models.text_encoder, models.tokenizer, unet, folder_scheduler(models.noise_scheduler.config))
     pipe.save_pretrained(out / "pipeline")
     sample = cfg.sample
-    write_json_atomic(out / "pipeline" / SAMPLING_FILE, {"steps": sample.steps, "guidance": sample.guidance, "scheduler": sample.scheduler})
+    write_json_atomic(
+        out / "pipeline" / SAMPLING_FILE, {"steps": sample.steps, "guidance": sample.guidance, "scheduler": sample.scheduler}
+    )
     metrics = {
         "steps": steps,
         "train_seconds_this_run": round(seconds, 1),
