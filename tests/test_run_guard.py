@@ -260,3 +260,25 @@ def test_non_finite_weights_are_never_exported():
     with pytest.raises(RunError, match=r"1 tensors of the U-Net are not finite \(first: bias\); nothing was exported"):
         check_finite(net, "U-Net")
 
+
+
+def test_a_process_that_learns_of_a_stop_from_another_names_that_ones_signal_and_its_own_first_sigint_still_saves(tmp_path):
+    """Two ranks under torchrun get Ctrl-C's SIGINT from its agent one after the other: the rank it reaches second
+    may learn of the stop from the first (at the step's end) before its own SIGINT arrives, during the checkpoint.
+    It says the stop is by SIGINT, like the first, and that late SIGINT is its first, not a second Ctrl-C."""
+    from types import SimpleNamespace
+
+    from training.run.guard import StopGuard
+
+    other_rank_was_signalled = torch.tensor([[float(signal.SIGINT), 0.0], [0.0, 0.0]])  # (processes, 2), as gathered
+    accelerator = SimpleNamespace(num_processes=2, device=torch.device("cpu"), gather=lambda t: other_rank_was_signalled)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        guard = StopGuard(accelerator, tmp_path, keep_checkpoints=1)
+        assert guard.after_step(4, 0.5) and guard.signal_name == "SIGINT"
+        guard._request(signal.SIGINT, None)  # its own, during the checkpoint: no Stopped raised
+        with pytest.raises(Stopped, match="second SIGINT"):
+            guard._request(signal.SIGINT, None)  # a real second Ctrl-C still stops at once
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -156,20 +156,23 @@ class StopGuard:
             keep_checkpoints,
             bar,
         )  # bar: closed before a stop is said
-        self.signum: int | None = None
+        self.signum: int | None = None  # the signal the stop is said to be by (the same on every process)
+        self.received: int | None = None  # the first signal this process itself got
         self.parent = os.getppid()
         if threading.current_thread() is threading.main_thread():
             for s in STOP_SIGNALS:
                 signal.signal(s, self._request)
 
     def _request(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:  # Ctrl-C twice: no checkpoint
+        if signum == signal.SIGINT and self.received == signal.SIGINT:  # Ctrl-C twice: no checkpoint
             ckpt = latest_checkpoint(self.out)
             raise Stopped(
                 signum,
                 f"stopped by a second SIGINT at once, without saving: {f'the last checkpoint is {ckpt}' if ckpt else 'there is no checkpoint'}; "
                 "relaunch the same command to continue from it",
             )
+        if self.received is None:
+            self.received = signum
         if self.signum is None:  # the first signal is the one said (a launcher that dies of it sends SIGTERM after)
             self.signum = signum
 
@@ -178,21 +181,22 @@ class StopGuard:
         step's, on any process) is not finite."""
         if self.signum is None and os.getppid() != self.parent:  # the launcher died without a word
             self.signum = signal.SIGTERM
-        flags = torch.tensor([float(self.signum is not None), float(not math.isfinite(loss))])
+        flags = torch.tensor([[float(self.signum or 0), float(not math.isfinite(loss))]])  # (1, 2): signal number, bad loss
         if self.accelerator.num_processes > 1:
-            flags = self.accelerator.reduce(flags.to(self.accelerator.device), "sum").cpu()
+            flags = self.accelerator.gather(flags.to(self.accelerator.device)).cpu()  # (processes, 2)
+        asked = [int(s) for s in flags[:, 0].tolist() if s > 0]
+        if asked and self.signum is None:  # another process was sent the signal first: every process names that one
+            self.signum = asked[0]
         if flags.any() and self.bar is not None:
             self.bar.close()
-        if flags[1] > 0:
+        if flags[:, 1].any():
             ckpt = latest_checkpoint(self.out)
             kept = f"the last checkpoint ({ckpt.name}) is kept" if ckpt else "there is no checkpoint"
             raise RunError(
                 f"the training loss is not finite at step {step}: the run diverged; nothing was exported and {kept}. "
                 "Lower train.lr, or train in fp32 (train.mixed_precision=fp32), and relaunch"
             )
-        if flags[0] > 0 and self.signum is None:
-            self.signum = signal.SIGTERM  # another process was asked to stop
-        return bool(flags[0] > 0)
+        return bool(asked)
 
     @property
     def signal_name(self) -> str:
