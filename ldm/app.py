@@ -54,7 +54,7 @@ def build_app(pipe, has_lora: bool = False, title: str | None = None):
     import gradio as gr
 
     size = pipe.default_resolution
-    defaults = generation_defaults(pipe.name_or_path or "")  # a few-step student's own steps, guidance and sampler
+    defaults = generation_defaults(pipe.name_or_path or "")  # the folder's sampling.json, else 25 / 7.5 / dpm++
     out_dir = Path(tempfile.mkdtemp(prefix="ldm-app-"))
 
     def generate(

@@ -30,15 +30,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--steps", type=int, default=None, help="default: 25, or a distilled student's own (its sampling.json)")
+    p.add_argument("--steps", type=int, default=None, help="default: the folder's sampling.json, else 25")
     p.add_argument(
         "--guidance",
         type=float,
         default=None,
-        help="classifier-free guidance scale (<= 1: off); default: 7.5, or a distilled student's own",
+        help="classifier-free guidance scale (<= 1: off); default: the folder's sampling.json, else 7.5",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scheduler", choices=list(SCHEDULERS), default=None, help="default: dpm++, or a distilled student's lcm")
+    p.add_argument("--scheduler", choices=list(SCHEDULERS), default=None, help="default: the folder's sampling.json, else dpm++")
     p.add_argument("--height", type=int, default=None, help="default: the model's training resolution")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--init-image", type=Path, default=None, help="img2img: start from this image")
