@@ -10,6 +10,7 @@ import torch
 
 from runtime import fast_bf16
 from runtime.errors import InputError
+from runtime.files import write_json_atomic
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -79,6 +80,11 @@ def _check_weights(component: Path) -> None:
 # the steps, guidance and sampler a folder is meant to be sampled with: a stage-2 run's sample settings (the default
 # model's guidance 1.5, not Stable Diffusion's 7.5), a few-step student's own; diffusers ignores the file
 SAMPLING_FILE = "sampling.json"
+
+
+def write_sampling(folder: str | Path, steps: int, guidance: float, scheduler: str) -> None:
+    """The folder's ``sampling.json``: the steps, guidance and sampler ``sampling_defaults`` reads back."""
+    write_json_atomic(Path(folder) / SAMPLING_FILE, {"steps": steps, "guidance": guidance, "scheduler": scheduler})
 
 
 def sampling_defaults(folder: str | Path) -> dict:

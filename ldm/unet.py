@@ -9,7 +9,8 @@ from diffusers import UNet2DConditionModel
 from runtime.errors import InputError
 
 # tiny, base, small: cross-attention in every block but the deepest down block and its mirror, as in
-# Stable Diffusion; coarse-attn: the other way round. `attention_head_dim` is, for historical reasons in diffusers, the number of heads.
+# Stable Diffusion; coarse-attn: the other way round. `attention_head_dim` is, for historical reasons
+# in diffusers, the number of heads.
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(  # tests: ~0.9M parameters
         block_out_channels=(32, 64),

@@ -261,7 +261,6 @@ def test_non_finite_weights_are_never_exported():
         check_finite(net, "U-Net")
 
 
-
 def test_a_process_that_learns_of_a_stop_from_another_names_that_ones_signal_and_its_own_first_sigint_still_saves(tmp_path):
     """Two ranks under torchrun get Ctrl-C's SIGINT from its agent one after the other: the rank it reaches second
     may learn of the stop from the first (at the step's end) before its own SIGINT arrives, during the checkpoint.

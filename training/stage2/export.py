@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ldm.folders import SAMPLING_FILE
+from ldm.folders import write_sampling
 from ldm.schedulers import folder_scheduler
 from runtime.files import write_json_atomic
 from training.config import to_dict
@@ -35,10 +35,7 @@ def export_run(cfg: LdmJobConfig, models: Models, out: Path, steps: int, cached_
     else:
         pipe = pipeline_of(vae, models.text_encoder, models.tokenizer, unet, folder_scheduler(models.noise_scheduler.config))
     pipe.save_pretrained(out / "pipeline")
-    sample = cfg.sample
-    write_json_atomic(
-        out / "pipeline" / SAMPLING_FILE, {"steps": sample.steps, "guidance": sample.guidance, "scheduler": sample.scheduler}
-    )
+    write_sampling(out / "pipeline", cfg.sample.steps, cfg.sample.guidance, cfg.sample.scheduler)
     metrics = {
         "steps": steps,
         "train_seconds_this_run": round(seconds, 1),

@@ -12,9 +12,8 @@ from transformers import AutoModel, AutoTokenizer
 from autoencoder import load_autoencoder
 from ldm.consistency import GUIDANCE_EMBEDDING_DIM, DDPMConsistency, FlowConsistency
 from ldm.diffusion import training_scheduler_of
-from ldm.folders import SAMPLING_FILE, check_pipeline_folder
+from ldm.folders import check_pipeline_folder, write_sampling
 from ldm.schedulers import flow_shift, is_flow
-from runtime.files import write_json_atomic
 from training.distill_config import DistillConfig
 from training.ldm_config import FinetuneConfig
 from training.stage2.finetune import add_lora, export_lora, fused_lora_pipeline
@@ -83,8 +82,7 @@ def export_student(d: DistillConfig, teacher: Models, student, scheduler, out: P
         pipe = pipeline_of(teacher.vae, teacher.text_encoder, teacher.tokenizer, student, scheduler)
     pipe.scheduler = scheduler
     pipe.save_pretrained(out / "pipeline")
-    sampling = {"steps": d.steps, "guidance": student_guidance(d), "scheduler": "lcm"}
-    write_json_atomic(out / "pipeline" / SAMPLING_FILE, sampling)
+    write_sampling(out / "pipeline", d.steps, student_guidance(d), "lcm")
     return out / "pipeline"
 
 
