@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from runtime.errors import RunError, Stopped
 from tests.conftest import (
@@ -111,7 +112,10 @@ def test_sigterm_to_the_launcher_saves_a_checkpoint_at_that_step_ends_every_proc
     batch 8 that was never stopped: exact resume and 2 ranks = 1 rank at once (fp32: bf16 would round
     a batch of 8 differently from two of 4)."""
     out = tmp_path / "run"
-    per_rank = ("train.batch_size=4", "train.mixed_precision=fp32") if processes == 2 else ()
+    # with two ranks the runs also track post-hoc EMA profiles (of a U-Net under a frozen encoder): their snapshots too
+    # must be one rank's, across the stop
+    posthoc = ("model.text_encoder=minilm", "train.ema_decay=null", "train.ema.kind=posthoc", "train.ema.snapshot_every=2")
+    per_rank = ("train.batch_size=4", "train.mixed_precision=fp32", *posthoc) if processes == 2 else ()
     launcher = _launch(out, openmoji_small, tiny_vae, 2000, processes, per_rank)
     trainers = _trainers_once_training(launcher, out, processes)
     launcher.send_signal(signal.SIGTERM)  # to the launcher only, as `kill PID` of the command would
@@ -129,13 +133,16 @@ def test_sigterm_to_the_launcher_saves_a_checkpoint_at_that_step_ends_every_proc
         return
 
     one_rank = tmp_path / "one-rank"  # (constant LR after warm-up: max_steps does not change it)
-    for run, procs, overrides in ((out, 2, per_rank), (one_rank, 1, ("train.batch_size=8", "train.mixed_precision=fp32"))):
+    for run, procs, overrides in ((out, 2, per_rank), (one_rank, 1, ("train.batch_size=8", "train.mixed_precision=fp32", *posthoc))):
         proc = _launch(run, openmoji_small, tiny_vae, step + 2, procs, overrides)
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]
     assert [r["event"] for r in _log(out) if "event" in r] == ["start", "stopped", "resume"]
     assert json.loads((out / "log.jsonl").read_text().splitlines()[0])["processes"] == 2
     assert max_difference(unet_weights(out), unet_weights(one_rank)) < 1e-5
+    snapshots = [sorted((run / "ema-snapshots").glob("*.safetensors")) for run in (out, one_rank)]
+    assert [p.name for p in snapshots[0]] == [p.name for p in snapshots[1]] and snapshots[0][-1].name.startswith(f"step-{step + 2:08d}")
+    assert all(max_difference(load_file(str(a)), load_file(str(b))) < 1e-5 for a, b in zip(*snapshots))
     losses = [{r["step"]: r["loss"] for r in _log(run) if "loss" in r} for run in (out, one_rank)]
     assert list(losses[0]) == list(losses[1]) == list(range(1, step + 3))  # the stop's step is in the curve, once
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)

@@ -33,6 +33,7 @@ def test_periodic_actions_are_due_every_n_steps_and_at_the_end():
     ("train.max_minutes=0", "train.max_minutes=0.0 must be > 0 (or null for no time budget)"),
     ("train.lr_decay_fraction=0.3", "train.lr_decay_fraction would be ignored: it is for train.lr_schedule=warmup_stable_decay"),
     ("train.lr_decay_fraction=0", "train.lr_decay_fraction=0.0 must be in (0, 1]"),
+    ("train.ema.kind=karras", "train.ema.kind='karras' is unknown; valid: decay, posthoc"),
 ])  # fmt: skip
 def test_both_jobs_share_the_rules_of_the_shared_settings(override, message):
     from training.autoencoder_config import AutoencoderJobConfig

@@ -87,7 +87,7 @@ def distill(cfg: DistillJobConfig, *, stop_after_steps: int | None = None) -> Pa
     optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, fused=True)
     lr_sched = (horizon := run.Horizon.of(train_cfg, train_cfg.lr)).scheduler(optimizer)
     model, optimizer = accelerator.prepare(StudentForward(student), optimizer)
-    ema = run.checkpoint_schedule_and_ema(accelerator, lr_sched, params, train_cfg.ema_decay)
+    ema = run.checkpoint_schedule_and_ema(accelerator, lr_sched, params, train_cfg, out)
     target = _target_network(student, d, accelerator)  # LCM: an EMA of the student (checkpointed); LCM-LoRA: None
     state = run.resume_or_start(accelerator, out, cfg, {**stream.layout, "grad_accum_steps": train_cfg.grad_accum_steps},
                                 {"step": 0, "micro_batches": 0})  # fmt: skip

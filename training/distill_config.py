@@ -65,6 +65,11 @@ class DistillTrainConfig(RunConfig):
     checkpoint_every: int = 200
     sample_every: int = 200
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ema.kind == "posthoc":
+            raise ConfigError("train.ema.kind=posthoc is for the latent model (training.train_ldm); a student uses decay")
+
 
 @dataclass(frozen=True)
 class DistillJobConfig:

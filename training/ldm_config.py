@@ -203,6 +203,11 @@ def validate(cfg: LdmJobConfig) -> None:
             f"train.text_lr={cfg.train.text_lr} would be ignored: no text encoder trains here (it trains with "
             "model.text_encoder=clip-scratch, or finetune.train_text_encoder=true with model.init_from)"
         )
+    if cfg.train.ema.kind == "posthoc" and text_encoder_trains(cfg):
+        raise ConfigError(
+            "train.ema.kind=posthoc tracks the U-Net's weights, and this run trains its text encoder too (clip-scratch or "
+            "finetune.train_text_encoder): use train.ema.kind=decay"
+        )
 
 
 def _check_finetune_conflicts(cfg: LdmJobConfig) -> None:

@@ -71,7 +71,7 @@ def train(cfg: AutoencoderJobConfig, *, stop_after_steps: int | None = None) -> 
     disc, lpips, loss_fn, memory_format = _networks(cfg, vae, device)
     ae_params, opt_ae, opt_d, sched_ae, horizon = _optimisation(vae, disc, train_cfg)
     model, disc, opt_ae, opt_d = accelerator.prepare(Reconstruction(vae), disc, opt_ae, opt_d)
-    ema = run.checkpoint_schedule_and_ema(accelerator, sched_ae, ae_params, train_cfg.ema_decay)
+    ema = run.checkpoint_schedule_and_ema(accelerator, sched_ae, ae_params, train_cfg, out)
     unwrapped_disc = accelerator.unwrap_model(disc)
     last_layer = vae.decoder.conv_out.weight  # where the adaptive GAN weight is measured
     set_seed(cfg.seed + accelerator.process_index)  # same init everywhere; own posterior noise per rank

@@ -88,7 +88,7 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     # 3. Optimiser, LR schedule, EMA; resume.
     unet_params, optimizer, lr_sched, horizon = _optimisation(unet, trained_text_encoder, train_cfg)
     model, optimizer = accelerator.prepare(UNetAndTextEncoder(unet, trained_text_encoder), optimizer)
-    ema = run.checkpoint_schedule_and_ema(accelerator, lr_sched, unet_params, train_cfg.ema_decay)
+    ema = run.checkpoint_schedule_and_ema(accelerator, lr_sched, unet_params, train_cfg, out, trained_names(unet))
     layout = {**stream.layout, "grad_accum_steps": train_cfg.grad_accum_steps}
     state = run.resume_or_start(accelerator, out, cfg, layout, {"step": 0, "micro_batches": 0})
     step, micro = state["step"], state["micro_batches"]
@@ -191,6 +191,11 @@ def _say_what_the_data_is(
     if cache.upscaled:
         target = "their bucket" if stream.bucket_set else f"data.resolution={cfg.data.resolution}"
         print(f"warning: {cache.upscaled} images are smaller than {target} and were upscaled")
+
+
+def trained_names(unet) -> list[str]:
+    """The names of the U-Net's trained parameters, in the order of ``_optimisation``'s list (post-hoc EMA snapshots)."""
+    return [name for name, p in unet.named_parameters() if p.requires_grad]
 
 
 def _optimisation(unet, trained_text_encoder, train_cfg) -> tuple[list, torch.optim.Optimizer, Any, run.Horizon]:

@@ -5,7 +5,7 @@ each job's loop stays in its own file and calls these."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +20,20 @@ from training.run.budget import WSD
 from training.run.checkpoint import resume_from_latest
 from training.config import ConfigError, MixedPrecision, save_config
 from training.run.guard import StopGuard
+from training.run.posthoc_ema import PowerEMA
 from training.run.tracking import RunLog, tracker_names
+
+
+@dataclass(frozen=True)
+class EmaConfig:
+    """``train.ema``: which EMA a run keeps. ``decay``: one EMA of ``train.ema_decay`` (null: none), chosen before the
+    run, the export's weights. ``posthoc``: EDM2's two power-function profiles (``sigma_rels``), snapshotted every
+    ``snapshot_every`` steps (null: ``checkpoint_every``) and at the end into ``output_dir/ema-snapshots/``; the export is
+    the trained weights, and ``python -m training.posthoc_ema`` reconstructs any length after training."""
+
+    kind: str = "decay"  # decay | posthoc
+    sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])
+    snapshot_every: int | None = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,7 @@ class RunConfig:
     weight_decay: float = 0.0
     mixed_precision: MixedPrecision = MixedPrecision.auto  # auto | fp32 | bf16 | fp16
     ema_decay: float | None = None  # EMA of the trained weights (e.g. 0.999); the export is the EMA copy. None: off
+    ema: EmaConfig = field(default_factory=EmaConfig)  # or post-hoc EMA (train.ema.kind=posthoc)
     cpu_threads: int | None = (
         None  # None: the machine's cores / processes on it (overrides OMP_NUM_THREADS=1 from accelerate launch)
     )
@@ -63,6 +77,7 @@ def validate_run(train_cfg: RunConfig) -> None:
         raise ConfigError(f"train.max_minutes={train_cfg.max_minutes} must be > 0 (or null for no time budget)")
     if train_cfg.ema_decay is not None and not 0.0 < train_cfg.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay={train_cfg.ema_decay} must be in (0, 1) (or null for no EMA)")
+    _validate_ema(train_cfg)
     tracker_names(train_cfg.report_to)  # unknown or not installed: said now, not after the cache is built
     if train_cfg.cpu_threads is not None and train_cfg.cpu_threads < 1:
         raise ConfigError(f"train.cpu_threads={train_cfg.cpu_threads} must be >= 1 (or null for all cores)")
@@ -77,6 +92,28 @@ def validate_run(train_cfg: RunConfig) -> None:
         raise ConfigError(
             f"train.lr_decay_fraction would be ignored: it is for train.lr_schedule={WSD}, and this run's is {train_cfg.lr_schedule}"
         )
+
+
+def _validate_ema(train_cfg: RunConfig) -> None:
+    ema = train_cfg.ema
+    if ema.kind not in ("decay", "posthoc"):
+        raise ConfigError(f"train.ema.kind='{ema.kind}' is unknown; valid: decay, posthoc")
+    if ema.kind == "decay":
+        return
+    if train_cfg.ema_decay is not None:
+        raise ConfigError(
+            f"train.ema_decay={train_cfg.ema_decay} is the EMA of train.ema.kind=decay; a post-hoc run picks its EMA "
+            "after training (python -m training.posthoc_ema): set train.ema_decay=null"
+        )
+    if len(ema.sigma_rels) < 2 or len(set(ema.sigma_rels)) != len(ema.sigma_rels):
+        raise ConfigError(
+            f"train.ema.sigma_rels={list(ema.sigma_rels)} must name at least two different lengths (EDM2: [0.05, 0.10])"
+        )
+    for s in ema.sigma_rels:
+        if not 0.0 < s < 12**-0.5:
+            raise ConfigError(f"train.ema.sigma_rels: {s} must be in (0, 0.288) (0.288: the mean of all the weights)")
+    if ema.snapshot_every is not None and ema.snapshot_every < 1:
+        raise ConfigError(f"train.ema.snapshot_every={ema.snapshot_every} must be >= 1 (or null: train.checkpoint_every)")
 
 
 def start_accelerator(train_cfg: RunConfig, seed: int, out: Path) -> tuple[Accelerator, int]:
@@ -132,14 +169,24 @@ def write_start(log: RunLog, step: int, accelerator: Accelerator, train_cfg: Run
     )
 
 
-def checkpoint_schedule_and_ema(accelerator: Accelerator, lr_schedule, params: list, ema_decay: float | None) -> EMAModel | None:
-    """After ``accelerator.prepare``: the LR schedule, and the EMA of ``params`` (None when ``ema_decay`` is None), made
-    part of every checkpoint, in this order. The EMA is one foreach kernel over all parameters, not one per tensor."""
+def checkpoint_schedule_and_ema(
+    accelerator: Accelerator, lr_schedule, params: list, train_cfg: RunConfig, out: Path, names: list[str] | None = None
+) -> EMAModel | PowerEMA | None:
+    """After ``accelerator.prepare``: the LR schedule, and the EMA of ``params`` (``names``: their names, for the
+    post-hoc snapshots), made part of every checkpoint, in this order. ``train.ema.kind=decay``: one EMA of
+    ``train.ema_decay`` (None when that is None), one foreach kernel over all parameters; ``posthoc``: the power-function
+    profiles, snapshotted into ``out/ema-snapshots`` by the main process every ``snapshot_every`` steps."""
     accelerator.register_for_checkpointing(lr_schedule)
-    if not ema_decay:
+    ema_cfg = train_cfg.ema
+    if ema_cfg.kind == "posthoc":
+        every = ema_cfg.snapshot_every or train_cfg.checkpoint_every
+        folder = out if accelerator.is_main_process else None
+        ema = PowerEMA(params, names, ema_cfg.sigma_rels, folder, every).to(accelerator.device)
+    elif train_cfg.ema_decay:
+        ema = EMAModel(params, decay=train_cfg.ema_decay, foreach=True)
+        ema.to(accelerator.device)
+    else:
         return None
-    ema = EMAModel(params, decay=ema_decay, foreach=True)
-    ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)
     return ema
 
@@ -163,12 +210,14 @@ def after_optimizer_step(lr_schedule, ema: EMAModel | None, params: list, bar) -
 
 
 def finish(accelerator: Accelerator, stop: StopGuard, log: RunLog, ema, params: list, export: Callable[[], object]) -> None:
-    """After the last step: signals stop at once again, the main process swaps the EMA weights in (when there is an EMA)
-    and exports, and every process waits for it before the trackers close. The process group stays: it ends
+    """After the last step: signals stop at once again, the main process swaps the EMA weights in (when there is an EMA;
+    a post-hoc EMA writes its last snapshots instead) and exports, and every process waits for it before the trackers close. The process group stays: it ends
     after the job's objects (:func:`training.run.guard.end_process_group`), not here, where the model still lives."""
     stop.disarm()
     if accelerator.is_main_process:
-        if ema is not None:
+        if isinstance(ema, PowerEMA):
+            ema.snapshot()  # the last step's, whatever snapshot_every is; the export is the trained weights
+        elif ema is not None:
             ema.copy_to(params)
         export()
     accelerator.wait_for_everyone()

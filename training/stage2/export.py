@@ -17,9 +17,19 @@ from training.stage2.models import Models
 from training.stage2.samples import pipeline_of
 
 
-def export_run(cfg: LdmJobConfig, models: Models, out: Path, steps: int, cached_images: int, seconds: float) -> Path:
-    """``out/pipeline`` (and ``out/lora`` for a LoRA run) and ``out/metrics.json``, with the
-    held-out evaluation when ``eval.num_prompts`` asks for it. Refused if a trained weight is not finite.
+def export_run(
+    cfg: LdmJobConfig,
+    models: Models,
+    out: Path,
+    steps: int,
+    cached_images: int,
+    seconds: float,
+    log: Path | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """``out/pipeline`` (and ``out/lora`` for a LoRA run) and ``out/metrics.json`` (the final loss from ``log``, by
+    default ``out/log.jsonl``; ``extra`` added), with the held-out evaluation when ``eval.num_prompts`` asks for it.
+    Refused if a trained weight is not finite.
     The folder's ``sampling.json`` is the run's ``sample:`` steps, guidance and sampler (those of its sample
     grids): what ``ldm.generate`` and the web page use when no flag says otherwise."""
     unet, vae = models.unet, models.vae
@@ -42,7 +52,8 @@ def export_run(cfg: LdmJobConfig, models: Models, out: Path, steps: int, cached_
         "cached_images": cached_images,
         "mixed_precision": cfg.train.mixed_precision.accelerate_name(str(unet.device)),
         "precision_reason": cfg.train.mixed_precision.reason(str(unet.device)),
-        "final_loss": last_logged(out / "log.jsonl", "loss"),
+        "final_loss": last_logged(log or out / "log.jsonl", "loss"),
+        **(extra or {}),
     }
     if cfg.eval.num_prompts:
         from training.eval.pipeline import evaluate_pipeline

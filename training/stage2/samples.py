@@ -18,10 +18,11 @@ from training.ldm_config import SampleConfig
 
 
 class ema_weights:
-    """Temporarily swap the EMA weights into the U-Net (for samples)."""
+    """Temporarily swap the EMA weights into the U-Net (for samples). A post-hoc EMA has no one length yet: its samples
+    are of the trained weights, as its export is."""
 
-    def __init__(self, ema: EMAModel | None, params: list) -> None:
-        self.ema, self.params = ema, params
+    def __init__(self, ema, params: list) -> None:
+        self.ema, self.params = ema if isinstance(ema, EMAModel) else None, params
 
     def __enter__(self):
         if self.ema is not None:
