@@ -90,6 +90,12 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
         "about the same: 5% more conditional steps; a weaker unconditional model for guidance"),
     "default (coarse-attn), caption dropout 0.2": (["train.max_steps=2660", "objective.caption_dropout=0.2"],
         "about the same top-1, lower FD-VGG at low guidance: a better unconditional model"),
+    # post-hoc EMA (issue 28): the default's run, tracking EDM2's two profiles (20 snapshots each); then the EMA in place of
+    # the LR's decay. benchmarks/posthoc_ema.py sweeps the lengths on each
+    "default (coarse-attn), post-hoc EMA snapshots": (["train.max_steps=2660", "train.ema.kind=posthoc", "train.ema.snapshot_every=133"],
+        "the trained weights as the default's; an EMA of the right length a little better (EDM2)"),
+    "default (coarse-attn), constant LR, post-hoc EMA snapshots": (["train.max_steps=2660", "train.lr_schedule=constant_with_warmup",
+        "train.ema.kind=posthoc", "train.ema.snapshot_every=133"], "its best EMA about as good as the LR's decay"),
 }
 # fmt: on
 

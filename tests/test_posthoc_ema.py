@@ -4,7 +4,9 @@ and 2 ranks = 1 rank of the snapshots: tests/test_run_guard.py's two-rank SIGTER
 
 from __future__ import annotations
 
+import errno
 import json
+from pathlib import Path
 import numpy as np
 import pytest
 import torch
@@ -90,6 +92,20 @@ def test_a_tracked_profile_is_reconstructed_as_its_own_snapshot(tmp_path):
         reconstruct(snapshots, 0.28)
     with pytest.raises(RunError, match="has no EMA snapshots"):
         find_snapshots(tmp_path / "nothing")
+
+
+def test_a_snapshot_that_cannot_be_written_stops_in_one_line_and_leaves_no_part(tmp_path, monkeypatch):
+    from training.run import posthoc_ema
+
+    def full_disk(tensors, path, metadata):
+        Path(path).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(posthoc_ema, "save_file", full_disk)
+    ema = PowerEMA([torch.zeros(3)], ["w"], [0.05, 0.10], tmp_path, every=1)
+    with pytest.raises(RunError, match=r"could not write the EMA snapshot .*step-00000001-sigma-0.050.safetensors: No space left"):
+        ema.step([torch.ones(3)])
+    assert list((tmp_path / "ema-snapshots").iterdir()) == []
 
 
 def test_a_third_profile_tracked_in_a_run_is_its_reconstruction_and_exports(openmoji_small, tiny_vae, tmp_path, capsys):

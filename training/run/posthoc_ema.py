@@ -132,8 +132,13 @@ class PowerEMA:
             try:
                 save_file(tensors, tmp, metadata=meta)
                 os.replace(tmp, path)
-            except BaseException:
+            except BaseException as err:
                 Path(tmp).unlink(missing_ok=True)
+                if isinstance(err, OSError):  # a full disk, a read-only folder: the last checkpoint is intact
+                    raise RunError(
+                        f"could not write the EMA snapshot {path}: {err.strerror or err}; free space (or fix the folder) "
+                        "and relaunch: it resumes from the last checkpoint"
+                    ) from None
                 raise
             written.append(path)
         return written

@@ -1,0 +1,74 @@
+"""Post-hoc EMA on a stage-2 run (issue 28): which EMA length the snapshots' reconstructions score best, beside the
+run's trained weights, and what tracking them cost.
+
+    .venv/bin/python benchmarks/stage2_recipes.py --minutes 60 --only "default (coarse-attn), post-hoc EMA snapshots"
+    .venv/bin/python benchmarks/posthoc_ema.py --variant "default (coarse-attn), post-hoc EMA snapshots" \\
+        --reference "default (coarse-attn), caption dropout 0.05" [--save]
+
+Runs ``python -m training.posthoc_ema --run runs/recipes/<variant> --sweep`` (the run's own evaluation: 100 training
+captions, 25 DPM++ steps, the config's guidance, seed 0) and prints its table with the snapshots' disk and the
+training seconds beside those of ``--reference`` (a run of the same steps without tracking, on this machine in this
+session). ``--save`` adds it to ``benchmarks/POSTHOC_EMA.json``, which ``benchmarks/report.py`` renders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from stage2_recipes import OUT, slug  # noqa: E402
+
+SAVED = HERE / "POSTHOC_EMA.json"
+
+
+def measure(variant: str, reference: str | None) -> dict:
+    run, out = OUT / slug(variant), OUT / f"{slug(variant)}-posthoc"
+    cmd = [sys.executable, "-m", "training.posthoc_ema", "--run", str(run), "--sweep", "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    table = json.loads((out / "posthoc-sweep.json").read_text())
+    snapshots = sorted((run / "ema-snapshots").glob("*.safetensors"))
+    record = {"variant": variant, "command": " ".join(["python -m training.posthoc_ema", *cmd[3:]]), **table,
+              "snapshots": len(snapshots), "snapshot_mib": round(sum(p.stat().st_size for p in snapshots) / 2**20),
+              "train_seconds": json.loads((run / "metrics.json").read_text())["train_seconds_this_run"]}  # fmt: skip
+    if reference:
+        metrics = json.loads((OUT / slug(reference) / "metrics.json").read_text())
+        record["reference"] = {"variant": reference, "train_seconds": metrics["train_seconds_this_run"], "steps": metrics["steps"]}
+    return record
+
+
+def rows_table(record: dict) -> str:
+    lines = ["| weights | top-1 | FD-VGG (floor) |", "|---|---|---|"]
+    for r in record["rows"]:
+        mark = " (exported)" if r["weights"] == record["best"] else ""
+        lines.append(f"| {r['weights']}{mark} | {r['top1']:.2f} | {r['fd_vgg']:.0f} ({r['fd_vgg_floor']:.0f}) |")
+    return "\n".join(lines)
+
+
+def load() -> list[dict]:
+    return json.loads(SAVED.read_text())["sweeps"] if SAVED.is_file() else []
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", required=True, help="a variant of benchmarks/stage2_recipes.py trained with train.ema.kind=posthoc")
+    p.add_argument("--reference", default=None, help="a variant of the same steps without tracking (for the time it cost)")
+    p.add_argument("--save", action="store_true", help="add the record to benchmarks/POSTHOC_EMA.json")
+    args = p.parse_args()
+    record = measure(args.variant, args.reference)
+    if args.save:
+        from report import machine
+
+        record["machine"] = machine()
+        SAVED.write_text(json.dumps({"sweeps": [s for s in load() if s["variant"] != args.variant] + [record]}, indent=2))
+    print(rows_table(record))
+
+
+if __name__ == "__main__":
+    main()
