@@ -34,6 +34,7 @@ def test_periodic_actions_are_due_every_n_steps_and_at_the_end():
     ("train.lr_decay_fraction=0.3", "train.lr_decay_fraction would be ignored: it is for train.lr_schedule=warmup_stable_decay"),
     ("train.lr_decay_fraction=0", "train.lr_decay_fraction=0.0 must be in (0, 1]"),
     ("train.ema.kind=karras", "train.ema.kind='karras' is unknown; valid: decay, posthoc"),
+    ("train.optimizer=lion", "train.optimizer='lion' is unknown; valid: adamw, adafactor, prodigy, schedule_free_adamw, adamw_8bit"),
 ])  # fmt: skip
 def test_both_jobs_share_the_rules_of_the_shared_settings(override, message):
     from training.autoencoder_config import AutoencoderJobConfig

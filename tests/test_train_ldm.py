@@ -168,6 +168,10 @@ def test_v_prediction_with_zero_terminal_snr_exports_its_schedule(openmoji_small
         (["model.prediction_type=sample"], "valid: epsilon, v_prediction"),
         (["model.unet=huge"], "valid: tiny, base, small, coarse-attn"),
         (["model.text_encoder=/nowhere"], "neither minilm, clip-scratch nor an existing folder"),
+        (["train.optimizer=prodigy"], "Prodigy finds the LR itself and train.lr scales it; set train.lr=1.0"),
+        (["train.optimizer=schedule_free_adamw"], "it needs no schedule (it warms up over train.lr_warmup_steps itself)"),
+        (["train.optimizer=schedule_free_adamw", "train.lr_schedule=constant"], "set train.ema_decay=null and train.ema.kind=decay"),
+        (["train.optimizer=adamw_8bit"], "train.optimizer=adamw_8bit needs bitsandbytes running on this machine"),
     ],
 )
 def test_bad_settings_fail_before_training(openmoji_small, tiny_vae, tmp_path, overrides, message):
@@ -376,3 +380,22 @@ def test_a_flow_matching_run_resumes_exactly_exports_a_flow_folder_and_its_fine_
     lora_image = loaded(["red apple"], generator=torch.Generator().manual_seed(0), **args).images
     assert np.abs(lora_image - fused(["red apple"], generator=torch.Generator().manual_seed(0), **args).images).max() < 1e-3
     assert np.abs(lora_image - image).max() > 1e-3  # the adapters changed the image
+
+
+@pytest.mark.parametrize("optimizer,overrides", [
+    ("adafactor", []),
+    ("prodigy", ["train.lr=1.0"]),
+    ("schedule_free_adamw", ["train.lr_schedule=constant", "train.ema_decay=null"]),
+])  # fmt: skip
+def test_each_optimizer_resumes_exactly(optimizer, overrides, openmoji_small, tiny_vae, tmp_path):
+    """train.optimizer from the library that owns it: killed after step 3 and relaunched, the run ends with the U-Net
+    (for schedule-free its averaged export) of a run that never stopped, and trained (not the initial weights). The run
+    that never stopped also draws sample grids every 2 steps, which swap a schedule-free average in and out: no trace."""
+    common = [f"train.optimizer={optimizer}", "train.max_steps=6", "train.checkpoint_every=3", f"cache.dir={tmp_path / 'cache'}", *overrides]
+    train(ldm_cfg(openmoji_small, tiny_vae, tmp_path / "full", *common, "train.sample_every=2"))
+    train(ldm_cfg(openmoji_small, tiny_vae, tmp_path / "resumed", *common), stop_after_steps=3)
+    train(ldm_cfg(openmoji_small, tiny_vae, tmp_path / "resumed", *common))
+    full, resumed = unet_weights(tmp_path / "full"), unet_weights(tmp_path / "resumed")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    state = load_file(str(tmp_path / "full" / "checkpoints" / "step-00000003" / "model.safetensors"))
+    assert max_difference({k: state[f"unet.{k}"] for k in full}, full) > 0  # steps 4-6 moved the weights

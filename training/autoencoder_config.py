@@ -37,6 +37,10 @@ class TrainConfig(RunConfig):
             raise ConfigError(f"train.scale_fit_batches={self.scale_fit_batches} must be >= 1")
         if self.ema.kind == "posthoc":
             raise ConfigError("train.ema.kind=posthoc is for the latent model (training.train_ldm) so far; here use decay")
+        if self.optimizer != "adamw":
+            raise ConfigError(
+                f"train.optimizer={self.optimizer} is for the latent model (training.train_ldm) so far; here use adamw"
+            )
         if self.mixed_precision is MixedPrecision.fp16:
             raise ConfigError(
                 "train.mixed_precision=fp16 is not supported by the autoencoder job: the adaptive GAN weight "

@@ -69,6 +69,10 @@ class DistillTrainConfig(RunConfig):
         super().__post_init__()
         if self.ema.kind == "posthoc":
             raise ConfigError("train.ema.kind=posthoc is for the latent model (training.train_ldm); a student uses decay")
+        if self.optimizer != "adamw":
+            raise ConfigError(
+                f"train.optimizer={self.optimizer} is for the latent model (training.train_ldm) so far; here use adamw"
+            )
 
 
 @dataclass(frozen=True)

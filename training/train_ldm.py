@@ -140,7 +140,7 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
         if stopping:
             raise stop.checkpoint_and_stop(step, {"micro_batches": micro, **layout, **budget.state()}, log)
         if is_main and run.due(step, train_cfg.sample_every, budget.max_steps):
-            with ema_weights(ema, unet_params):
+            with ema_weights(ema, unet_params), run.evaluation_weights(optimizer):
                 pipe = pipeline_of(vae, text_encoder, tokenizer, unet, models.noise_scheduler)
                 grid = save_samples(pipe, cfg.sample, out / "samples" / f"step-{step:08d}.png", sample_shapes(stream.sizes))
             log.images("samples", grid, step)
@@ -155,7 +155,9 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     # 6. Export: the pipeline (EMA weights, DPM++ on the training schedule); for LoRA also the
     #    adapters alone in diffusers' format, and the pipeline with them fused.
     seconds = time.perf_counter() - started
-    run.finish(accelerator, stop, log, ema, unet_params, lambda: export_run(cfg, models, out, step, len(cache), seconds))
+    run.finish(
+        accelerator, stop, log, ema, unet_params, lambda: export_run(cfg, models, out, step, len(cache), seconds), optimizer
+    )
     return out / "pipeline"
 
 
@@ -200,8 +202,8 @@ def trained_names(unet) -> list[str]:
 
 def _optimisation(unet, trained_text_encoder, train_cfg) -> tuple[list, torch.optim.Optimizer, Any, run.Horizon]:
     """(trained U-Net parameters, AdamW over them and the trained text encoder's, the LR schedule
-    (stepped once per optimizer step), its horizon (``train.max_steps`` until a time budget fixes it)). Fused AdamW and foreach EMA: one kernel over all parameters
-    instead of one per tensor (train step 0.42 -> 0.39 s in benchmarks/training_throughput.py's setting)."""
+    (stepped once per optimizer step), its horizon (``train.max_steps`` until a time budget fixes it)). Fused AdamW (the default
+    ``train.optimizer``) and foreach EMA: one kernel over all parameters instead of one per tensor (train step 0.42 -> 0.39 s in benchmarks/training_throughput.py's setting)."""
     if train_cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet_params = [p for p in unet.parameters() if p.requires_grad]  # all of them, or the LoRA adapters
@@ -210,7 +212,7 @@ def _optimisation(unet, trained_text_encoder, train_cfg) -> tuple[list, torch.op
         groups.append(
             {"params": [p for p in trained_text_encoder.parameters() if p.requires_grad], "lr": train_cfg.text_lr or train_cfg.lr}
         )
-    optimizer = torch.optim.AdamW(groups, weight_decay=train_cfg.weight_decay, fused=True)
+    optimizer = run.build_optimizer(groups, train_cfg)  # train.optimizer: AdamW (fused) unless it says otherwise
     horizon = run.Horizon.of(train_cfg, optimizer.defaults["lr"])
     return unet_params, optimizer, horizon.scheduler(optimizer), horizon
 

@@ -5,6 +5,7 @@ divergence). A job calls these as ``run.<name>``; its loop stays in its own file
 from training.run.budget import Horizon, StepBudget
 from training.run.checkpoint import save_checkpoint
 from training.run.guard import StopGuard, check_finite, guarded
+from training.run.optim import build_optimizer, evaluation_weights
 from training.run.setup import (
     after_optimizer_step,
     backward_and_step,
@@ -25,9 +26,11 @@ __all__ = [
     "StopGuard",
     "after_optimizer_step",
     "backward_and_step",
+    "build_optimizer",
     "check_finite",
     "checkpoint_schedule_and_ema",
     "due",
+    "evaluation_weights",
     "finish",
     "guarded",
     "resume_or_start",

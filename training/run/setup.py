@@ -20,6 +20,7 @@ from training.run.budget import WSD
 from training.run.checkpoint import resume_from_latest
 from training.config import ConfigError, MixedPrecision, save_config
 from training.run.guard import StopGuard
+from training.run.optim import check_optimizer, evaluation_weights
 from training.run.posthoc_ema import PowerEMA
 from training.run.tracking import RunLog, tracker_names
 
@@ -53,6 +54,7 @@ class RunConfig:
     mixed_precision: MixedPrecision = MixedPrecision.auto  # auto | fp32 | bf16 | fp16
     ema_decay: float | None = None  # EMA of the trained weights (e.g. 0.999); the export is the EMA copy. None: off
     ema: EmaConfig = field(default_factory=EmaConfig)  # or post-hoc EMA (train.ema.kind=posthoc)
+    optimizer: str = "adamw"  # adamw | adafactor | prodigy | schedule_free_adamw | adamw_8bit (training/run/optim.py)
     cpu_threads: int | None = (
         None  # None: the machine's cores / processes on it (overrides OMP_NUM_THREADS=1 from accelerate launch)
     )
@@ -78,6 +80,7 @@ def validate_run(train_cfg: RunConfig) -> None:
     if train_cfg.ema_decay is not None and not 0.0 < train_cfg.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay={train_cfg.ema_decay} must be in (0, 1) (or null for no EMA)")
     _validate_ema(train_cfg)
+    check_optimizer(train_cfg)
     tracker_names(train_cfg.report_to)  # unknown or not installed: said now, not after the cache is built
     if train_cfg.cpu_threads is not None and train_cfg.cpu_threads < 1:
         raise ConfigError(f"train.cpu_threads={train_cfg.cpu_threads} must be >= 1 (or null for all cores)")
@@ -209,7 +212,9 @@ def after_optimizer_step(lr_schedule, ema: EMAModel | None, params: list, bar) -
     bar.update(1)
 
 
-def finish(accelerator: Accelerator, stop: StopGuard, log: RunLog, ema, params: list, export: Callable[[], object]) -> None:
+def finish(
+    accelerator: Accelerator, stop: StopGuard, log: RunLog, ema, params: list, export: Callable[[], object], optimizer=None
+) -> None:
     """After the last step: signals stop at once again, the main process swaps the EMA weights in (when there is an EMA;
     a post-hoc EMA writes its last snapshots instead) and exports, and every process waits for it before the trackers close. The process group stays: it ends
     after the job's objects (:func:`training.run.guard.end_process_group`), not here, where the model still lives."""
@@ -219,7 +224,8 @@ def finish(accelerator: Accelerator, stop: StopGuard, log: RunLog, ema, params: 
             ema.snapshot()  # the last step's, whatever snapshot_every is; the export is the trained weights
         elif ema is not None:
             ema.copy_to(params)
-        export()
+        with evaluation_weights(optimizer):  # a schedule-free optimizer's averaged weights
+            export()
     accelerator.wait_for_everyone()
     log.close()
 
