@@ -107,6 +107,7 @@ def render(record: dict) -> str:
                   f"`.venv/bin/python benchmarks/autoencoder_ablations.py --budget {ab['budget_seconds']:.0f} --only ...` then `--save`", "",
                   table(ab["rows"]), ""]  # fmt: skip
     lines += stage2_recipes_section()
+    lines += posthoc_ema_section()
     for path in sorted(HERE.glob("LARGE_DATASET*.json")):  # LARGE_DATASET.json: imagefolders; -parquet, -webdataset
         lines += large_dataset_section(path)
     notes = HERE / "NOTES.md"
@@ -140,6 +141,31 @@ def stage2_recipes_section() -> list[str]:
                   table(sweep["rows"]), ""]  # fmt: skip
         if sweep.get("finding"):
             lines += [sweep["finding"], ""]
+    return lines
+
+
+def posthoc_ema_section() -> list[str]:
+    """The sweeps of ``benchmarks/posthoc_ema.py --save`` (a stage-2 run and its sweep: not part of make bench)."""
+    from posthoc_ema import load, rows_table
+
+    records = load()
+    if not records:
+        return []
+    lines = ["## Post-hoc EMA on the default stage-2 run (issue 28)", "",
+             "A stage-2 run with `train.ema.kind=posthoc` (EDM2's profiles 0.05 and 0.10), its snapshots' reconstruction at "
+             "each length scored by `python -m training.posthoc_ema --sweep` with the run's own evaluation (100 training "
+             "captions, 25 DPM++ steps, the config's guidance, seed 0) beside the run's trained weights.", ""]  # fmt: skip
+    for r in records:
+        t = r["tracking"]
+        cost = (f" Tracking both profiles took {t['step_ms']:.0f} ms a step ({t['parameters'] / 1e6:.1f}M parameters, "
+                f"{t['threads']} threads) against the run's median training step of {t['train_step_ms']:.0f} ms, and a "
+                f"snapshot of both {t['snapshot_s']:.1f} s (timed alone by the script).")  # fmt: skip
+        lines += [f"### {r['variant']}: {machine_line(r['machine'])}", "",
+                  f"`.venv/bin/python benchmarks/posthoc_ema.py --variant \"{r['variant']}\" ...` (`{r['command']}`): "
+                  f"{r['snapshots']} snapshots, {r['snapshot_mib']:,} MiB.{cost} Guidance {r['guidance']}, {r['steps']} steps, "
+                  f"{r['prompts']} captions; the best by {r['pick']} is exported.", "", rows_table(r), ""]  # fmt: skip
+        if r.get("finding"):
+            lines += [r["finding"], ""]
     return lines
 
 

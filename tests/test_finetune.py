@@ -205,7 +205,7 @@ def test_diffusers_stable_diffusion_folder_fine_tunes_and_still_loads_in_diffuse
     StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(sd_dir)
     out = tmp_path / method
     train(lora_cfg(sd_dir, concept, out, f"finetune.method={method}", f"finetune.train_text_encoder={text}", "train.max_steps=3",
-                   "train.checkpoint_every=3", "train.batch_size=16"))  # fmt: skip  (16 > 8 images: drawn with replacement)
+                   "train.checkpoint_every=3", "train.batch_size=16", "finetune.lora_alpha=4"))  # fmt: skip  (16 > 8 images: drawn with replacement)
     if text:  # adapters on the text encoder too, under diffusers' text_encoder prefix
         keys = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors")).keys()
         assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
@@ -226,6 +226,13 @@ def test_diffusers_stable_diffusion_folder_fine_tunes_and_still_loads_in_diffuse
         off = ours([CONCEPT] * 6, num_inference_steps=10, guidance_scale=1.0, generator=[torch.Generator().manual_seed(i) for i in range(6)],
                    output_type="latent", cross_attention_kwargs={"scale": 0.0}).images  # fmt: skip
         assert (off - plain).abs().max() < 1e-4  # ...and scale 0 switches them all off, text encoder included
+        # the kohya-layout file (A1111, ComfyUI, sd-scripts): alpha 4 of rank 8, read by diffusers to the same model
+        kohya = load_file(str(out / "lora" / "lora_kohya.safetensors"))
+        assert {k.split("_")[1] for k in kohya} == ({"unet", "te1"} if text else {"unet"})
+        assert {v.item() for k, v in kohya.items() if k.endswith(".alpha")} == {4.0}
+        theirs = LatentDiffusionPipeline.from_pretrained(sd_dir, dtype="fp32")
+        theirs.load_lora_weights(str(out / "lora"), weight_name="lora_kohya.safetensors")
+        assert (latents(theirs, CONCEPT) - latents(ours, CONCEPT)).abs().max() < 1e-5
 
 
 def test_lora_resume_equals_an_uninterrupted_run_and_small_images_are_counted(base, tmp_path):

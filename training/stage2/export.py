@@ -12,7 +12,7 @@ from runtime.files import write_json_atomic
 from training.config import to_dict
 from training.ldm_config import LdmJobConfig
 from training.run.guard import check_finite
-from training.stage2.finetune import export_lora, fused_lora_pipeline
+from training.stage2.finetune import export_lora, export_lora_kohya, fused_lora_pipeline
 from training.stage2.models import Models
 from training.stage2.samples import pipeline_of
 
@@ -39,6 +39,7 @@ def export_run(
         check_finite(trained_text_encoder, "text encoder")
     if cfg.finetune.method == "lora":
         export_lora(unet, trained_text_encoder, out / "lora")
+        export_lora_kohya(unet, trained_text_encoder, out / "lora", cfg.finetune.lora_alpha)  # for A1111 / ComfyUI / sd-scripts
         pipe = fused_lora_pipeline(
             models.source, out / "lora", vae if cfg.model.replace_vae else None, models.noise_scheduler.config
         )

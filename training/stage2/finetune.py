@@ -1,13 +1,15 @@
 """Fine-tuning a trained pipeline: LoRA adapters on its U-Net (and text encoder) with peft, and
-their export in the format diffusers' ``load_lora_weights`` reads, beside the pipeline with the
-adapters fused in."""
+their export in the format diffusers' ``load_lora_weights`` reads and in kohya's key layout, beside the
+pipeline with the adapters fused in."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from diffusers.utils import convert_state_dict_to_diffusers
+import torch
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from peft import LoraConfig, get_peft_model_state_dict
+from safetensors.torch import save_file
 
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.schedulers import folder_scheduler
@@ -48,9 +50,34 @@ def export_lora(unet, text_encoder, folder: Path, convert: bool = True) -> Path:
     unet_layers = convert_state_dict_to_diffusers(unet_layers) if convert else unet_layers
     text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder)) if text_encoder is not None else None
     LatentDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True
+        folder,
+        unet_lora_layers=unet_layers,
+        text_encoder_lora_layers=text_layers,
+        safe_serialization=True,
+        # the adapters' config (lora_alpha above all) in the file's metadata: without it a loader takes alpha = rank,
+        # a scale of 1, and a run with lora_alpha 4 at rank 8 came back at twice its trained strength
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        text_encoder_lora_adapter_metadata=text_encoder.peft_config["default"].to_dict() if text_encoder is not None else None,
     )
     return folder / "pytorch_lora_weights.safetensors"
+
+
+KOHYA_FILE = "lora_kohya.safetensors"
+
+
+def export_lora_kohya(unet, text_encoder, folder: Path, alpha: float) -> Path:
+    """``folder/lora_kohya.safetensors``: the same adapters in kohya's key layout (``lora_unet_..._to_q.lora_down.weight``
+    with its ``.alpha``, ``lora_te1_...`` for the text encoder), what AUTOMATIC1111, ComfyUI and sd-scripts load.
+    diffusers' converter writes each alpha as the rank (a scale of 1); the adapters here scale by lora_alpha / rank,
+    so ``alpha`` (``finetune.lora_alpha``) replaces it."""
+    layers = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
+    if text_encoder is not None:
+        layers |= {f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(text_encoder).items()}
+    kohya = convert_state_dict_to_kohya(layers)
+    kohya = {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v.detach().contiguous() for k, v in kohya.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(kohya, str(folder / KOHYA_FILE), metadata={"ss_network_module": "networks.lora", "ss_network_alpha": str(alpha)})
+    return folder / KOHYA_FILE
 
 
 def fused_lora_pipeline(source: str, lora_folder: Path, vae=None, noise_scheduler_config=None) -> LatentDiffusionPipeline:
