@@ -204,8 +204,9 @@ def test_diffusers_stable_diffusion_folder_fine_tunes_and_still_loads_in_diffuse
     sd_dir = tmp_path / "sd"
     StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(sd_dir)
     out = tmp_path / method
+    posthoc = ["train.ema.kind=posthoc"] if method == "lora" and not text else []  # post-hoc EMA of the adapters (below)
     train(lora_cfg(sd_dir, concept, out, f"finetune.method={method}", f"finetune.train_text_encoder={text}", "train.max_steps=3",
-                   "train.checkpoint_every=3", "train.batch_size=16", "finetune.lora_alpha=4"))  # fmt: skip  (16 > 8 images: drawn with replacement)
+                   "train.checkpoint_every=3", "train.batch_size=16", "finetune.lora_alpha=4", *posthoc))  # fmt: skip  (16 > 8 images: drawn with replacement)
     if text:  # adapters on the text encoder too, under diffusers' text_encoder prefix
         keys = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors")).keys()
         assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
@@ -233,6 +234,17 @@ def test_diffusers_stable_diffusion_folder_fine_tunes_and_still_loads_in_diffuse
         theirs = LatentDiffusionPipeline.from_pretrained(sd_dir, dtype="fp32")
         theirs.load_lora_weights(str(out / "lora"), weight_name="lora_kohya.safetensors")
         assert (latents(theirs, CONCEPT) - latents(ours, CONCEPT)).abs().max() < 1e-5
+    if posthoc:  # the 0.10 profile's adapters exported as a LoRA run's are: a file diffusers reads, and the fused pipeline
+        from training import posthoc_ema
+
+        posthoc_ema.main(["--run", str(out), "--sigma-rel", "0.10", "--out", str(tmp_path / "ema")])
+        profile = load_file(str(out / "ema-snapshots" / "step-00000003-sigma-0.100.safetensors"))
+        assert profile and all(".lora_A." in k or ".lora_B." in k for k in profile)
+        ema = StableDiffusionPipeline.from_pretrained(sd_dir, safety_checker=None, requires_safety_checker=False)
+        ema.load_lora_weights(str(tmp_path / "ema" / "lora"))
+        fused = LatentDiffusionPipeline.from_pretrained(tmp_path / "ema" / "pipeline", dtype="fp32")
+        trained = LatentDiffusionPipeline.from_pretrained(out / "pipeline", dtype="fp32")
+        assert (latents(fused, CONCEPT) - latents(trained, CONCEPT)).abs().max() > 1e-4  # the EMA, not the last step
 
 
 def test_lora_resume_equals_an_uninterrupted_run_and_small_images_are_counted(base, tmp_path):
