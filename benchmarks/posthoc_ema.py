@@ -2,13 +2,12 @@
 run's trained weights, and what tracking them cost.
 
     .venv/bin/python benchmarks/stage2_recipes.py --minutes 60 --only "default (coarse-attn), post-hoc EMA snapshots"
-    .venv/bin/python benchmarks/posthoc_ema.py --variant "default (coarse-attn), post-hoc EMA snapshots" \\
-        --reference "default (coarse-attn), caption dropout 0.05" [--save]
+    .venv/bin/python benchmarks/posthoc_ema.py --variant "default (coarse-attn), post-hoc EMA snapshots" [--reuse] [--save]
 
 Runs ``python -m training.posthoc_ema --run runs/recipes/<variant> --sweep`` (the run's own evaluation: 100 training
-captions, 25 DPM++ steps, the config's guidance, seed 0) and prints its table with the snapshots' disk and the
-training seconds beside those of ``--reference`` (a run of the same steps without tracking, on this machine in this
-session). ``--save`` adds it to ``benchmarks/POSTHOC_EMA.json``, which ``benchmarks/report.py`` renders.
+captions, 25 DPM++ steps, the config's guidance, seed 0; ``--reuse``: the sweep already written) and prints its table,
+with the snapshots' disk and what tracking costs, timed alone on the run's U-Net (:func:`tracking_cost`). ``--save``
+adds it to ``benchmarks/POSTHOC_EMA.json``, which ``benchmarks/report.py`` renders.
 """
 
 from __future__ import annotations
@@ -25,10 +24,12 @@ sys.path.insert(0, str(HERE))
 
 from stage2_recipes import OUT, slug  # noqa: E402
 
+from training.posthoc_ema import sweep_table  # noqa: E402
+
 SAVED = HERE / "POSTHOC_EMA.json"
 
 
-def measure(variant: str, reference: str | None, reuse: bool = False) -> dict:
+def measure(variant: str, reuse: bool = False) -> dict:
     run, out = OUT / slug(variant), OUT / f"{slug(variant)}-posthoc"
     cmd = [sys.executable, "-m", "training.posthoc_ema", "--run", str(run), "--sweep", "--out", str(out)]
     if not (reuse and (out / "posthoc-sweep.json").is_file()):
@@ -40,9 +41,6 @@ def measure(variant: str, reference: str | None, reuse: bool = False) -> dict:
               "snapshots": len(snapshots), "snapshot_mib": round(sum(p.stat().st_size for p in snapshots) / 2**20),
               "train_seconds": json.loads((run / "metrics.json").read_text())["train_seconds_this_run"]}  # fmt: skip
     record["tracking"] = tracking_cost(run)
-    if reference:
-        metrics = json.loads((OUT / slug(reference) / "metrics.json").read_text())
-        record["reference"] = {"variant": reference, "train_seconds": metrics["train_seconds_this_run"], "steps": metrics["steps"]}
     return record
 
 
@@ -80,14 +78,6 @@ def tracking_cost(run: Path, steps: int = 20) -> dict:
             "threads": torch.get_num_threads()}  # fmt: skip
 
 
-def rows_table(record: dict) -> str:
-    lines = ["| weights | top-1 | FD-VGG (floor) |", "|---|---|---|"]
-    for r in record["rows"]:
-        mark = " (exported)" if r["weights"] == record["best"] else ""
-        lines.append(f"| {r['weights']}{mark} | {r['top1']:.2f} | {r['fd_vgg']:.0f} ({r['fd_vgg_floor']:.0f}) |")
-    return "\n".join(lines)
-
-
 def load() -> list[dict]:
     return json.loads(SAVED.read_text())["sweeps"] if SAVED.is_file() else []
 
@@ -95,17 +85,16 @@ def load() -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", required=True, help="a variant of benchmarks/stage2_recipes.py trained with train.ema.kind=posthoc")
-    p.add_argument("--reference", default=None, help="a variant of the same steps without tracking (for the time it cost)")
     p.add_argument("--save", action="store_true", help="add the record to benchmarks/POSTHOC_EMA.json")
     p.add_argument("--reuse", action="store_true", help="use the sweep already written for this run (runs/recipes/<variant>-posthoc)")
     args = p.parse_args()
-    record = measure(args.variant, args.reference, args.reuse)
+    record = measure(args.variant, args.reuse)
     if args.save:
         from report import machine
 
         record["machine"] = machine()
         SAVED.write_text(json.dumps({"sweeps": [s for s in load() if s["variant"] != args.variant] + [record]}, indent=2))
-    print(rows_table(record))
+    print(sweep_table(record))
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def stage2_recipes_section() -> list[str]:
 
 def posthoc_ema_section() -> list[str]:
     """The sweeps of ``benchmarks/posthoc_ema.py --save`` (a stage-2 run and its sweep: not part of make bench)."""
-    from posthoc_ema import load, rows_table
+    from posthoc_ema import load, sweep_table
 
     records = load()
     if not records:
@@ -163,7 +163,7 @@ def posthoc_ema_section() -> list[str]:
         lines += [f"### {r['variant']}: {machine_line(r['machine'])}", "",
                   f"`.venv/bin/python benchmarks/posthoc_ema.py --variant \"{r['variant']}\" ...` (`{r['command']}`): "
                   f"{r['snapshots']} snapshots, {r['snapshot_mib']:,} MiB.{cost} Guidance {r['guidance']}, {r['steps']} steps, "
-                  f"{r['prompts']} captions; the best by {r['pick']} is exported.", "", rows_table(r), ""]  # fmt: skip
+                  f"{r['prompts']} captions; the best by {r['pick']} is exported.", "", sweep_table(r), ""]  # fmt: skip
         if r.get("finding"):
             lines += [r["finding"], ""]
     return lines

@@ -42,7 +42,7 @@ def test_gamma_is_edm2s_for_each_length():
 @pytest.mark.parametrize("overrides,message", [
     (["train.ema.kind=posthoc", "train.ema_decay=0.999"], "train.ema_decay=0.999 is the EMA of train.ema.kind=decay; a post-hoc"),
     (["train.ema.kind=posthoc", "train.ema_decay=null", "train.ema.sigma_rels=[0.05]"], "must name at least two different lengths"),
-    (["train.ema.kind=posthoc", "train.ema_decay=null", "train.ema.sigma_rels=[0.05,0.3]"], "0.3 must be in (0, 0.288)"),
+    (["train.ema.kind=posthoc", "train.ema_decay=null", "train.ema.sigma_rels=[0.05,0.3]"], "0.3 must be in (0, 0.2887)"),
     (["train.ema.kind=posthoc", "train.ema_decay=null", "model.text_encoder=clip-scratch"], "this run trains its text encoder too"),
 ])  # fmt: skip
 def test_a_post_hoc_config_that_cannot_work_is_named(overrides, message):
@@ -52,6 +52,17 @@ def test_a_post_hoc_config_that_cannot_work_is_named(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(LdmJobConfig, None, overrides)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["train.ema.kind=posthoc", "train.optimizer=adafactor"])
+def test_the_jobs_other_than_the_latent_models_refuse_its_own_settings(override):
+    from training.autoencoder_config import AutoencoderJobConfig
+    from training.config import load_config
+    from training.distill_config import DistillJobConfig
+
+    for schema in (AutoencoderJobConfig, DistillJobConfig):
+        with pytest.raises(ConfigError, match=r"is for the latent model \(training.train_ldm\) so far"):
+            load_config(schema, None, [override, "train.ema_decay=null"])
 
 
 def test_the_step_rule_is_the_power_function_average():
@@ -82,6 +93,7 @@ def test_a_tracked_profile_is_reconstructed_as_its_own_snapshot(tmp_path):
     for _ in range(100):
         weights.add_(torch.randn(64))  # a random walk: every step's weights differ
         ema.step([weights])
+    assert ema.snapshot() == []  # step 100's are written already (the end of a run on a periodic step)
     snapshots = find_snapshots(tmp_path)
     assert [(s.step, s.sigma_rel) for s in snapshots[:2]] == [(10, 0.05), (10, 0.10)] and len(snapshots) == 20
     x, error = solve_coefficients([s.step for s in snapshots], [s.sigma_rel for s in snapshots], 100, 0.05)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from autoencoder.losses import LossConfig
 from training.config import ConfigError, MixedPrecision
 from training.data.records import DataConfig
-from training.run.setup import RunConfig
+from training.run.setup import RunConfig, refuse_stage2_only
 
 
 @dataclass(frozen=True)
@@ -35,12 +35,7 @@ class TrainConfig(RunConfig):
         super().__post_init__()
         if self.scale_fit_batches < 1:
             raise ConfigError(f"train.scale_fit_batches={self.scale_fit_batches} must be >= 1")
-        if self.ema.kind == "posthoc":
-            raise ConfigError("train.ema.kind=posthoc is for the latent model (training.train_ldm) so far; here use decay")
-        if self.optimizer != "adamw":
-            raise ConfigError(
-                f"train.optimizer={self.optimizer} is for the latent model (training.train_ldm) so far; here use adamw"
-            )
+        refuse_stage2_only(self)
         if self.mixed_precision is MixedPrecision.fp16:
             raise ConfigError(
                 "train.mixed_precision=fp16 is not supported by the autoencoder job: the adaptive GAN weight "

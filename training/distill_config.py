@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from training.config import ConfigError
 from training.data.records import DataConfig
 from training.ldm_config import CacheConfig, LdmEvalConfig, SampleConfig
-from training.run.setup import RunConfig
+from training.run.setup import RunConfig, refuse_stage2_only
 
 DISTILL_METHODS = ("lcm", "lcm-lora")
 DISTANCES = ("huber", "l2")
@@ -67,12 +67,7 @@ class DistillTrainConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.ema.kind == "posthoc":
-            raise ConfigError("train.ema.kind=posthoc is for the latent model (training.train_ldm); a student uses decay")
-        if self.optimizer != "adamw":
-            raise ConfigError(
-                f"train.optimizer={self.optimizer} is for the latent model (training.train_ldm) so far; here use adamw"
-            )
+        refuse_stage2_only(self)
 
 
 @dataclass(frozen=True)

@@ -103,12 +103,17 @@ def sweep(run_dir: Path, out: Path, candidates: list[float], pick: str) -> list[
     else:  # the trained weights won: the run's own export, as it is
         shutil.copytree(run_dir / "pipeline", out / "pipeline", dirs_exist_ok=True)
     write_json_atomic(out / "posthoc-sweep.json", table)
-    print("| weights | top-1 | FD-VGG (floor) |\n|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['weights']}{' (exported)' if r is best else ''} | {r['top1']:.2f} | {r['fd_vgg']:.0f} ({r['fd_vgg_floor']:.0f}) |"
-        )
+    print(sweep_table(table))
     return rows
+
+
+def sweep_table(table: dict) -> str:
+    """A ``posthoc-sweep.json`` table as Markdown, the exported row marked."""
+    lines = ["| weights | top-1 | FD-VGG (floor) |", "|---|---|---|"]
+    for r in table["rows"]:
+        mark = " (exported)" if r["weights"] == table["best"] else ""
+        lines.append(f"| {r['weights']}{mark} | {r['top1']:.2f} | {r['fd_vgg']:.0f} ({r['fd_vgg_floor']:.0f}) |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:

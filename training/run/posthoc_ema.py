@@ -39,14 +39,15 @@ from safetensors.torch import save_file
 from training.config import ConfigError, RunError
 
 SNAPSHOTS = "ema-snapshots"
+MAX_SIGMA_REL = 12**-0.5  # gamma = 0 there: the plain mean of all the weights so far (0.2887)
 MAX_FIT_ERROR = 0.05  # the largest relative L2 error of a reconstructed profile this project exports
 _NAME = re.compile(r"^step-(\d+)-sigma-(\d+\.\d+)\.safetensors$")
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """The power-function EMA's exponent for a relative standard deviation (EDM2, eq. 3 and appendix C.2)."""
-    if not 0.0 < sigma_rel < 12**-0.5:  # gamma -> 0 (the plain mean of all the weights) at sigma_rel = 1/sqrt(12)
-        raise ConfigError(f"sigma_rel={sigma_rel} must be in (0, {12**-0.5:.4f}): a longer EMA than the whole run's mean")
+    if not 0.0 < sigma_rel < MAX_SIGMA_REL:
+        raise ConfigError(f"sigma_rel={sigma_rel} must be in (0, {MAX_SIGMA_REL:.4f}): a longer EMA than the whole run's mean")
     s = sigma_rel**-2.0
     return float(np.roots([1.0, 7.0, 16.0 - s, 12.0 - s]).real.max())
 
@@ -91,7 +92,7 @@ class PowerEMA:
         self.gammas = [sigma_rel_to_gamma(s) for s in self.sigma_rels]
         self.profiles = [[p.detach().float().clone() for p in params] for _ in self.sigma_rels]
         self.output_dir, self.every = output_dir, every
-        self.step_count = 0
+        self.step_count, self.snapshot_step = 0, None  # the step of the last snapshot written
 
     @torch.no_grad()
     def step(self, params: list[torch.Tensor]) -> None:
@@ -117,8 +118,9 @@ class PowerEMA:
         return self
 
     def snapshot(self) -> list[Path]:
-        """Each profile as it is now, into ``output_dir/ema-snapshots/`` (nothing without an ``output_dir``)."""
-        if self.output_dir is None:
+        """Each profile as it is now, into ``output_dir/ema-snapshots/`` (nothing without an ``output_dir``, or when this
+        step's are written already: the end of a run whose last step was a periodic snapshot)."""
+        if self.output_dir is None or self.snapshot_step == self.step_count:
             return []
         folder = Path(self.output_dir) / SNAPSHOTS
         folder.mkdir(parents=True, exist_ok=True)
@@ -141,6 +143,7 @@ class PowerEMA:
                     ) from None
                 raise
             written.append(path)
+        self.snapshot_step = self.step_count
         return written
 
 

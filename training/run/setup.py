@@ -21,7 +21,7 @@ from training.run.checkpoint import resume_from_latest
 from training.config import ConfigError, MixedPrecision, save_config
 from training.run.guard import StopGuard
 from training.run.optim import check_optimizer, evaluation_weights
-from training.run.posthoc_ema import PowerEMA
+from training.run.posthoc_ema import MAX_SIGMA_REL, PowerEMA
 from training.run.tracking import RunLog, tracker_names
 
 
@@ -97,6 +97,17 @@ def validate_run(train_cfg: RunConfig) -> None:
         )
 
 
+def refuse_stage2_only(train_cfg: RunConfig) -> None:
+    """For the jobs other than the latent model's (the autoencoder, distillation): the ``train:`` settings only
+    ``training.train_ldm`` implements so far, each refused in one line."""
+    if train_cfg.ema.kind == "posthoc":
+        raise ConfigError("train.ema.kind=posthoc is for the latent model (training.train_ldm) so far; here use decay")
+    if train_cfg.optimizer != "adamw":
+        raise ConfigError(
+            f"train.optimizer={train_cfg.optimizer} is for the latent model (training.train_ldm) so far; here use adamw"
+        )
+
+
 def _validate_ema(train_cfg: RunConfig) -> None:
     ema = train_cfg.ema
     if ema.kind not in ("decay", "posthoc"):
@@ -113,8 +124,10 @@ def _validate_ema(train_cfg: RunConfig) -> None:
             f"train.ema.sigma_rels={list(ema.sigma_rels)} must name at least two different lengths (EDM2: [0.05, 0.10])"
         )
     for s in ema.sigma_rels:
-        if not 0.0 < s < 12**-0.5:
-            raise ConfigError(f"train.ema.sigma_rels: {s} must be in (0, 0.288) (0.288: the mean of all the weights)")
+        if not 0.0 < s < MAX_SIGMA_REL:
+            raise ConfigError(
+                f"train.ema.sigma_rels: {s} must be in (0, {MAX_SIGMA_REL:.4f}) ({MAX_SIGMA_REL:.4f}: the mean of all the weights)"
+            )
     if ema.snapshot_every is not None and ema.snapshot_every < 1:
         raise ConfigError(f"train.ema.snapshot_every={ema.snapshot_every} must be >= 1 (or null: train.checkpoint_every)")
 
