@@ -113,7 +113,7 @@ def tiny_vae(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def mixed_shapes(tmp_path_factory):
-    """48 captioned images in three shapes (tall, square, wide), with a held-out split."""
+    """48 captioned images in three shapes (tall, square, wide), with a held-out split; two captions an image."""
     import numpy as np
     from PIL import Image
 
@@ -125,7 +125,9 @@ def mixed_shapes(tmp_path_factory):
             f"{i:03d}.png": Image.fromarray(rng.integers(0, 255, (shapes[i % 3][1], shapes[i % 3][0], 3), dtype=np.uint8))
             for i in range(n)
         }
-        write_imagefolder(root / split, images, {name: "a pattern" for name in images})
+        kinds = ["tall", "square", "wide"]  # several captions each, of comma-separated tags (tests/test_captions.py's kinds)
+        captions = {name: [f"a pattern, {kinds[i % 3]}, noise, colour {i}", f"{kinds[i % 3]} noise"] for i, name in enumerate(images)}
+        write_imagefolder(root / split, images, captions)
     return root
 
 

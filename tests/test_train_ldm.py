@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from autoencoder.model import build_autoencoder, save_autoencoder
 from ldm import LatentDiffusionPipeline
 from ldm.generate import generation_defaults
-from tests.conftest import FROZEN_STEPS, ROOT, TINY_LDM_CONFIG, fresh_state, ldm_cfg, logged, max_difference, unet_weights
+from tests.conftest import FAST_STEPS, FROZEN_STEPS, ROOT, TINY_LDM_CONFIG, fresh_state, ldm_cfg, logged, max_difference, same_weights, unet_weights
 from training.stage2.models import check_compatible
 from training.train_ldm import train as train_job
 
@@ -172,6 +172,9 @@ def test_v_prediction_with_zero_terminal_snr_exports_its_schedule(openmoji_small
         (["train.optimizer=schedule_free_adamw"], "it needs no schedule (it warms up over train.lr_warmup_steps itself)"),
         (["train.optimizer=schedule_free_adamw", "train.lr_schedule=constant"], "set train.ema_decay=null and train.ema.kind=decay"),
         (["train.optimizer=adamw_8bit"], "train.optimizer=adamw_8bit needs bitsandbytes running on this machine"),
+        (["eval.keep_best=true"], "eval.keep_best=true needs eval.every > 0"),
+        (["eval.every=2", "data.eval_split=null"], "eval.every=2 scores held-out images: set data.eval_split"),
+        (["eval.every=2", "data.eval_split=validation"], "has no 'validation' split (data.eval_split) to score"),
     ],
 )
 def test_bad_settings_fail_before_training(openmoji_small, tiny_vae, tmp_path, overrides, message):
@@ -281,7 +284,8 @@ def test_stage_2_caches_each_image_at_its_bucket_resumes_exactly_and_samples_eac
 @pytest.mark.parametrize("job", ["train_ldm", "train_autoencoder"])
 def test_two_ranks_on_buckets(job, mixed_shapes, tiny_vae, tmp_path):
     """Stage 2, on the flow-matching objective (DDPM's 2 = 1 is the SIGTERM test's): two ranks with batch 4 end with
-    the U-Net of one rank with batch 8 and log its losses, every batch from one bucket. Stage 1 draws its posterior noise per rank by design (so there only the data stream
+    the U-Net of one rank with batch 8 and log its losses, every batch from one bucket, each image's caption drawn
+    from its two and its tags shuffled and dropped per sample. Stage 1 draws its posterior noise per rank by design (so there only the data stream
     is shared, tested at the sampler), and two ranks train and log the buckets."""
     import sys
     from pathlib import Path
@@ -293,7 +297,7 @@ def test_two_ranks_on_buckets(job, mixed_shapes, tiny_vae, tmp_path):
     accelerate = Path(sys.executable).parent / "accelerate"
     if job == "train_ldm":
         common = ["--config", str(TINY_LDM_CONFIG), f"model.vae={tiny_vae}", f"cache.dir={tmp_path / 'cache'}", "train.sample_every=100",
-                  "objective.type=flow"]  # fmt: skip
+                  "objective.type=flow", "captions.shuffle_tags=true", "captions.keep_tokens=1", "captions.tag_dropout=0.3"]  # fmt: skip
     else:
         common = ["--config", str(TINY_AE_CONFIG), "train.sample_every=100", "loss.disc_start=2"]
     common += [f"data.path={mixed_shapes}", "data.buckets.enabled=true", "train.max_steps=4", "train.checkpoint_every=4",
@@ -399,3 +403,63 @@ def test_each_optimizer_resumes_exactly(optimizer, overrides, openmoji_small, ti
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     state = load_file(str(tmp_path / "full" / "checkpoints" / "step-00000003" / "model.safetensors"))
     assert max_difference({k: state[f"unet.{k}"] for k in full}, full) > 0  # steps 4-6 moved the weights
+
+
+def test_validation_loss_is_the_same_at_every_launch_and_keep_best_exports_the_weights_of_its_lowest(openmoji_small, tiny_vae, tmp_path):
+    """eval.every=2 on the held-out split (fixed levels, noise and posterior draw): a run killed after step 4 and
+    relaunched logs the validation losses of one that never stopped, keeps the same best step and weights, and exports
+    them to best/ beside the last; the best kept is the step with the lowest logged loss, and its weights are that
+    step's checkpointed U-Net (no EMA)."""
+    common = ["eval.every=2", "eval.val_images=12", "eval.keep_best=true", "train.ema_decay=null", "train.checkpoint_every=2", "train.keep_checkpoints=5",
+              "train.max_steps=6", "train.sample_every=100", "model.check_images=0", f"cache.dir={tmp_path / 'cache'}"]  # fmt: skip
+    train(ldm_cfg(openmoji_small, tiny_vae, tmp_path / "full", *common))
+    train(ldm_cfg(openmoji_small, tiny_vae, tmp_path / "resumed", *common), stop_after_steps=4)
+    train(ldm_cfg(openmoji_small, tiny_vae, tmp_path / "resumed", *common))
+    val = {name: logged(tmp_path / name, "val_loss") for name in ("full", "resumed")}
+    assert [r["step"] for r in val["full"]] == [2, 4, 6] and val["full"] == val["resumed"]
+    best = json.loads((tmp_path / "full" / "best" / "best.json").read_text())
+    assert best == json.loads((tmp_path / "resumed" / "best" / "best.json").read_text())
+    assert best == min(val["full"], key=lambda r: r["val_loss"])
+    kept = load_file(str(tmp_path / "full" / "checkpoints" / f"step-{best['step']:08d}" / "model.safetensors"))
+    exported = unet_weights(tmp_path / "full" / "best")
+    assert max_difference({k: kept[f"unet.{k}"] for k in exported}, exported) == 0
+    assert json.loads((tmp_path / "full" / "best" / "metrics.json").read_text())["best"] == best
+    assert same_weights(unet_weights(tmp_path / "full" / "best"), unet_weights(tmp_path / "resumed" / "best"))
+
+
+def test_keep_best_keeps_the_lowest_not_the_last(openmoji_small, tiny_vae, tmp_path, monkeypatch):
+    """With validation losses 0.5, 0.3, 0.4 at steps 2, 4, 6 the export in best/ is step 4's U-Net and the last export
+    is step 6's."""
+    from training.stage2 import validation
+
+    scripted = iter([0.5, 0.3, 0.4])
+    monkeypatch.setattr(validation.ValidationLoss, "__call__", lambda self, *args: next(scripted))
+    common = ["eval.every=2", "eval.val_images=4", "eval.keep_best=true", "train.ema_decay=null", *FAST_STEPS, "train.max_steps=6",
+              "train.keep_checkpoints=5"]  # fmt: skip
+    train(ldm_cfg(openmoji_small, tiny_vae, tmp_path / "run", *common))
+    assert json.loads((tmp_path / "run" / "best" / "best.json").read_text()) == {"step": 4, "val_loss": 0.3}
+    kept = load_file(str(tmp_path / "run" / "checkpoints" / "step-00000004" / "model.safetensors"))
+    best, last = unet_weights(tmp_path / "run" / "best"), unet_weights(tmp_path / "run")
+    assert max_difference({k: kept[f"unet.{k}"] for k in best}, best) == 0 and max_difference(best, last) > 0
+    assert [r.get("best") for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()) if "val_loss" in r] == [True, True, None]
+
+
+def test_the_validation_draws_are_the_runs_own_whatever_the_global_random_state(openmoji_small, tiny_vae, tmp_path):
+    """The held-out noise, levels and latent draw come from their own seed: two runs whose other work left the global
+    RNG elsewhere score on the same draws, and the same weights score the same loss twice."""
+    from autoencoder.model import load_autoencoder
+    from ldm.objective import FlowObjective
+    from ldm.text import build_clip_text_encoder, clip_tokenizer
+    from ldm.unet import build_unet
+    from training.stage2.validation import ValidationLoss
+
+    cfg = ldm_cfg(openmoji_small, tiny_vae, tmp_path / "x", "eval.every=2", "eval.val_images=4")
+    vae = load_autoencoder(tiny_vae)
+    draws = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        draws.append(ValidationLoss(cfg, vae, FlowObjective(), "cpu"))
+    assert len(draws[0]) == 4 and torch.equal(draws[0].eps, draws[1].eps) and torch.equal(draws[0].x0, draws[1].x0)
+    tokenizer, encoder = clip_tokenizer(), build_clip_text_encoder("tiny")
+    unet = build_unet("tiny", 8, encoder.config.hidden_size)
+    assert draws[0](unet, tokenizer, encoder) == draws[1](unet, tokenizer, encoder) > 0

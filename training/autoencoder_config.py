@@ -71,6 +71,10 @@ class AutoencoderJobConfig:
 def validate(cfg: AutoencoderJobConfig) -> None:
     """The rules across sections (each section checks its own fields when it is built); no file
     is read: the folders the config names are checked by the job."""
+    if cfg.data.mask:
+        raise ConfigError(
+            f"data.mask={cfg.data.mask} weights the latent model's loss (training.train_ldm); the autoencoder has none"
+        )
     if cfg.train.decoder_only and not cfg.model.init_from:
         raise ConfigError(
             "train.decoder_only=true needs model.init_from=VAE_DIR: it fine-tunes the decoder of a trained autoencoder"

@@ -115,7 +115,9 @@ def distill(cfg: DistillJobConfig, *, stop_after_steps: int | None = None) -> Pa
             x0 = normalize_latents(vae, sample_latents(moments, draws["latent_noise"])).to(device)  # (B, C, h, w)
             n, w = draws["n"], draws["w"] if lcm else torch.full_like(draws["w"], d.guidance)  # (B,) levels and guidance scales
             x_n = path.noised(x0, draws["eps"].to(device), n)
-            cond = conditioning(idx, torch.zeros(len(idx), dtype=torch.bool), device)
+            cond = conditioning(
+                idx, torch.zeros(len(idx), dtype=torch.bool), device, draws["caption_seed"]
+            )  # one of its captions
             uncond = conditioning(idx, torch.ones(len(idx), dtype=torch.bool), device)  # the empty caption
             embedded = guidance_embedding(w).to(device) if lcm else None  # (B, 256)
             with torch.no_grad(), accelerator.autocast(), training_attention(device):

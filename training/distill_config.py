@@ -83,6 +83,10 @@ class DistillJobConfig:
     eval: LdmEvalConfig = field(default_factory=lambda: LdmEvalConfig(steps=4))
 
     def __post_init__(self) -> None:
+        if self.data.mask:
+            raise ConfigError(
+                f"data.mask={self.data.mask} weights the latent model's loss (training.train_ldm), not distillation's"
+            )
         if self.data.buckets.enabled:
             raise ConfigError(
                 "data.buckets: distillation trains on square crops at data.resolution; set data.buckets.enabled=false"

@@ -16,6 +16,7 @@ from ldm.schedulers import SCHEDULERS
 from ldm.text import CLIP_TEXT_PRESETS
 from ldm.unet import UNET_PRESETS
 from training.config import ConfigError
+from training.data.captions import CaptionConfig
 from training.data.records import DataConfig
 from training.run.setup import RunConfig
 
@@ -144,6 +145,40 @@ class LdmEvalConfig:
     num_prompts: int = 100  # prompt adherence / FD-VGG at the end on this many training captions (0: skip)
     steps: int = 25
     guidance: float = 3.0
+    every: int = 0  # validation loss on data.eval_split every this many steps and at the end (0: off)
+    val_images: int = 64  # held-out images it scores (spread over the split)
+    keep_best: bool = False  # keep the weights of the lowest validation loss and export them to output_dir/best/
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.val_images < 1:
+            raise ConfigError(f"eval.every={self.every} must be >= 0 and eval.val_images={self.val_images} >= 1")
+        if self.keep_best and not self.every:
+            raise ConfigError(
+                "eval.keep_best=true needs eval.every > 0: the best weights are those of the lowest validation loss"
+            )
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """DreamBooth's prior preservation (training/stage2/prior.py)."""
+
+    class_data: str | None = None  # a folder of class images (None: no prior preservation)
+    class_prompt: str = ""  # every class image's caption, and what the base model draws missing ones from
+    num_class_images: int = 100  # the base model draws the missing ones into class_data
+    loss_weight: float = 1.0  # of the class images' mean loss
+    steps: int = 25  # the base model's sampling steps for a class image
+    guidance: float = 5.0  # and its guidance scale
+
+    def __post_init__(self) -> None:
+        if self.class_data is None:
+            return
+        if not self.class_prompt.strip():
+            raise ConfigError("prior.class_data needs prior.class_prompt (e.g. 'a photo of a dog'): the class images' caption")
+        if self.num_class_images < 1 or self.loss_weight <= 0 or self.steps < 1:
+            raise ConfigError(
+                f"prior.num_class_images={self.num_class_images} and prior.steps={self.steps} must be >= 1, "
+                f"prior.loss_weight={self.loss_weight} > 0"
+            )
 
 
 @dataclass(frozen=True)
@@ -151,6 +186,7 @@ class LdmJobConfig:
     output_dir: str = "runs/ldm"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
+    captions: CaptionConfig = field(default_factory=CaptionConfig)  # several per image, tag shuffling and dropout
     model: LdmModelConfig = field(default_factory=LdmModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -158,6 +194,7 @@ class LdmJobConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     eval: LdmEvalConfig = field(default_factory=LdmEvalConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)  # DreamBooth's prior preservation (class images)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -203,6 +240,12 @@ def validate(cfg: LdmJobConfig) -> None:
             f"train.text_lr={cfg.train.text_lr} would be ignored: no text encoder trains here (it trains with "
             "model.text_encoder=clip-scratch, or finetune.train_text_encoder=true with model.init_from)"
         )
+    if cfg.eval.every and not cfg.data.eval_split:
+        raise ConfigError(f"eval.every={cfg.eval.every} scores held-out images: set data.eval_split (the split that holds them)")
+    if cfg.prior.class_data and not m.init_from:
+        raise ConfigError("prior.class_data preserves a trained model's class while it fine-tunes: it needs model.init_from")
+    if cfg.prior.class_data and cfg.data.buckets.enabled:
+        raise ConfigError("prior.class_data: class images are square crops at data.resolution; set data.buckets.enabled=false")
     if cfg.train.ema.kind == "posthoc" and text_encoder_trains(cfg):
         raise ConfigError(
             "train.ema.kind=posthoc tracks the U-Net's weights, and this run trains its text encoder too (clip-scratch or "

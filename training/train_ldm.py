@@ -8,8 +8,10 @@ on the same ``output_dir`` resumes exactly. At the end: ``output_dir/pipeline/``
 layout; the U-Net is the EMA one) and ``output_dir/metrics.json``.
 
 The schema is ``training/ldm_config.py``; models ``training/stage2/models.py``; the cache
-``training/stage2/cache.py``; the loss ``ldm/objective.py``; captions ``training/stage2/conditioning.py``;
-LoRA ``training/stage2/finetune.py``; sample grids ``training/stage2/samples.py``.
+``training/stage2/cache.py``; each micro-batch ``training/stage2/batches.py``; the loss ``ldm/objective.py``;
+captions ``training/stage2/conditioning.py``; LoRA ``training/stage2/finetune.py``; sample grids
+``training/stage2/samples.py``; the validation loss ``training/stage2/validation.py``; DreamBooth's class images
+``training/stage2/prior.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from autoencoder import normalize_latents, sample_latents
 from ldm.pipeline import check_pipeline_folder
 from ldm.text import uses_attention_mask
 from runtime import training_attention
@@ -29,16 +30,19 @@ from runtime.errors import one_line_errors
 from training import run
 from training.config import parse_cli
 from training.data.buckets import bucket_sizes, refuse_narrow_buckets, report_buckets
+from training.data.masks import check_masks
 from training.data.records import load_records
 from training.data.sampler import BatchStream
-from training.ldm_config import LdmJobConfig
+from training.ldm_config import LdmJobConfig, text_encoder_trains
 from training.stage2.autoencoder_check import check_autoencoder_fit
 from training.stage2.cache import open_latent_cache
 from training.stage2.conditioning import Conditioning
 from training.stage2.export import export_run
 from training.stage2.models import Models, check_compatible, check_objective, load_models, prepare_to_train, training_objective
-from training.stage2.randomness import step_randomness
+from training.stage2.batches import NoisyBatches
+from training.stage2.prior import open_prior
 from training.stage2.samples import ema_weights, pipeline_of, sample_shapes, save_samples
+from training.stage2.validation import Validation, check_split
 
 
 class UNetAndTextEncoder(torch.nn.Module):
@@ -69,6 +73,8 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
 
     # 1. Data and models, checked against each other before anything expensive.
     records = load_records(cfg.data.path, cfg.data, captions=True)
+    check_masks(records, cfg.data.mask)  # data.mask: a mask for every image, before any work
+    check_split(cfg)  # eval.every needs the held-out split
     models = load_models(cfg)
     check_objective(cfg, models)  # a fine-tune keeps its folder's objective and shift
     vae, tokenizer, text_encoder, unet = models.vae.to(device), models.tokenizer, models.text_encoder, models.unet
@@ -82,24 +88,27 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
 
     # 2. The latent cache (encoded once, every process its share) and the stream of batches over it.
     cache = open_latent_cache(cfg, models, records, sizes, accelerator)
-    conditioning = Conditioning(cache, tokenizer, text_encoder, models.text_trains, uses_attention_mask(text_encoder))
+    conditioning = Conditioning(
+        cache, tokenizer, text_encoder, models.text_trains, uses_attention_mask(text_encoder), cfg.captions
+    )
     stream = cache.batch_stream(train_cfg.batch_size, cfg.seed, rank, world, cfg.data.random_flip, bucket_set=sizes)
 
     # 3. Optimiser, LR schedule, EMA; resume.
     unet_params, optimizer, lr_sched, horizon = _optimisation(unet, trained_text_encoder, train_cfg)
     model, optimizer = accelerator.prepare(UNetAndTextEncoder(unet, trained_text_encoder), optimizer)
     ema = run.checkpoint_schedule_and_ema(accelerator, lr_sched, unet_params, train_cfg, out, trained_names(unet))
+    named = _trained_by_name(unet, trained_text_encoder)  # eval.every: the validation loss, eval.keep_best its best weights
+    validation = Validation(cfg, vae, objective, device, out, named) if is_main and cfg.eval.every else None
+    prior = open_prior(cfg, models, accelerator, objective, levels) if cfg.prior.class_data else None  # base model's
     layout = {**stream.layout, "grad_accum_steps": train_cfg.grad_accum_steps}
     state = run.resume_or_start(accelerator, out, cfg, layout, {"step": 0, "micro_batches": 0})
     step, micro = state["step"], state["micro_batches"]
     log = run.RunLog(accelerator, out, "train_ldm", cfg, step)
-    parameters = {
-        "unet_parameters": sum(p.numel() for p in unet.parameters()),
-        "trained_parameters": sum(p.numel() for p in unet_params),
-    }
-    run.write_start(log, step, accelerator, train_cfg, threads, **_data_figures(cache, stream), **parameters)
+    run.write_start(log, step, accelerator, train_cfg, threads, **_data_figures(cache, stream, unet, unet_params))
     _say_what_the_data_is(log, step, cfg, cache, stream, autoencoder_fit)
-    batches = iter(stream.sampler(micro))
+    batches = NoisyBatches(cache, stream, conditioning, objective, vae, cfg, levels, device, cfg.seed).start(micro)
+    if prior is not None:  # prior.class_data: as many class images after the instance images of every micro-batch
+        prior.batches.start(micro)
     budget = run.StepBudget(train_cfg, horizon, state, accelerator, optimizer, lr_sched)  # train.max_minutes
 
     bar = tqdm(total=budget.max_steps, initial=step, desc="latent diffusion", disable=not is_main, dynamic_ncols=True)
@@ -110,22 +119,15 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
         # 4. One optimizer step = grad_accum_steps micro-batches.
         step_loss = 0.0
         for _ in range(train_cfg.grad_accum_steps):
-            picks = next(batches)
-            idx, flip = torch.tensor([i for i, _ in picks]), torch.tensor([f for _, f in picks])
-            moments = cache.posteriors(idx, flip)  # (B, 2C, h, w): h, w of the batch's bucket
-            latent_shape = (moments.shape[1] // 2, *moments.shape[2:])  # (C, h, w)
-            draws = step_randomness(cfg.seed, micro, stream.global_batch, latent_shape, rank, world, levels)
+            # the cached rows, a fresh latent from each posterior, the noise and level, captions, masks (batches.py)
+            batch = batches.next(micro, rank, world)
+            batch = prior.joined(batch, micro, rank, world) if prior is not None else batch
             micro += 1
-            # x_0: a fresh draw from each posterior, normalised to unit variance by the autoencoder's scaling/shift factor
-            x0 = normalize_latents(vae, sample_latents(moments, draws["latent_noise"])).to(device)
-            level = draws[objective.draw].to(device)  # DDPM: the timestep t; flow: sigma, at timestep 1000 sigma
-            t = objective.timestep(level)
-            x_t, target = objective.noisy_input_and_target(x0, draws["eps"].to(device), level, draws["offset"])
-            cond = conditioning(idx, draws["drop"] < cfg.objective.caption_dropout, device)  # dropped captions become ""
             with accelerator.accumulate(model), accelerator.autocast():
                 with training_attention(device):
-                    pred = model(x_t, t, **cond)
-                loss = objective.per_sample_loss(pred, target, level).mean()
+                    pred = model(batch.x_t, batch.t, **batch.cond)
+                per_sample = objective.per_sample_loss(pred, batch.target, batch.level, batch.mask)  # data.mask's weights
+                loss = prior.loss(per_sample) if prior is not None else per_sample.mean()
                 run.backward_and_step(accelerator, model, optimizer, loss, train_cfg.max_grad_norm)
             step_loss += loss.detach().item()
         window.add(step_loss, train_cfg.grad_accum_steps)
@@ -144,6 +146,9 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
                 pipe = pipeline_of(vae, text_encoder, tokenizer, unet, models.noise_scheduler)
                 grid = save_samples(pipe, cfg.sample, out / "samples" / f"step-{step:08d}.png", sample_shapes(stream.sizes))
             log.images("samples", grid, step)
+        if validation is not None and run.due(step, cfg.eval.every, budget.max_steps):
+            with ema_weights(ema, unet_params), run.evaluation_weights(optimizer), accelerator.autocast():
+                validation.score(step, log, unet, tokenizer, text_encoder)  # and keeps these weights if the best
         if run.due(step, train_cfg.checkpoint_every, budget.max_steps):
             run.save_checkpoint(
                 accelerator, out, step, {"micro_batches": micro, **layout, **budget.state()}, train_cfg.keep_checkpoints
@@ -155,10 +160,20 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     # 6. Export: the pipeline (EMA weights, DPM++ on the training schedule); for LoRA also the
     #    adapters alone in diffusers' format, and the pipeline with them fused.
     seconds = time.perf_counter() - started
-    run.finish(
-        accelerator, stop, log, ema, unet_params, lambda: export_run(cfg, models, out, step, len(cache), seconds), optimizer
-    )
+    export = lambda: _export(cfg, models, out, step, len(cache), seconds, validation and validation.best)  # noqa: E731
+    run.finish(accelerator, stop, log, ema, unet_params, export, optimizer)
     return out / "pipeline"
+
+
+def _export(cfg: LdmJobConfig, models: Models, out: Path, step: int, images: int, seconds: float, best) -> None:
+    """The run's exports: ``pipeline/`` (and ``lora/``) of the last weights; with eval.keep_best, ``best/`` beside it,
+    of the weights of the lowest validation loss."""
+    best = best if best is not None and best.record is not None else None
+    extra = {"best": best.record} if best is not None else None
+    export_run(cfg, models, out, step, images, seconds, extra=extra)
+    if best is not None:
+        best.load()
+        export_run(cfg, models, out / "best", best.record["step"], images, seconds, out / "log.jsonl", extra)
 
 
 def _bucket_sizes(cfg: LdmJobConfig, models: Models, accelerator) -> list | None:
@@ -171,9 +186,15 @@ def _bucket_sizes(cfg: LdmJobConfig, models: Models, accelerator) -> list | None
     return sizes
 
 
-def _data_figures(cache, stream: BatchStream) -> dict:
-    """What the start record says of the data."""
-    return {"cached_images": len(cache), "upscaled_images": cache.upscaled, "with_replacement": stream.with_replacement}
+def _data_figures(cache, stream: BatchStream, unet, unet_params: list) -> dict:
+    """What the start record says of the data and the model."""
+    return {
+        "cached_images": len(cache),
+        "upscaled_images": cache.upscaled,
+        "with_replacement": stream.with_replacement,
+        "unet_parameters": sum(p.numel() for p in unet.parameters()),
+        "trained_parameters": sum(p.numel() for p in unet_params),
+    }
 
 
 def _say_what_the_data_is(
@@ -190,6 +211,10 @@ def _say_what_the_data_is(
         report_buckets(log, step, stream.bucket_set, [held.get(size, 0) for size in stream.bucket_set], stream.global_batch)
     elif stream.with_replacement:
         print(f"{len(cache)} images, fewer than one global batch of {stream.global_batch}: sampling with replacement")
+    if cfg.captions.per_step and cfg.cache.text and not text_encoder_trains(cfg):
+        print(
+            "note: captions.shuffle_tags / captions.tag_dropout change a caption every step: its states are encoded each step, not cached"
+        )
     if cache.upscaled:
         target = "their bucket" if stream.bucket_set else f"data.resolution={cfg.data.resolution}"
         print(f"warning: {cache.upscaled} images are smaller than {target} and were upscaled")
@@ -198,6 +223,15 @@ def _say_what_the_data_is(
 def trained_names(unet) -> list[str]:
     """The names of the U-Net's trained parameters, in the order of ``_optimisation``'s list (post-hoc EMA snapshots)."""
     return [name for name, p in unet.named_parameters() if p.requires_grad]
+
+
+def _trained_by_name(unet, trained_text_encoder) -> dict:
+    """What eval.keep_best keeps: every trained parameter (all the U-Net's, or its LoRA adapters; a trained text
+    encoder's too), by name."""
+    named = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
+    if trained_text_encoder is not None:
+        named |= {f"text_encoder.{n}": p for n, p in trained_text_encoder.named_parameters() if p.requires_grad}
+    return named
 
 
 def _optimisation(unet, trained_text_encoder, train_cfg) -> tuple[list, torch.optim.Optimizer, Any, run.Horizon]:

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from runtime.images import open_image, to_rgb
+from training.data.masks import MaskSource, mask_tensor
 from training.data.buckets import Size, cover_and_crop
 from training.data.records import DataConfig, DataError, OnBadImage, describe
 from training.data.sampler import BatchStream
@@ -41,6 +42,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.on_bad_image = OnBadImage(cfg.on_bad_image)
         self.buckets = buckets or [(cfg.resolution, cfg.resolution)]
         self.bucket_of = bucket_of if buckets else None  # None: every image's bucket is the square
+        self.masks = MaskSource(cfg.mask) if cfg.mask else None  # data.mask: each image's loss mask too
 
     def __len__(self) -> int:
         return len(self.records)
@@ -49,7 +51,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         index, flip = key if isinstance(key, tuple) else (key, False)
         row = self.records[int(index)]
         try:
-            img = open_rgb(row["image"])
+            raw = open_image(row["image"])
+            raw.load()  # truncated files fail here, not later
+            img = to_rgb(raw)
         except Exception as err:  # noqa: BLE001 - any undecodable file is "bad data", never a crash
             if self.on_bad_image == OnBadImage.error:
                 raise DataError(
@@ -59,9 +63,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         h, w = self.buckets[0 if self.bucket_of is None else self.bucket_of[int(index)]]
         upscaled = img.height < h or img.width < w  # smaller than its bucket (or the square)
         x = to_tensor(cover_and_crop(img, (h, w))[0])  # (3, h, w)
-        if flip:
-            x = x.flip(-1)
-        return {"pixel_values": x, "text": row["text"], "index": int(index), "upscaled": upscaled}
+        item = {"pixel_values": x.flip(-1) if flip else x, "text": row["text"], "index": int(index), "upscaled": upscaled}
+        if self.masks is not None:  # cropped and mirrored with its image: (1, h, w) in [0, 1]
+            mask = mask_tensor(cover_and_crop(self.masks.open(row["image"], raw), (h, w))[0])
+            item["mask"] = mask.flip(-1) if flip else mask
+        return item
 
 
 def collate(items: list[dict]) -> dict:
@@ -71,13 +77,16 @@ def collate(items: list[dict]) -> dict:
         pixels = torch.stack([it["pixel_values"] for it in good])
     else:
         pixels = torch.empty(0)
-    return {
+    batch = {
         "pixel_values": pixels,  # (B', 3, R, R), B' <= B after skipping bad files
         "text": [it["text"] for it in good],
         "index": [it["index"] for it in good],
         "bad_files": bad,
         "upscaled": sum(it["upscaled"] for it in good),  # images smaller than the resolution
     }
+    if good and "mask" in good[0]:
+        batch["mask"] = torch.stack([it["mask"] for it in good])  # (B', 1, R, R) data.mask's weights
+    return batch
 
 
 def train_loader(records: datasets.Dataset, cfg: DataConfig, stream: BatchStream, start: int = 0) -> torch.utils.data.DataLoader:

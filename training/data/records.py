@@ -25,6 +25,7 @@ from training.config import ConfigError
 from training.data import formats
 from training.data.buckets import BucketConfig
 
+LIST_FEATURES = (datasets.List, datasets.Sequence, datasets.LargeList)  # a caption column of several captions per image
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -46,6 +47,9 @@ class DataConfig:
     on_bad_image: OnBadImage = OnBadImage.skip
     num_workers: int = 0
     buckets: BucketConfig = field(default_factory=BucketConfig)  # aspect-ratio buckets instead of square crops
+    # masked loss (the latent model): "alpha" (each image's alpha channel; none: all counts) or a folder of mask images
+    # named like the images (same stem, any image format; white counts, black does not, grey in between)
+    mask: str | None = None
 
     def __post_init__(self) -> None:
         if self.resolution < 1:
@@ -83,7 +87,8 @@ def load_records(path: str | Path, cfg: DataConfig, split: str | None = None, ca
     """A ``datasets.Dataset`` with columns ``image`` (path or encoded bytes) and ``text``.
 
     Captions come from ``data.caption`` (one for all), else metadata.jsonl's caption column, a
-    saved dataset's caption column, or a ``.txt`` file beside each image (same stem).
+    saved dataset's caption column, or a ``.txt`` file beside each image (same stem). Several captions of one image
+    (a list, or a ``.txt`` file's lines) are its variants, one a line of ``text`` (``training/data/captions.py``).
     ``captions=True`` (text-to-image training): an image without a caption is an error."""
     split = split or cfg.split
     root = Path(path)
@@ -111,6 +116,7 @@ def load_records(path: str | Path, cfg: DataConfig, split: str | None = None, ca
         raise DataError(f"dataset '{root}' (split '{split}') holds no images")
     if cfg.caption is not None:
         return ds.remove_columns("text").add_column("text", [cfg.caption] * len(ds))
+    ds = _variants_as_lines(ds)
     texts = ds.select_columns(["text"])  # read 1,024 rows at a time: the whole column as one list grows with the dataset
     nones, missing = 0, []  # None: no caption column (parquet, WebDataset), or a sample without one
     for start in range(0, len(ds), 1024):
@@ -131,6 +137,24 @@ def load_records(path: str | Path, cfg: DataConfig, split: str | None = None, ca
     if not captions and nones:  # an autoencoder needs no caption
         ds = ds.remove_columns("text").add_column("text", ["" if t is None else t for t in ds["text"]])
     return ds
+
+
+def _variants_as_lines(ds: datasets.Dataset) -> datasets.Dataset:
+    """A list column of captions (several per image: a saved dataset's or parquet's) as one text per image, the
+    variants one a line (``training.data.captions``)."""
+    feature = ds.features["text"]
+    if not isinstance(feature, LIST_FEATURES):
+        return ds
+    return ds.map(
+        lambda row: {"text": _joined(row["text"])}, features=datasets.Features({**ds.features, "text": datasets.Value("string")})
+    )
+
+
+def _joined(captions: Any) -> str | None:
+    """A caption, or a list of captions one a line (a newline inside one becomes a space)."""
+    if isinstance(captions, (list, tuple)):
+        return "\n".join(" ".join(str(c).split("\n")) for c in captions if c is not None and str(c).strip())
+    return None if captions is None else str(captions)
 
 
 def _data_files(path: str | Path, split: str) -> tuple[str, list[Path]] | None:
@@ -161,7 +185,7 @@ def _load_saved(root: Path, cfg: DataConfig, split: str, captions: bool = False)
         caption = "_caption"
     else:
         ds, caption = ds.select_columns([cfg.image_column, cfg.caption_column]), cfg.caption_column
-        if ds.features[caption] != datasets.Value("string"):
+        if ds.features[caption] != datasets.Value("string") and not isinstance(ds.features[caption], LIST_FEATURES):
             ds = ds.cast_column(caption, datasets.Value("string"))
     # renamed, not copied: a saved dataset stays memory-mapped
     return ds.rename_columns({old: new for old, new in ((cfg.image_column, "image"), (caption, "text")) if old != new})
@@ -215,7 +239,7 @@ def _scan_imagefolder(folder: Path, cfg: DataConfig, is_root: bool = False) -> d
                         f"keys: {', '.join(k for k in row if k != 'file_name')}"
                     )
                 paths.append(str(file))
-                texts.append(str(row[cfg.caption_column]))
+                texts.append(_joined(row[cfg.caption_column]) or "")  # a list: several captions, one a line
     return datasets.Dataset.from_dict({"image": paths, "text": texts})
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from autoencoder.perceptual import LPIPS
+from training.data.captions import first_caption
 from training.data.loader import eval_loader, spread_indices
 from training.data.records import DataConfig, load_records
 from training.eval.frechet import frechet_distance, vgg_features
@@ -67,7 +68,7 @@ def evaluate_pipeline(
     for batch in eval_loader(records, cfg, 256):
         if batch["index"]:
             real.append(batch["pixel_values"])
-            captions += batch["text"]
+            captions += [first_caption(text) for text in batch["text"]]  # an image's first caption, where it has several
     real = torch.cat(real)  # (N, 3, R, R) in [-1, 1]
     n = min(num_prompts, len(real) // 2)
     if n < 2 or len(real) < candidates:

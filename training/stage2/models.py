@@ -68,7 +68,7 @@ def load_models(cfg: LdmJobConfig) -> Models:
             str(vae_dir),
             None if text_trains else str(root / "text_encoder"),
             str(root),
-            cfg.cache.text and not text_trains,
+            caches_text(cfg, text_trains),
         )
     vae = load_autoencoder(m.vae).eval().requires_grad_(False)
     tokenizer, text_encoder, encoder_dir = load_text_encoder(m.text_encoder, m.clip_preset)
@@ -89,8 +89,14 @@ def load_models(cfg: LdmJobConfig) -> Models:
         m.vae,
         encoder_dir,
         None,
-        cfg.cache.text and not text_trains,
+        caches_text(cfg, text_trains),
     )
+
+
+def caches_text(cfg: LdmJobConfig, text_trains: bool) -> bool:
+    """Whether the caption states go into the latent cache: cache.text, for a frozen encoder, and captions whose text is
+    one of their variants (shuffled or dropped tags change it every step: those are encoded each step)."""
+    return cfg.cache.text and not text_trains and not cfg.captions.per_step
 
 
 def check_objective(cfg: LdmJobConfig, models: Models) -> None:

@@ -20,7 +20,8 @@ def step_randomness(
     and sliced like the data ([rank::world]): a sample gets the same noise whatever the number of
     processes, and a resumed run the same as an uninterrupted one. ``extra``: name -> ``draw(n, generator)``,
     a job's own draws (a flow objective's noise levels, a distillation's grid steps and guidance scales), made
-    last and in order, so the draws before them are what they always were."""
+    after the common ones and in order, so the draws before them are what they always were; then each sample's
+    caption seed (``training/data/captions.py``)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * micro_batch + 1)
     draws = {
         "latent_noise": torch.randn(global_batch, *latent_shape, generator=g),  # posterior sample
@@ -31,4 +32,6 @@ def step_randomness(
     }
     for name, draw in (extra or {}).items():
         draws[name] = draw(global_batch, g)
+    draws["caption_seed"] = torch.randint(0, 2**62, (global_batch,), generator=g)  # each sample's caption draw (last:
+    # the draws above are what they were before captions were drawn)
     return {k: v[rank::world] for k, v in draws.items()}

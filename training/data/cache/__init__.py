@@ -16,7 +16,9 @@ The processes of a run encode the shards between them (shard k by rank k mod wor
 shards' bytes do not depend on how many there were.
 
 L is the dataset's longest caption in tokens (CLIP: always 77, its states at padding positions
-condition the U-Net as in Stable Diffusion); ``cache.text=false`` stores no caption states.
+condition the U-Net as in Stable Diffusion); ``cache.text=false`` stores no caption states. Where an image
+has several captions (``training/data/captions.py``) the states hold every one: text_states (n, V, L, D) and
+text_mask (n, V, L), V the most captions one image has, and a step draws among an image's own.
 
 ``<key>`` hashes the autoencoder weights, the resolution and transforms, the dataset (files and
 captions) and the text encoder weights: change any of them and a new cache is built; an

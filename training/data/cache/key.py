@@ -13,6 +13,7 @@ import torch
 
 from runtime.files import file_digest
 from training.data.buckets import Size, size_name
+from training.data.masks import mask_digest
 from training.data.records import DataConfig
 
 CACHE_VERSION = 3  # 2: caption states in bf16, masks in int8; 3: square crops are the one-bucket layout
@@ -61,6 +62,7 @@ def cache_key(
         "dataset": dataset_digest(records),
         "images": len(records),
         "text_encoder": text_digest,  # None: caption states are not cached (the encoder trains, or cache.text=false)
+        **({"mask": mask_digest(records, data.mask)} if data.mask else {}),  # data.mask (no key before masks existed)
     }
 
 

@@ -11,6 +11,7 @@ import datasets
 import torch
 
 from training.data.buckets import Size, parse_size, size_name
+from training.data.masks import loss_weights
 from training.data.sampler import BatchStream
 from training.data.cache.shards import BucketRows, ShardRows, index_rows, tensor_files
 
@@ -45,6 +46,8 @@ class LatentCache:
     upscaled: int = 0  # images smaller than the resolution (upscaled to it)
     sizes: list[Size] = field(default_factory=list)  # (height, width) in pixels of each bucket that holds images (square: one)
     bucket_of: torch.Tensor | None = None  # (N,) each row's bucket, an index into ``sizes``
+    masks: BucketRows | None = None  # (N, 1, h, w) uint8 data.mask's loss weights in 255ths (None: no mask)
+    masks_flipped: BucketRows | None = None  # the same for the mirrored image
 
     def __len__(self) -> int:
         return len(self.moments)
@@ -65,6 +68,16 @@ class LatentCache:
         if self.moments_flipped is not None:
             moments = torch.where(flip[:, None, None, None], self.moments_flipped[idx], moments)
         return moments
+
+    def loss_masks(self, idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor | None:
+        """(B, 1, h, w) in [0, 1]: data.mask's weights of rows ``idx`` on the latent grid, mirrored where ``flip``;
+        None without masks (every element weighs 1)."""
+        if self.masks is None:
+            return None
+        masks = self.masks[idx]
+        if self.masks_flipped is not None:
+            masks = torch.where(flip[:, None, None, None], self.masks_flipped[idx], masks)
+        return loss_weights(masks)
 
 
 def load_latent_cache(folder: str | Path, records: datasets.Dataset) -> LatentCache:
@@ -99,4 +112,6 @@ def load_latent_cache(folder: str | Path, records: datasets.Dataset) -> LatentCa
         upscaled,
         sizes,
         bucket_of,
+        rows.get("mask"),
+        rows.get("mask_flipped"),
     )

@@ -17,9 +17,11 @@ from tqdm.auto import tqdm
 from autoencoder.latents import encode_moments
 from ldm.text import encode_text, tokenize
 from training.data.buckets import Size, assign_buckets, size_name
+from training.data.captions import caption_variants
 from training.data.cache.key import TEXT_DTYPE, key_name
 from training.data.cache.verify import damaged_shards, shard_path, shard_rows
 from training.data.loader import eval_loader
+from training.data.masks import latent_mask
 from training.data.records import DataConfig
 
 
@@ -66,13 +68,7 @@ def build_latent_cache(
     if rank == 0:
         (folder / "key.json").write_text(json.dumps(key, indent=2, sort_keys=True))
     wait()
-    text_length = None
-    if text is not None:  # one padded length for every shard: the longest caption's (CLIP: always 77)
-        tokenizer, encoder = text
-        text_length = max(  # the captions tokenised 1,024 at a time: every caption's tokens at once grow with the dataset
-            tokenize(tokenizer, encoder, [*chunk["text"], ""])["input_ids"].shape[1]
-            for chunk in records.select_columns(["text"]).iter(batch_size=1024)
-        )
+    text_shape = _caption_shape(text, records) if text is not None else None
 
     n_shards = (len(records) + shard_size - 1) // shard_size
     rows = lambda k: range(k * shard_size, min((k + 1) * shard_size, len(records)))  # noqa: E731  (shard k's dataset rows)
@@ -87,7 +83,7 @@ def build_latent_cache(
         dynamic_ncols=True,
     )
     for k in todo:
-        _encode_shard(folder, k, rows(k), vae, records, data, text, text_length, batch_size, bar, buckets)
+        _encode_shard(folder, k, rows(k), vae, records, data, text, text_shape, batch_size, bar, buckets)
     bar.close()
     wait()
     if rank == 0:
@@ -104,7 +100,8 @@ def build_latent_cache(
         summary = {
             "images": len(records),
             "shards": n_shards,
-            "text_length": text_length,
+            "text_length": text_shape and text_shape[0],
+            "caption_variants": text_shape and text_shape[1],
             "upscaled": upscaled,
             "shard_rows": rows_per_shard,
             "shard_bytes": [shard_path(folder, k).stat().st_size for k in range(n_shards)],
@@ -125,7 +122,7 @@ def _encode_shard(
     records,
     data: DataConfig,
     text,
-    text_length,
+    text_shape,
     batch_size: int,
     bar,
     buckets: list[Size] | None = None,
@@ -155,11 +152,13 @@ def _encode_shard(
             rows_of = {"moments": encode_moments(vae, x).float(), "index": torch.tensor([group[i] for i in batch["index"]])}
             if data.random_flip:
                 rows_of["moments_flipped"] = encode_moments(vae, x.flip(-1)).float()  # (b, 2C, h, w)
+            if "mask" in batch:  # data.mask: the loss weights on the latent grid (b, 1, h, w) uint8, mirrored too
+                latent_size = rows_of["moments"].shape[-2:]
+                rows_of["mask"] = latent_mask(batch["mask"], latent_size)
+                if data.random_flip:
+                    rows_of["mask_flipped"] = latent_mask(batch["mask"].flip(-1), latent_size)
             if text is not None:
-                tokenizer, encoder = text
-                emb = encode_text(tokenizer, encoder, batch["text"], pad_to=text_length)
-                rows_of["text_states"] = emb.states.to(TEXT_DTYPE)
-                rows_of["text_mask"] = (emb.mask if emb.mask is not None else torch.ones(emb.states.shape[:2])).to(torch.int8)
+                rows_of["text_states"], rows_of["text_mask"] = _caption_states(text, batch["text"], *text_shape)
             columns.append(rows_of)
         shard |= {name + suffix: rows for name, rows in columns.filled().items()}
     tmp = folder / f".shard-{k:05d}.tmp"
@@ -167,6 +166,33 @@ def _encode_shard(
         shard = {"index": torch.zeros(0, dtype=torch.int64)}
     save_file(shard, str(tmp), metadata={"upscaled": str(upscaled)})
     os.replace(tmp, shard_path(folder, k))
+
+
+def _caption_shape(text: tuple[Any, Any], records: datasets.Dataset) -> tuple[int, int]:
+    """(L, V): one padded length for every shard, the longest caption's in tokens (CLIP: always 77), and the most
+    captions one image has (``training.data.captions``); tokenised 1,024 images at a time: every caption's tokens at
+    once grow with the dataset."""
+    tokenizer, encoder = text
+    length, most = 0, 1
+    for chunk in records.select_columns(["text"]).iter(batch_size=1024):
+        per_image = [caption_variants(t) for t in chunk["text"]]
+        most = max(most, *map(len, per_image))
+        length = max(length, tokenize(tokenizer, encoder, [*(v for vs in per_image for v in vs), ""])["input_ids"].shape[1])
+    return length, most
+
+
+def _caption_states(text: tuple[Any, Any], texts: list[str], length: int, most: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen encoder's states (b, L, D) bf16 and mask (b, L) int8 of each image's caption; where an image of the
+    dataset has several, (b, V, L, D) and (b, V, L), an image's variants first and the empty caption after them
+    (never drawn: :func:`training.data.captions.variant_index` draws among an image's own)."""
+    tokenizer, encoder = text
+    flat = [v for t in texts for vs in [caption_variants(t)] for v in vs + [""] * (most - len(vs))]
+    emb = encode_text(tokenizer, encoder, flat, pad_to=length)
+    states = emb.states.to(TEXT_DTYPE)
+    mask = (emb.mask if emb.mask is not None else torch.ones(emb.states.shape[:2])).to(torch.int8)
+    if most == 1:
+        return states, mask
+    return states.reshape(len(texts), most, *states.shape[1:]), mask.reshape(len(texts), most, -1)
 
 
 class _Columns:
