@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from runtime.errors import InputError
 
+SD_SCALING_FACTOR = 0.18215  # what AUTOMATIC1111 and ComfyUI assume of an SD 1.x file's autoencoder
 UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
                "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
@@ -107,6 +108,10 @@ def _config(folder: Path, part: str) -> dict:
     return json.loads((folder / part / "config.json").read_text())
 
 
+def _config_file(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def check_convertible(folder: str | Path) -> None:
     """One line naming why ``folder`` cannot be a Stable Diffusion single file, before any weight is read."""
     folder = Path(folder)
@@ -126,6 +131,19 @@ def check_convertible(folder: str | Path) -> None:
         raise SingleFileError(
             f"'{folder}''s text encoder is OpenCLIP's (SD 2.x), which single files keep in OpenCLIP's own layout; "
             "only SD 1.x-layout folders are written (load the folder itself, or use diffusers' conversion script)"
+        )
+    scheduler = _config_file(folder / "scheduler" / "scheduler_config.json")
+    if scheduler.get("use_flow_sigmas") or "FlowMatch" in scheduler.get("_class_name", ""):
+        raise SingleFileError(
+            f"'{folder}' is a flow-matching model: the tools that load SD single files sample it as DDPM; "
+            "load the folder itself (diffusers layout)"
+        )
+    vae = _config(folder, "vae")
+    if vae.get("scaling_factor", SD_SCALING_FACTOR) != SD_SCALING_FACTOR or vae.get("shift_factor") not in (None, 0, 0.0):
+        raise SingleFileError(
+            f"'{folder}''s autoencoder has scaling_factor={vae.get('scaling_factor')} and shift_factor={vae.get('shift_factor')}; "
+            f"a single file carries no such setting and the tools that load it assume SD's {SD_SCALING_FACTOR}: "
+            "load the folder itself (diffusers layout)"
         )
     unet = _config(folder, "unet")
     extra = [k for k in ("addition_embed_type", "class_embed_type") if unet.get(k)]

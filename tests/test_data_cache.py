@@ -159,7 +159,7 @@ def test_the_cache_key_changes_with_the_bucket_set_and_the_square_is_the_one_buc
                                    cache_key("vae", data, records, None, [(32, 32), (24, 40)]))}  # fmt: skip
     assert len(keys) == 3
     assert square == cache_key("vae", data, records, None, [(32, 32)])  # square crops are the one-bucket set
-    assert square == {"version": 3, "vae": "vae", "resolution": 32, "buckets": ["32x32"], "images": 54 - 6, "text_encoder": None,
+    assert square == {"version": 4, "vae": "vae", "resolution": 32, "buckets": ["32x32"], "images": 54 - 6, "text_encoder": None,
                       "transforms": {"resize": "cover the bucket (Lanczos down, bicubic up)", "crop": "center", "random_flip": False},
                       "dataset": dataset_digest(records)}  # fmt: skip  (pinned: a change of it re-encodes every user's cache)
 

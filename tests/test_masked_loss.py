@@ -109,3 +109,19 @@ def test_a_missing_mask_or_a_mask_where_it_is_ignored_is_one_line(masked_data, t
     assert not (tmp_path / "x" / "latent-cache").exists()
     with pytest.raises(ConfigError, match="weights the latent model's loss"):
         load_config(AutoencoderJobConfig, TINY_AE_CONFIG, ["data.mask=alpha"])
+
+
+def test_masks_found_by_name_refuse_two_images_of_one_name_and_name_an_unreadable_mask(tmp_path):
+    from training.data.masks import MaskSource, check_masks
+
+    images, masks = _half_masked(2)
+    data = tmp_path / "data"
+    for sub in ("cats", "dogs"):  # cats/00.png and dogs/00.png: one mask 00.png would serve both
+        write_imagefolder(data / sub, {"00.png": images["00.png"]})
+    write_imagefolder(tmp_path / "masks", {"00.png": masks["00.png"]})
+    records = load_records(data, DataConfig())
+    with pytest.raises(ValueError, match="share the name 00: data.mask finds masks by name"):
+        check_masks(records, str(tmp_path / "masks"))
+    (tmp_path / "masks" / "00.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"cannot read mask '.*00\.png'"):
+        MaskSource(str(tmp_path / "masks")).open(str(data / "cats" / "00.png"), images["00.png"])

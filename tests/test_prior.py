@@ -90,3 +90,61 @@ def test_bad_prior_settings_are_one_line(overrides, message, base_and_instances,
     base, data = base_and_instances
     with pytest.raises(ConfigError, match=message):
         prior_cfg(base, data, tmp_path / "x", tmp_path / "classes", *overrides)
+
+
+class _Pipe:
+    """Stands in for the base pipeline: each image a flat colour from its generator's seed."""
+
+    def __init__(self):
+        self.unet, self.text_encoder, self.drawn = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), 0
+
+    def __call__(self, prompts, generator, **kwargs):
+        from types import SimpleNamespace
+
+        self.drawn += len(generator)
+        return SimpleNamespace(images=[Image.new("RGB", (32, 32), (g.initial_seed() % 251, 0, 0)) for g in generator])
+
+
+class _Accelerator:
+    """Rank ``rank`` of ``world`` processes, as threads meeting at a barrier."""
+
+    def __init__(self, rank=0, world=1, barrier=None):
+        import threading
+
+        self.process_index, self.num_processes, self.is_main_process = rank, world, rank == 0
+        self.barrier = barrier or threading.Barrier(1)
+
+    def wait_for_everyone(self):
+        self.barrier.wait()
+
+
+def test_missing_class_images_take_free_names_never_a_users_file_and_processes_share_them(base_and_instances, tmp_path):
+    """4 wanted, the folder holds a user's a.png and class-00001.png: two are drawn, as class-00000.png and
+    class-00002.png (seeds PRIOR_SEED + 0 and + 2), the user's files untouched; two processes drawing their shares make
+    the same files. A metadata.jsonl there (which would hide the drawn images) is one line."""
+    import threading
+
+    from training.stage2.prior import make_class_images
+
+    base, data = base_and_instances
+    made = {}
+    for world in (1, 2):
+        folder = tmp_path / f"world-{world}"
+        folder.mkdir()
+        Image.new("RGB", (32, 32), (0, 0, 255)).save(folder / "a.png")
+        Image.new("RGB", (32, 32), (0, 255, 0)).save(folder / "class-00001.png")
+        cfg = prior_cfg(base, data, tmp_path / "x", folder)
+        barrier, pipes = threading.Barrier(world, timeout=30), [_Pipe() for _ in range(world)]
+        ranks = [threading.Thread(target=make_class_images, args=(cfg, pipes[r], _Accelerator(r, world, barrier))) for r in range(world)]
+        for thread in ranks:
+            thread.start()
+        for thread in ranks:
+            thread.join()
+        made[world] = {p.name: np.asarray(Image.open(p)).tolist() for p in sorted(folder.iterdir())}
+        assert [pipe.drawn for pipe in pipes] == [2 // world] * world  # each process its share
+    assert sorted(made[1]) == ["a.png", "class-00000.png", "class-00001.png", "class-00002.png"]
+    assert made[1]["class-00001.png"][0][0] == [0, 255, 0] and made[1]["class-00002.png"][0][0] == [(PRIOR_SEED + 2) % 251, 0, 0]
+    assert made[1] == made[2]
+    (tmp_path / "world-1" / "metadata.jsonl").write_text("")
+    with pytest.raises(ValueError, match="holds a metadata.jsonl"):
+        make_class_images(prior_cfg(base, data, tmp_path / "x", tmp_path / "world-1"), _Pipe(), _Accelerator())

@@ -26,6 +26,7 @@ def sd_folder(tmp_path_factory):
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=parts["text_encoder"].config.hidden_size,
         attention_head_dim=8, norm_num_groups=8,
     )  # fmt: skip
+    parts["vae"].register_to_config(scaling_factor=0.18215, shift_factor=None)  # SD's, which the tools assume
     folder = tmp_path_factory.mktemp("sd") / "sd"
     StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
     return folder
@@ -76,11 +77,26 @@ def test_from_single_file_offline_makes_the_folders_image_and_fp16_halves_the_fi
     assert (tmp_path / "half.safetensors").stat().st_size < 0.6 * out.stat().st_size
 
 
-def test_a_folder_the_layout_cannot_hold_is_one_line(tmp_path, capsys):
-    tiny_pipeline("minilm").save_pretrained(tmp_path / "ours")  # MiniLM: not a CLIP text encoder
-    capsys.readouterr()  # the loading bars of the line above
+@pytest.mark.parametrize("change,message", [
+    ("minilm", "holds a CLIP text encoder (SD 1.x)"),
+    ("scaling", "scaling_factor=0.5 and shift_factor=None"),
+    ("flow", "is a flow-matching model"),
+])  # fmt: skip
+def test_a_folder_the_layout_cannot_hold_is_one_line(change, message, sd_folder, tmp_path, capsys):
+    import json
+    import shutil
+
+    folder = tmp_path / "folder"
+    if change == "minilm":
+        tiny_pipeline("minilm").save_pretrained(folder)  # this project's own models: not a CLIP text encoder
+    else:
+        shutil.copytree(sd_folder, folder)
+        part, key, value = ("vae/config.json", "scaling_factor", 0.5) if change == "scaling" else ("scheduler/scheduler_config.json", "use_flow_sigmas", True)
+        config = json.loads((folder / part).read_text())
+        (folder / part).write_text(json.dumps({**config, key: value}))
+    capsys.readouterr()  # the loading bars of the lines above
     with pytest.raises(SystemExit) as stop:
-        export_main(["single-file", "--model", str(tmp_path / "ours"), "--out", str(tmp_path / "x.safetensors")])
+        export_main(["single-file", "--model", str(folder), "--out", str(tmp_path / "x.safetensors")])
     err = capsys.readouterr().err.strip()
-    assert stop.value.code == 1 and err.startswith("error: ") and "\n" not in err and "CLIP text encoder" in err
+    assert stop.value.code == 1 and err.startswith("error: ") and "\n" not in err and message in err, err
     assert not (tmp_path / "x.safetensors").exists()

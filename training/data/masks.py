@@ -37,7 +37,11 @@ class MaskSource:
             folder = Path(mask)
             if not folder.is_dir():
                 raise DataError(f"data.mask='{mask}' is neither 'alpha' nor a folder of mask images")
-            self.files = {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+            self.files: dict[str, Path] = {}
+            for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+                if path.stem in self.files:  # by stem, so two masks of one name would be a guess
+                    raise DataError(f"data.mask='{mask}' holds two masks named {path.stem} ({self.files[path.stem]}, {path})")
+                self.files[path.stem] = path
 
     def file_of(self, image: Any) -> Path:
         """The mask image of ``image`` (a path), by its stem; missing is an error naming both."""
@@ -56,18 +60,30 @@ class MaskSource:
                 raw = raw.convert("RGBA")
             has_alpha = raw.mode in ("RGBA", "LA", "PA")
             return ImageOps.exif_transpose(raw.convert("RGBA").getchannel("A") if has_alpha else Image.new("L", raw.size, 255))
-        mask = ImageOps.exif_transpose(Image.open(self.file_of(image)).convert("L"))
+        path = self.file_of(image)
+        try:
+            with Image.open(path) as opened:
+                mask = ImageOps.exif_transpose(opened.convert("L"))
+        except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+            raise DataError(f"cannot read mask '{path}' of image '{image}': {err}") from None
         size = ImageOps.exif_transpose(raw).size
         return mask if mask.size == size else mask.resize(size, Image.Resampling.BILINEAR)
 
 
 def check_masks(records: datasets.Dataset, mask: str | None) -> None:
-    """Before any work: a mask folder holds a mask for every image (the first missing one is named)."""
+    """Before any work: a mask folder holds a mask for every image (the first missing one is named), and no two images
+    share a name (masks are found by it)."""
     if mask is None or mask == ALPHA:
         return
-    source = MaskSource(mask)
+    source, seen = MaskSource(mask), {}
     for row in records.select_columns(["image"]):
-        source.file_of(row["image"])
+        path = source.file_of(row["image"])
+        image = row["image"].get("path") if isinstance(row["image"], dict) else row["image"]
+        if path in seen:
+            raise DataError(
+                f"images '{seen[path]}' and '{image}' share the name {path.stem}: data.mask finds masks by name; rename one"
+            )
+        seen[path] = image
 
 
 def mask_tensor(mask: Image.Image) -> torch.Tensor:

@@ -48,4 +48,6 @@ class NoisyBatches:
         # each sample one of its image's captions, its tags shuffled / dropped (captions.*); dropped captions become ""
         dropped = draws["drop"] < self.cfg.objective.caption_dropout
         cond = self.conditioning(idx, dropped, self.device, draws["caption_seed"])
-        return MicroBatch(x_t, self.objective.timestep(level), cond, target, level, self.cache.loss_masks(idx, flip))
+        mask = self.cache.loss_masks(idx, flip)  # data.mask's weights (B, 1, h, w), or None
+        mask = mask.to(self.device) if mask is not None else None
+        return MicroBatch(x_t, self.objective.timestep(level), cond, target, level, mask)

@@ -19,41 +19,54 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training.data.records import IMAGE_EXTENSIONS, load_records
+from training.data.records import IMAGE_EXTENSIONS, DataError, load_records
 from training.stage2.batches import MicroBatch, NoisyBatches
 
 PRIOR_SEED = 104_729  # the class stream's and class draws' offset from the run's seed
 
 
-def class_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
+def class_image_count(cfg) -> int:
+    """The images prior.class_data holds now, counted as its records are read (0: no folder, or no image yet)."""
+    folder = Path(cfg.prior.class_data)
+    if (folder / "metadata.jsonl").is_file():
+        raise DataError(
+            f"prior.class_data='{folder}' holds a metadata.jsonl: class images are all captioned prior.class_prompt, "
+            "and the drawn ones would not be in it; remove it"
+        )
+    if not folder.is_dir() or not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.rglob("*")):
+        return 0
+    return len(class_records(cfg)[0])
 
 
 @torch.no_grad()
 def make_class_images(cfg, pipe, accelerator) -> None:
-    """The missing class images, drawn by the base pipeline on the main process (the others wait), each written under a
-    temporary name and renamed: an interrupted run keeps the finished ones."""
+    """The missing class images, drawn by the base pipeline, each process its share (every image has its own seed, so
+    the images do not depend on how many there are), each written under a temporary name and renamed: an interrupted
+    run keeps the finished ones. A name already there (a user's own file) is skipped, never overwritten."""
     prior, folder = cfg.prior, Path(cfg.prior.class_data)
-    if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-        have = len(class_files(folder))
-        missing = list(range(have, prior.num_class_images))
-        if missing:
-            print(f"prior preservation: drawing {len(missing)} class images of '{prior.class_prompt}' into {folder}")
-        modes = (pipe.unet.training, pipe.text_encoder.training)
-        pipe.unet.eval(), pipe.text_encoder.eval()  # as the base model generates
-        for start in range(0, len(missing), 8):
-            part = missing[start : start + 8]
-            generators = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + PRIOR_SEED + i) for i in part]
-            images = pipe(
-                [prior.class_prompt] * len(part), num_inference_steps=prior.steps, guidance_scale=prior.guidance,
-                height=cfg.data.resolution, width=cfg.data.resolution, generator=generators,
-            ).images  # fmt: skip
-            for i, image in zip(part, images):
-                tmp = folder / f".class-{i:05d}.png.tmp"
-                image.save(tmp, format="PNG")
-                os.replace(tmp, folder / f"class-{i:05d}.png")
-        pipe.unet.train(modes[0]), pipe.text_encoder.train(modes[1])
+    missing, free, i = prior.num_class_images - class_image_count(cfg), [], 0
+    while len(free) < missing:  # the first free names: class-00000.png, ...
+        free += [i] if not (folder / f"class-{i:05d}.png").exists() else []
+        i += 1
+    mine = free[accelerator.process_index :: accelerator.num_processes]
+    accelerator.wait_for_everyone()  # every process has counted before any writes
+    if missing > 0 and accelerator.is_main_process:
+        print(f"prior preservation: drawing {missing} class images of '{prior.class_prompt}' into {folder}")
+    folder.mkdir(parents=True, exist_ok=True)
+    modes = (pipe.unet.training, pipe.text_encoder.training)
+    pipe.unet.eval(), pipe.text_encoder.eval()  # as the base model generates
+    for start in range(0, len(mine), 8):
+        part = mine[start : start + 8]
+        generators = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + PRIOR_SEED + i) for i in part]
+        images = pipe(
+            [prior.class_prompt] * len(part), num_inference_steps=prior.steps, guidance_scale=prior.guidance,
+            height=cfg.data.resolution, width=cfg.data.resolution, generator=generators,
+        ).images  # fmt: skip
+        for i, image in zip(part, images):
+            tmp = folder / f".class-{i:05d}.png.tmp"
+            image.save(tmp, format="PNG")
+            os.replace(tmp, folder / f"class-{i:05d}.png")
+    pipe.unet.train(modes[0]), pipe.text_encoder.train(modes[1])
     accelerator.wait_for_everyone()
 
 

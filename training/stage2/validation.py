@@ -38,7 +38,7 @@ class ValidationLoss:
 
     @torch.no_grad()
     def __init__(self, cfg, vae, objective, device) -> None:
-        data = replace(cfg.data, random_flip=False)
+        data = replace(cfg.data, random_flip=False, mask=None)  # the held-out images need no loss mask
         records = load_records(cfg.data.path, data, split=cfg.data.eval_split, captions=True)
         records = records.select(spread_indices(len(records), min(len(records), cfg.eval.val_images)))
         moments, self.captions = [], []
@@ -121,8 +121,8 @@ class BestWeights:
 
     def offer(self, step: int, val_loss: float) -> bool:
         """Keep the weights now if ``val_loss`` is the lowest yet (ties keep the earlier); whether they were kept."""
-        if self.record is not None and val_loss >= self.record["val_loss"]:
-            return False
+        if self.record is not None and val_loss >= self.record["val_loss"] and step != self.record["step"]:
+            return False  # (the step it was kept at, scored again after a resume, is kept again: the log marks it)
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / ".weights.safetensors.tmp"
         save_file({name: p.detach().float().cpu().contiguous() for name, p in self.named.items()}, str(tmp))

@@ -16,7 +16,8 @@ from training.data.buckets import Size, size_name
 from training.data.masks import mask_digest
 from training.data.records import DataConfig
 
-CACHE_VERSION = 3  # 2: caption states in bf16, masks in int8; 3: square crops are the one-bucket layout
+CACHE_VERSION = 4  # 2: caption states in bf16, masks in int8; 3: square crops are the one-bucket layout;
+# 4: an image's caption lines are its variants (states (n, V, L, D) where one has several), data.mask's masks
 TEXT_DTYPE = torch.bfloat16
 
 
