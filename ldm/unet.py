@@ -45,6 +45,15 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
         layers_per_block=1,
         attention_head_dim=8,
     ),
+    # "coarse-attn" with cross-attention at 8x8 too (one ResNet and transformer per block): whether the caption reaching
+    # the finest level is what draws the one-image captions ("sun", "rocket"; issue 26, RESULTS.md "U-Net shape, 8x8")
+    "all-attn": dict(
+        block_out_channels=(64, 128, 256),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        attention_head_dim=8,
+    ),
 }
 
 
