@@ -12,6 +12,7 @@ latent pixel's area, and cached as uint8 beside the moments (``mask@HxW``): the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -37,11 +38,7 @@ class MaskSource:
             folder = Path(mask)
             if not folder.is_dir():
                 raise DataError(f"data.mask='{mask}' is neither 'alpha' nor a folder of mask images")
-            self.files: dict[str, Path] = {}
-            for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
-                if path.stem in self.files:  # by stem, so two masks of one name would be a guess
-                    raise DataError(f"data.mask='{mask}' holds two masks named {path.stem} ({self.files[path.stem]}, {path})")
-                self.files[path.stem] = path
+            self.files = _mask_files(str(folder.resolve()), folder.stat().st_mtime_ns)
 
     def file_of(self, image: Any) -> Path:
         """The mask image of ``image`` (a path), by its stem; missing is an error naming both."""
@@ -68,6 +65,19 @@ class MaskSource:
             raise DataError(f"cannot read mask '{path}' of image '{image}': {err}") from None
         size = ImageOps.exif_transpose(raw).size
         return mask if mask.size == size else mask.resize(size, Image.Resampling.BILINEAR)
+
+
+@functools.lru_cache(maxsize=8)
+def _mask_files(folder: str, mtime_ns: int) -> dict[str, Path]:
+    """{stem: mask file} of a mask folder, subfolders too, listed once per process (the cache encodes each shard and
+    bucket through a loader of its own, and each would list a folder of 100,000 masks again); ``mtime_ns`` keys it
+    to the folder's state."""
+    files: dict[str, Path] = {}
+    for path in sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+        if path.stem in files:  # by stem, so two masks of one name would be a guess
+            raise DataError(f"data.mask='{folder}' holds two masks named {path.stem} ({files[path.stem]}, {path})")
+        files[path.stem] = path
+    return files
 
 
 def check_masks(records: datasets.Dataset, mask: str | None) -> None:

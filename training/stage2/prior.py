@@ -19,8 +19,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ldm.schedulers import folder_scheduler
+from ldm.text import uses_attention_mask
 from training.data.records import IMAGE_EXTENSIONS, DataError, load_records
 from training.stage2.batches import MicroBatch, NoisyBatches
+from training.stage2.cache import open_latent_cache
+from training.stage2.conditioning import Conditioning
+from training.stage2.samples import pipeline_of
 
 PRIOR_SEED = 104_729  # the class stream's and class draws' offset from the run's seed
 
@@ -80,12 +85,6 @@ def class_records(cfg):
 def open_prior(cfg, models, accelerator, objective, levels: dict | None) -> PriorPreservation:
     """Before the first step, on the base model: the class images (drawn where missing), their latent cache (in the
     ``class/`` folder of the run's cache folder) and their stream of micro-batches."""
-    from ldm.schedulers import folder_scheduler
-    from training.stage2.cache import open_latent_cache
-    from training.stage2.conditioning import Conditioning
-    from training.stage2.samples import pipeline_of
-    from ldm.text import uses_attention_mask
-
     base = pipeline_of(
         models.vae, models.text_encoder, models.tokenizer, models.unet, folder_scheduler(models.noise_scheduler.config)
     )
