@@ -4,7 +4,7 @@
 the diffusion math does not import the pipeline machinery.
 """
 
-_LAZY = {"LatentDiffusionPipeline": "ldm.pipeline"}
+_LAZY = {"LatentDiffusionPipeline": "ldm.pipeline", "LatentDiffusionXLPipeline": "ldm.sdxl"}
 
 
 def __getattr__(name: str):
@@ -15,4 +15,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'ldm' has no attribute '{name}'")
 
 
-__all__ = ["LatentDiffusionPipeline"]
+__all__ = ["LatentDiffusionPipeline", "LatentDiffusionXLPipeline"]

@@ -9,6 +9,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from runtime import bf16_narrow_refusal
 from runtime.errors import InputError
 from runtime.images import to_rgb
 
@@ -55,3 +56,32 @@ def image_tensor(image: ImageInput, num_prompts: int) -> torch.Tensor:
     if image.min() < -1e-3 or image.max() > 1 + 1e-3:
         raise InputError(f"image: expected values in [0, 1], got [{image.min():.3g}, {image.max():.3g}]")
     return image * 2.0 - 1.0  # (B, 3, H, W) in [-1, 1], the autoencoder's range
+
+
+def check_inputs(pipe, prompts, steps, height, width, per_prompt, output_type, strength, generator, batch) -> None:
+    """A pipeline call's inputs, each refused in one line naming it and what would be valid, before any work."""
+    if not prompts:
+        raise InputError("prompt: the list of prompts is empty")
+    if not all(isinstance(p, str) for p in prompts):
+        raise InputError("prompt: expected a string or a list of strings")
+    if not isinstance(steps, int) or steps < 1:
+        raise InputError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+    if per_prompt < 1:
+        raise InputError(f"num_images_per_prompt must be >= 1, got {per_prompt}")
+    f = pipe.downsampling
+    for name, size in (("height", height), ("width", width)):
+        if size % f != 0 or size <= 0:
+            raise InputError(
+                f"{name}={size} is not divisible by {f} (autoencoder x{pipe.vae_scale_factor} times U-Net "
+                f"x{f // pipe.vae_scale_factor}); nearest valid: {max(f, round(size / f) * f)}"
+            )
+    if pipe.unet.dtype == torch.bfloat16 and pipe._execution_device.type == "cpu":
+        refusal = bf16_narrow_refusal([(height, width)], f, "the U-Net", ", or fp32 (dtype='fp32', --dtype fp32)")
+        if refusal:
+            raise InputError(refusal)
+    if not 0.0 < strength <= 1.0:
+        raise InputError(f"strength must be in (0, 1], got {strength}")
+    if output_type not in OUTPUT_TYPES:
+        raise InputError(f"output_type '{output_type}' is not one of {', '.join(OUTPUT_TYPES)}")
+    if isinstance(generator, list) and len(generator) != batch:
+        raise InputError(f"generator: {len(generator)} generators for {batch} images; give one or one per image")

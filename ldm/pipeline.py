@@ -25,14 +25,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import runtime
 from autoencoder.latents import denormalize_latents, downsampling_factor, encode_latents
-from runtime import bf16_narrow_refusal
 from runtime.errors import InputError
 from runtime.files import atomic_dir
 
 from .consistency import guidance_condition
 from .folders import check_pipeline_folder, resolve_dtype
 from .guidance import classifier_free_guidance
-from .inputs import OUTPUT_TYPES, ImageInput, image_tensor, negative_prompts
+from .inputs import ImageInput, check_inputs, image_tensor, negative_prompts
 from .schedulers import make_scheduler, set_sampling_timesteps, step_kwargs
 from .text import encode_text, uses_attention_mask
 from .unet import unet_downsampling
@@ -83,7 +82,11 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         if not Path(path).is_dir():  # a hub id: fetch it first, so the check below sees the files
             fetch = ("cache_dir", "revision", "token", "variant", "use_safetensors", "local_files_only")
             path = cls.download(str(path), **{k: kwargs[k] for k in fetch if k in kwargs})
-        check_pipeline_folder(path)
+        index = check_pipeline_folder(path)
+        if cls is LatentDiffusionPipeline and "text_encoder_2" in index:  # a Stable Diffusion XL folder: its sibling
+            from .sdxl import LatentDiffusionXLPipeline
+
+            return LatentDiffusionXLPipeline.from_pretrained(path, dtype, device, compile, **kwargs)
         pipe = super().from_pretrained(path, **kwargs)
         return pipe.prepare_for_inference(device=device, dtype=dtype, compile=compile)
 
@@ -114,7 +117,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         if channels_last is None:  # measured: bf16 on a CPU runs ~10% faster in the default layout
             channels_last = device.type == "cuda" or dtype == torch.float32
         vae_dtype = torch.float32 if dtype == torch.float16 else dtype
-        for module, module_dtype in ((self.text_encoder, dtype), (self.unet, dtype), (self.vae, vae_dtype)):
+        for module, module_dtype in [*((m, dtype) for m in self.text_encoders), (self.unet, dtype), (self.vae, vae_dtype)]:
             torch.nn.Module.to(module, device=device, dtype=module_dtype)  # not ModelMixin.to: it warns on casts
             module.eval().requires_grad_(False)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -130,6 +133,10 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         """Sample with another algorithm (ddpm, ddim, dpm++, euler, euler-a, heun, unipc) on the
         model's own noise schedule."""
         self.scheduler = make_scheduler(name, self.scheduler.config)
+
+    @property
+    def text_encoders(self) -> list:
+        return [self.text_encoder]
 
     @property
     def default_resolution(self) -> int:
@@ -177,23 +184,18 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
             height, width = image.shape[-2:]
         height, width = height or self.default_resolution, width or self.default_resolution
         batch = len(prompts) * num_images_per_prompt
-        self._check_inputs(
-            prompts, num_inference_steps, height, width, num_images_per_prompt, output_type, strength, generator, batch
+        check_inputs(
+            self, prompts, num_inference_steps, height, width, num_images_per_prompt, output_type, strength, generator, batch
         )
         device = self._execution_device
         timestep_cond = guidance_condition(self.unet, guidance_scale, batch, device)  # a few-step student's: no CFG pass
         do_cfg = guidance_scale > 1.0 and timestep_cond is None
 
-        # 1. Encode the prompts (and, for guidance, the negative/empty prompts in the same batch);
-        #    a LoRA scale applies to text-encoder adapters too, as in Stable Diffusion.
-        #    (both helpers leave an encoder without adapters, and a scale of None, alone)
-        lora_scale = (cross_attention_kwargs or {}).get("scale")
-        scale_lora_layers(self.text_encoder, lora_scale if lora_scale is not None else 1.0)
-        text = encode_text(self.tokenizer, self.text_encoder, negatives + prompts if do_cfg else prompts)
-        unscale_lora_layers(self.text_encoder, lora_scale)
-        states = text.states.to(self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
-        mask = text.mask.repeat_interleave(num_images_per_prompt, dim=0) if text.mask is not None else None
-        # rows: [negative x (B*n), prompt x (B*n)] with guidance, [prompt x (B*n)] without
+        # 1. Encode the prompts (and, for guidance, the negative/empty prompts in the same batch): the U-Net's
+        #    text keyword arguments, rows [negative x (B*n), prompt x (B*n)] with guidance, [prompt x (B*n)] without
+        cond = self._condition(
+            prompts, negatives, negative_prompt is None, do_cfg, num_images_per_prompt, cross_attention_kwargs, (height, width)
+        )
 
         # 2. Timesteps; img2img skips the first (1 - strength) of them.
         set_sampling_timesteps(self.scheduler, num_inference_steps, device)
@@ -226,8 +228,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
                 pred = self.unet(
                     model_input.to(self.unet.dtype),
                     t,
-                    encoder_hidden_states=states,
-                    encoder_attention_mask=mask,
+                    **cond,
                     timestep_cond=timestep_cond,
                     cross_attention_kwargs=cross_attention_kwargs,
                     return_dict=False,
@@ -249,6 +250,18 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
 
     # ---- the steps' helpers ------------------------------------------------------------------
 
+    def _condition(self, prompts, negatives, unset_negatives, do_cfg, per_prompt, cross_attention_kwargs, size) -> dict:
+        """The U-Net's text keyword arguments (``encoder_hidden_states`` (rows, L, D), ``encoder_attention_mask``); a LoRA
+        scale applies to text-encoder adapters too, as in Stable Diffusion (both helpers leave an encoder without adapters,
+        and a scale of None, alone)."""
+        lora_scale = (cross_attention_kwargs or {}).get("scale")
+        scale_lora_layers(self.text_encoder, lora_scale if lora_scale is not None else 1.0)
+        text = encode_text(self.tokenizer, self.text_encoder, negatives + prompts if do_cfg else prompts)
+        unscale_lora_layers(self.text_encoder, lora_scale)
+        states = text.states.to(self.unet.dtype).repeat_interleave(per_prompt, dim=0)
+        mask = text.mask.repeat_interleave(per_prompt, dim=0) if text.mask is not None else None
+        return {"encoder_hidden_states": states, "encoder_attention_mask": mask}
+
     def _noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if hasattr(self.scheduler, "add_noise"):
             return self.scheduler.add_noise(x0, noise, t)
@@ -259,33 +272,6 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         image = image.to(self._execution_device, self.vae.dtype)
         z = encode_latents(self.vae, image)  # (1 or B, C, h, w), float32
         return z.repeat_interleave(batch // z.shape[0], dim=0)
-
-    def _check_inputs(self, prompts, steps, height, width, per_prompt, output_type, strength, generator, batch) -> None:
-        if not prompts:
-            raise InputError("prompt: the list of prompts is empty")
-        if not all(isinstance(p, str) for p in prompts):
-            raise InputError("prompt: expected a string or a list of strings")
-        if not isinstance(steps, int) or steps < 1:
-            raise InputError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
-        if per_prompt < 1:
-            raise InputError(f"num_images_per_prompt must be >= 1, got {per_prompt}")
-        f = self.downsampling
-        for name, size in (("height", height), ("width", width)):
-            if size % f != 0 or size <= 0:
-                raise InputError(
-                    f"{name}={size} is not divisible by {f} (autoencoder x{self.vae_scale_factor} times U-Net "
-                    f"x{f // self.vae_scale_factor}); nearest valid: {max(f, round(size / f) * f)}"
-                )
-        if self.unet.dtype == torch.bfloat16 and self._execution_device.type == "cpu":
-            refusal = bf16_narrow_refusal([(height, width)], f, "the U-Net", ", or fp32 (dtype='fp32', --dtype fp32)")
-            if refusal:
-                raise InputError(refusal)
-        if not 0.0 < strength <= 1.0:
-            raise InputError(f"strength must be in (0, 1], got {strength}")
-        if output_type not in OUTPUT_TYPES:
-            raise InputError(f"output_type '{output_type}' is not one of {', '.join(OUTPUT_TYPES)}")
-        if isinstance(generator, list) and len(generator) != batch:
-            raise InputError(f"generator: {len(generator)} generators for {batch} images; give one or one per image")
 
 
 def total_downsampling(vae: AutoencoderKL, unet: UNet2DConditionModel) -> int:

@@ -24,12 +24,15 @@ import torch
 from transformers import (
     AutoModel,
     AutoTokenizer,
+    BatchEncoding,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from runtime.errors import InputError
 
@@ -48,6 +51,7 @@ CLIP_TEXT_PRESETS: dict[str, dict] = {
 class TextEmbedding:
     states: torch.Tensor  # (B, L, D) the encoder's last hidden states
     mask: torch.Tensor | None  # (B, L) 1 = token, 0 = padding; None: the U-Net attends to everything
+    pooled: torch.Tensor | None = None  # (B, P) Stable Diffusion XL's pooled embedding (its U-Net's text_embeds)
 
 
 def uses_attention_mask(text_encoder: PreTrainedModel) -> bool:
@@ -88,7 +92,58 @@ def encode_text(
     if uses_attention_mask(text_encoder):
         states = text_encoder(ids, attention_mask=mask)[0]
         return TextEmbedding(states, mask)
-    return TextEmbedding(text_encoder(ids)[0], None)
+    out = text_encoder(ids)
+    return TextEmbedding(out[0], None, out.pooler_output if getattr(text_encoder, "returns_pooled", False) else None)
+
+
+class XLTokenizers:
+    """Stable Diffusion XL's two CLIP tokenizers as one: token ids (B, 2, L), each row padded to L (77) as SDXL pads
+    (its second tokenizer pads with its own token)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, tokenizer_2: PreTrainedTokenizerBase) -> None:
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.model_max_length = tokenizer.model_max_length
+
+    def __call__(self, prompts: list[str], **_: object) -> BatchEncoding:
+        parts = [
+            t(prompts, padding="max_length", max_length=self.model_max_length, truncation=True, return_tensors="pt")
+            for t in (self.tokenizer, self.tokenizer_2)
+        ]
+        ids = torch.stack([p.input_ids for p in parts], dim=1)  # (B, 2, L)
+        return BatchEncoding({"input_ids": ids, "attention_mask": parts[0].attention_mask})
+
+
+class XLTextEncoders(torch.nn.Module):
+    """Stable Diffusion XL's two CLIP text encoders as one encoder of ids (B, 2, L): the penultimate layer's states of
+    both, concatenated (B, L, D1 + D2), and the second's projected pooled embedding (B, P), exactly as diffusers'
+    ``StableDiffusionXLPipeline.encode_prompt`` computes them. Trains (fully or with LoRA on both) like one encoder."""
+
+    returns_pooled = True  # encode_text / the training step read ``pooler_output`` too
+
+    def __init__(self, text_encoder: PreTrainedModel, text_encoder_2: PreTrainedModel) -> None:
+        super().__init__()
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+        one, two = text_encoder.config, text_encoder_2.config
+        self.config = PretrainedConfig(
+            use_attention_mask=False,  # CLIP: unmasked, as SDXL
+            hidden_size=one.hidden_size + two.hidden_size,
+            max_position_embeddings=min(one.max_position_embeddings, two.max_position_embeddings),
+            projection_dim=two.projection_dim,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_encoder.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_encoder.dtype
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> BaseModelOutputWithPooling:
+        first = self.text_encoder(input_ids[:, 0], output_hidden_states=True)
+        second = self.text_encoder_2(input_ids[:, 1], output_hidden_states=True)
+        states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)  # (B, L, D1 + D2)
+        return BaseModelOutputWithPooling(last_hidden_state=states, pooler_output=second[0])  # second[0]: text_embeds (B, P)
 
 
 def build_clip_text_encoder(preset: str) -> CLIPTextModel:

@@ -285,3 +285,40 @@ def error_line(err: str) -> str:
     assert "Traceback" not in err and lines and lines[-1].startswith("error: "), err[-3000:]
     assert [line for line in lines if "error:" in line] == lines[-1:], err[-3000:]
     return lines[-1]
+
+
+def tiny_sdxl_folder(out: Path, seed: int = 0, resolution: int = 32) -> Path:
+    """A Stable Diffusion XL folder of tiny random components, written by diffusers' own ``StableDiffusionXLPipeline``
+    (as diffusers' SDXL tests build theirs): two CLIP text encoders (the second with a projection, its tokenizer padding
+    with "!" as SDXL's does), a U-Net with SDXL's ``text_time`` added embedding, a tiny autoencoder, SDXL's Euler
+    scheduler."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from autoencoder import build_autoencoder, fit_latent_normalization, set_latent_normalization
+    from ldm.text import CLIP_VOCAB_SIZE, clip_tokenizer
+
+    torch.manual_seed(seed)
+    vae = build_autoencoder("tiny", resolution)  # f = 4
+    set_latent_normalization(vae, *fit_latent_normalization(vae, [torch.rand(8, 3, resolution, resolution) * 2 - 1]))
+    text = dict(vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=77, bos_token_id=CLIP_VOCAB_SIZE - 2, eos_token_id=CLIP_VOCAB_SIZE - 1,
+                hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3, projection_dim=16)  # fmt: skip
+    text_encoder = CLIPTextModel(CLIPTextConfig(pad_token_id=CLIP_VOCAB_SIZE - 1, **text))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(pad_token_id=0, **text))
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 4, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2), norm_num_groups=8,
+        cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 16,
+    )  # fmt: skip
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                                       timestep_spacing="leading")  # fmt: skip
+    tokenizer = clip_tokenizer()
+    tokenizer.save_pretrained(out / "_tokenizer")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(out / "_tokenizer", pad_token="!")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False)  # fmt: skip
+    pipe.save_pretrained(out / "sdxl", safe_serialization=True)
+    return out / "sdxl"

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.pipeline import check_pipeline_folder
+from ldm.sdxl import added_cond
 from ldm.text import uses_attention_mask
 from runtime import training_attention
 from runtime.errors import one_line_errors
@@ -54,10 +55,13 @@ class UNetAndTextEncoder(torch.nn.Module):
         super().__init__()
         self.unet, self.text_encoder = unet, text_encoder
 
-    def forward(self, x_t, t, states=None, mask=None, input_ids=None):
+    def forward(self, x_t, t, states=None, mask=None, input_ids=None, pooled=None, time_ids=None):
         if input_ids is not None:  # (B, L, D); masked only for bidirectional encoders (CLIP: as at generation)
-            states = self.text_encoder(input_ids, attention_mask=mask)[0] if mask is not None else self.text_encoder(input_ids)[0]
-        return self.unet(x_t, t, encoder_hidden_states=states, encoder_attention_mask=mask).sample
+            out = self.text_encoder(input_ids, attention_mask=mask) if mask is not None else self.text_encoder(input_ids)
+            states, pooled = out[0], out.pooler_output if getattr(self.text_encoder, "returns_pooled", False) else None
+        # Stable Diffusion XL: the pooled caption embedding (B, P) and each image's size and crop (B, 6) too
+        added = added_cond(pooled, time_ids) if time_ids is not None else None
+        return self.unet(x_t, t, encoder_hidden_states=states, encoder_attention_mask=mask, added_cond_kwargs=added).sample
 
 
 @run.guarded  # one run per output_dir; a signal before or after the steps stops at once

@@ -12,7 +12,7 @@ from PIL import Image
 
 from runtime.images import open_image, to_rgb
 from training.data.masks import MaskSource, mask_tensor
-from training.data.buckets import Size, cover_and_crop
+from training.data.buckets import Size, cover_and_crop, cover_size
 from training.data.records import DataConfig, DataError, OnBadImage, describe
 from training.data.sampler import BatchStream
 
@@ -62,8 +62,14 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             return {"bad": describe(row["image"])}
         h, w = self.buckets[0 if self.bucket_of is None else self.bucket_of[int(index)]]
         upscaled = img.height < h or img.width < w  # smaller than its bucket (or the square)
-        x = to_tensor(cover_and_crop(img, (h, w))[0])  # (3, h, w)
+        cropped, (top, left) = cover_and_crop(img, (h, w))
+        x = to_tensor(cropped)  # (3, h, w)
         item = {"pixel_values": x.flip(-1) if flip else x, "text": row["text"], "index": int(index), "upscaled": upscaled}
+        # Stable Diffusion XL's size and crop conditioning of this image and of its mirror (whose crop starts where this
+        # one's right edge is, counted from the resized image's right): original (h, w), crop (top, left), target (h, w)
+        mirrored_left = cover_size(img.width, img.height, (h, w))[0] - left - w
+        time_ids = [torch.tensor([img.height, img.width, top, at, h, w], dtype=torch.int32) for at in (left, mirrored_left)]
+        item["time_ids"], item["time_ids_flipped"] = time_ids[::-1] if flip else time_ids
         if self.masks is not None:  # cropped and mirrored with its image: (1, h, w) in [0, 1]
             mask = mask_tensor(cover_and_crop(self.masks.open(row["image"], raw), (h, w))[0])
             item["mask"] = mask.flip(-1) if flip else mask
@@ -84,6 +90,10 @@ def collate(items: list[dict]) -> dict:
         "bad_files": bad,
         "upscaled": sum(it["upscaled"] for it in good),  # images smaller than the resolution
     }
+    if good:  # (B', 6) Stable Diffusion XL's time ids of each image and of its mirror
+        batch["time_ids"], batch["time_ids_flipped"] = (
+            torch.stack([it[k] for it in good]) for k in ("time_ids", "time_ids_flipped")
+        )
     if good and "mask" in good[0]:
         batch["mask"] = torch.stack([it["mask"] for it in good])  # (B', 1, R, R) data.mask's weights
     return batch

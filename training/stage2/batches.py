@@ -48,6 +48,9 @@ class NoisyBatches:
         # each sample one of its image's captions, its tags shuffled / dropped (captions.*); dropped captions become ""
         dropped = draws["drop"] < self.cfg.objective.caption_dropout
         cond = self.conditioning(idx, dropped, self.device, draws["caption_seed"])
+        time_ids = self.cache.size_conditions(idx, flip)  # Stable Diffusion XL's size and crop conditioning (B, 6), or None
+        if time_ids is not None:
+            cond["time_ids"] = time_ids.to(self.device)
         mask = self.cache.loss_masks(idx, flip)  # data.mask's weights (B, 1, h, w), or None
         mask = mask.to(self.device) if mask is not None else None
         return MicroBatch(x_t, self.objective.timestep(level), cond, target, level, mask)

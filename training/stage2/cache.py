@@ -15,10 +15,12 @@ from training.stage2.models import Models
 def open_latent_cache(cfg: LdmJobConfig, models: Models, records, sizes: list[Size] | None, accelerator) -> LatentCache:
     """The cache of ``records`` under ``cache.dir`` (default ``output_dir/latent-cache``): reused when its key matches,
     else encoded (caption states too when ``models.cache_text``); with ``sizes``, each image at its bucket's shape."""
-    text_digest = folder_digest(models.text_encoder_dir) if models.cache_text else None
+    text_digest = "".join(folder_digest(d) for d in models.text_encoder_dirs) if models.cache_text else None
     key = cache_key(
         file_digest(Path(models.vae_dir) / "diffusion_pytorch_model.safetensors"), cfg.data, records, text_digest, sizes
     )
+    if models.xl:  # Stable Diffusion XL's size and crop conditioning of each image too
+        key["time_ids"] = True
     folder = build_latent_cache(
         Path(cfg.cache.dir or Path(cfg.output_dir) / "latent-cache"),
         key,
@@ -33,5 +35,6 @@ def open_latent_cache(cfg: LdmJobConfig, models: Models, records, sizes: list[Si
         world_size=accelerator.num_processes,
         wait=accelerator.wait_for_everyone,
         buckets=sizes,
+        time_ids=models.xl,
     )
     return load_latent_cache(folder, records)

@@ -31,6 +31,8 @@ class Conditioning:
             empty = encode_text(tokenizer, text_encoder, [""], pad_to=length)
             self.empty_states = empty.states.to(cache.text_states.dtype).float().cpu()  # (1, L, D)
             self.empty_mask = (empty.mask if masked else torch.ones(1, length)).long().cpu()  # (1, L)
+            if empty.pooled is not None:  # Stable Diffusion XL's pooled embedding (1, P)
+                self.empty_pooled = empty.pooled.to(cache.text_states.dtype).float().cpu()
 
     def __call__(self, idx: torch.Tensor, drop: torch.Tensor, device, seeds: torch.Tensor | None = None) -> dict:
         """UNetAndTextEncoder's text keyword arguments for the cached images ``idx`` (B,); ``drop`` (B,)
@@ -38,14 +40,20 @@ class Conditioning:
         seeds = seeds.tolist() if seeds is not None else [None] * len(idx)
         if self.cached:
             states, mask = self.cache.text_states[idx].float(), self.cache.text_mask[idx].long()  # (B, [V,] L, D), (B, [V,] L)
+            pooled = self.cache.text_pooled[idx].float() if self.cache.text_pooled is not None else None  # (B, [V,] P)
             if states.dim() == 4:  # several captions an image: each sample's drawn one
                 pick = torch.tensor(
                     [0 if s is None else variant_index(self.cache.captions[i], s) for i, s in zip(idx.tolist(), seeds)]
                 )
-                states, mask = states[torch.arange(len(idx)), pick], mask[torch.arange(len(idx)), pick]
+                rows = torch.arange(len(idx))
+                states, mask = states[rows, pick], mask[rows, pick]
+                pooled = pooled[rows, pick] if pooled is not None else None
             states = torch.where(drop[:, None, None], self.empty_states, states)  # (B, L, D)
             mask = torch.where(drop[:, None], self.empty_mask, mask)  # (B, L)
-            return {"states": states.to(device), "mask": mask.to(device) if self.masked else None}
+            cond = {"states": states.to(device), "mask": mask.to(device) if self.masked else None}
+            if pooled is not None:
+                cond["pooled"] = torch.where(drop[:, None], self.empty_pooled, pooled).to(device)  # (B, P)
+            return cond
         captions = ["" if d else self._caption(self.cache.captions[i], s) for i, d, s in zip(idx.tolist(), drop.tolist(), seeds)]
         if self.text_trains:
             tokens = tokenize(self.tokenizer, self.text_encoder, captions)
@@ -54,7 +62,8 @@ class Conditioning:
                 "mask": tokens["attention_mask"].to(device) if self.masked else None,
             }
         emb = encode_text(self.tokenizer, self.text_encoder, captions)  # frozen, no gradient: (B, L, D)
-        return {"states": emb.states.to(device), "mask": emb.mask.to(device) if self.masked else None}
+        cond = {"states": emb.states.to(device), "mask": emb.mask.to(device) if self.masked else None}
+        return cond | ({"pooled": emb.pooled.to(device)} if emb.pooled is not None else {})
 
     def _caption(self, text: str, seed: int | None) -> str:
         return first_caption(text) if seed is None else draw_caption(text, seed, self.captions)[1]

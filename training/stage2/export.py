@@ -38,8 +38,9 @@ def export_run(
     if trained_text_encoder is not None:
         check_finite(trained_text_encoder, "text encoder")
     if cfg.finetune.method == "lora":
-        export_lora(unet, trained_text_encoder, out / "lora")
-        export_lora_kohya(unet, trained_text_encoder, out / "lora", cfg.finetune.lora_alpha)  # for A1111 / ComfyUI / sd-scripts
+        export_lora(unet, trained_text_encoder, out / "lora", xl=models.xl)  # SDXL: each text encoder's under its prefix
+        if not models.xl:  # for A1111 / ComfyUI / sd-scripts; their SDXL files name the U-Net's original blocks: not written
+            export_lora_kohya(unet, trained_text_encoder, out / "lora", cfg.finetune.lora_alpha)
         pipe = fused_lora_pipeline(
             models.source, out / "lora", vae if cfg.model.replace_vae else None, models.noise_scheduler.config
         )

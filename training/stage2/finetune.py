@@ -12,6 +12,8 @@ from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from ldm.pipeline import LatentDiffusionPipeline
+from ldm.sdxl import LatentDiffusionXLPipeline
+from ldm.text import XLTextEncoders
 from ldm.schedulers import folder_scheduler
 from training.ldm_config import FinetuneConfig
 
@@ -27,7 +29,15 @@ def add_lora(unet, text_encoder, ft: FinetuneConfig, text_trains: bool) -> None:
     unet.add_adapter(adapters(ft.lora_target_modules))
     if text_trains:
         text_encoder.requires_grad_(False)
-        add_text_lora(text_encoder, adapters(ft.text_lora_target_modules))
+        for encoder in text_encoders(text_encoder):  # Stable Diffusion XL's two: adapters on each
+            add_text_lora(encoder, adapters(ft.text_lora_target_modules))
+
+
+def text_encoders(text_encoder) -> list:
+    """The transformers models of a run's text encoder: it, or Stable Diffusion XL's two."""
+    if isinstance(text_encoder, XLTextEncoders):
+        return [text_encoder.text_encoder, text_encoder.text_encoder_2]
+    return [text_encoder]
 
 
 def add_text_lora(text_encoder, config: LoraConfig) -> None:
@@ -40,7 +50,7 @@ def add_text_lora(text_encoder, config: LoraConfig) -> None:
     text_encoder.peft_config = {"default": config}
 
 
-def export_lora(unet, text_encoder, folder: Path, convert: bool = True) -> Path:
+def export_lora(unet, text_encoder, folder: Path, convert: bool = True, xl: bool = False) -> Path:
     """``folder/pytorch_lora_weights.safetensors`` in the format diffusers' ``load_lora_weights`` reads: with
     ``convert``, the U-Net's keys renamed as diffusers' DreamBooth-LoRA script saves them (``lora.down`` / ``lora.up``,
     for adapters on the attention projections); without, peft's own names (``lora_A`` / ``lora_B``), as diffusers'
@@ -48,6 +58,8 @@ def export_lora(unet, text_encoder, folder: Path, convert: bool = True) -> Path:
     that mixes both namings loses the renamed ones on loading."""
     unet_layers = get_peft_model_state_dict(unet)
     unet_layers = convert_state_dict_to_diffusers(unet_layers) if convert else unet_layers
+    if xl:  # Stable Diffusion XL: two text encoders
+        return _export_xl_lora(unet, unet_layers, text_encoder, folder)
     text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder)) if text_encoder is not None else None
     LatentDiffusionPipeline.save_lora_weights(
         folder,
@@ -58,6 +70,27 @@ def export_lora(unet, text_encoder, folder: Path, convert: bool = True) -> Path:
         # a scale of 1, and a run with lora_alpha 4 at rank 8 came back at twice its trained strength
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
         text_encoder_lora_adapter_metadata=text_encoder.peft_config["default"].to_dict() if text_encoder is not None else None,
+    )
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def _export_xl_lora(unet, unet_layers: dict, encoders: XLTextEncoders | None, folder: Path) -> Path:
+    """A Stable Diffusion XL LoRA file: the U-Net's adapters and, when they train, each text encoder's under its own
+    prefix (``text_encoder.``, ``text_encoder_2.``), what ``StableDiffusionXLPipeline.load_lora_weights`` reads."""
+    text = {"text_encoder": None, "text_encoder_2": None}
+    metadata = {}
+    if encoders is not None:
+        for name, encoder in zip(text, text_encoders(encoders), strict=True):
+            text[name] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
+            metadata[f"{name}_lora_adapter_metadata"] = encoder.peft_config["default"].to_dict()
+    LatentDiffusionXLPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=unet_layers,
+        text_encoder_lora_layers=text["text_encoder"],
+        text_encoder_2_lora_layers=text["text_encoder_2"],
+        safe_serialization=True,
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        **metadata,
     )
     return folder / "pytorch_lora_weights.safetensors"
 

@@ -3,11 +3,13 @@ component of a pipeline folder to fine-tune; and the checks that they fit togeth
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from diffusers import DDPMScheduler, UNet2DConditionModel
+import transformers
 from transformers import AutoModel, AutoTokenizer
 
 from autoencoder import downsampling_factor, load_autoencoder
@@ -15,7 +17,8 @@ from ldm.diffusion import training_scheduler, training_scheduler_of
 from ldm.flow import flow_scheduler, sample_sigmas
 from ldm.objective import DenoisingObjective, FlowObjective
 from ldm.schedulers import flow_shift, is_flow
-from ldm.text import load_text_encoder
+from ldm.sdxl import check_xl_unet, is_xl_unet
+from ldm.text import XLTextEncoders, XLTokenizers, load_text_encoder
 from ldm.pipeline import total_downsampling
 from ldm.unet import build_unet
 from training.config import ConfigError
@@ -37,6 +40,16 @@ class Models:
     cache_text: bool = (
         False  # the frozen text encoder's caption states go into the latent cache (cache.text, and it does not train)
     )
+    text_encoder_2_dir: str | None = None  # Stable Diffusion XL's second encoder, what the text cache is keyed on too
+
+    @property
+    def text_encoder_dirs(self) -> list[str]:
+        return [d for d in (self.text_encoder_dir, self.text_encoder_2_dir) if d is not None]
+
+    @property
+    def xl(self) -> bool:
+        """A Stable Diffusion XL U-Net: it takes the pooled caption embedding and each image's size and crop too."""
+        return is_xl_unet(self.unet)
 
     @property
     def downsampling(self) -> int:
@@ -54,8 +67,7 @@ def load_models(cfg: LdmJobConfig) -> Models:
         root = Path(m.init_from)
         vae_dir = Path(m.replace_vae) if m.replace_vae else root / "vae"
         vae = load_autoencoder(vae_dir)
-        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-        text_encoder = AutoModel.from_pretrained(root / "text_encoder", use_safetensors=True)
+        tokenizer, text_encoder, second = _folder_text(root)  # second: Stable Diffusion XL's second encoder's folder
         unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True)
         noise_scheduler = training_scheduler_of(root / "scheduler")
         return Models(
@@ -69,6 +81,7 @@ def load_models(cfg: LdmJobConfig) -> Models:
             None if text_trains else str(root / "text_encoder"),
             str(root),
             caches_text(cfg, text_trains),
+            None if text_trains else second,
         )
     vae = load_autoencoder(m.vae).eval().requires_grad_(False)
     tokenizer, text_encoder, encoder_dir = load_text_encoder(m.text_encoder, m.clip_preset)
@@ -91,6 +104,22 @@ def load_models(cfg: LdmJobConfig) -> Models:
         None,
         caches_text(cfg, text_trains),
     )
+
+
+def _folder_text(root: Path) -> tuple:
+    """(tokenizer, text encoder, second encoder's folder or None) of a pipeline folder: its one, or Stable Diffusion XL's
+    two as one (:class:`ldm.text.XLTextEncoders`), each of the transformers class its model_index.json names (checked to
+    be a transformers class by ``check_pipeline_folder``)."""
+    index = json.loads((root / "model_index.json").read_text())
+    if "text_encoder_2" not in index:
+        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+        return tokenizer, AutoModel.from_pretrained(root / "text_encoder", use_safetensors=True), None
+    tokenizers = [AutoTokenizer.from_pretrained(root / name) for name in ("tokenizer", "tokenizer_2")]
+    encoders = [
+        getattr(transformers, index[name][1]).from_pretrained(root / name, use_safetensors=True)
+        for name in ("text_encoder", "text_encoder_2")
+    ]
+    return XLTokenizers(*tokenizers), XLTextEncoders(*encoders), str(root / "text_encoder_2")
 
 
 def caches_text(cfg: LdmJobConfig, text_trains: bool) -> bool:
@@ -151,6 +180,14 @@ def check_compatible(unet, vae, text_encoder, resolution: int, vae_path: str) ->
         raise ConfigError(
             f"the U-Net's cross_attention_dim is {unet.config.cross_attention_dim} but the text encoder's hidden size is {hidden}"
         )
+    if is_xl_unet(unet) != isinstance(text_encoder, XLTextEncoders):
+        raise ConfigError(
+            "the U-Net takes Stable Diffusion XL's pooled embedding and size conditioning but the folder has one text encoder"
+            if is_xl_unet(unet)
+            else "the folder has Stable Diffusion XL's two text encoders but its U-Net takes no pooled embedding"
+        )
+    if is_xl_unet(unet) and check_xl_unet(unet, text_encoder):
+        raise ConfigError(check_xl_unet(unet, text_encoder))
     f, total = downsampling_factor(vae), total_downsampling(vae, unet)
     if resolution % total:
         raise ConfigError(

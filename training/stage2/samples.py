@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 
 from ldm.pipeline import LatentDiffusionPipeline
+from ldm.sdxl import LatentDiffusionXLPipeline
+from ldm.text import XLTextEncoders
 from ldm.schedulers import make_scheduler
 from runtime.images import save_grid
 from training.ldm_config import SampleConfig
@@ -35,7 +37,11 @@ class ema_weights:
 
 
 def pipeline_of(vae, text_encoder, tokenizer, unet, scheduler) -> LatentDiffusionPipeline:
-    pipe = LatentDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+    """The pipeline of a run's parts; Stable Diffusion XL's two encoders and tokenizers (trained as one) as its sibling."""
+    if isinstance(text_encoder, XLTextEncoders):
+        pipe = LatentDiffusionXLPipeline.of(vae, text_encoder, tokenizer, unet, scheduler)
+    else:
+        pipe = LatentDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

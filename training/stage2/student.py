@@ -14,6 +14,7 @@ from ldm.consistency import GUIDANCE_EMBEDDING_DIM, DDPMConsistency, FlowConsist
 from ldm.diffusion import training_scheduler_of
 from ldm.folders import check_pipeline_folder, write_sampling
 from ldm.schedulers import flow_shift, is_flow
+from training.config import ConfigError
 from training.distill_config import DistillConfig
 from training.ldm_config import FinetuneConfig
 from training.stage2.finetune import add_lora, export_lora, fused_lora_pipeline
@@ -35,7 +36,8 @@ class StudentForward(torch.nn.Module):
 
 def load_teacher(folder: str) -> Models:
     """Every component of the teacher's pipeline folder, frozen; its text encoder's caption states go into the cache."""
-    check_pipeline_folder(folder)
+    if "text_encoder_2" in check_pipeline_folder(folder):
+        raise ConfigError(f"teacher {folder} is a Stable Diffusion XL folder; distillation takes SD-layout teachers only")
     root = Path(folder)
     vae = load_autoencoder(root / "vae").eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from autoencoder import normalize_latents, sample_latents
 from autoencoder.latents import encode_moments
+from ldm.sdxl import added_cond
 from ldm.text import encode_text, uses_attention_mask
 from runtime.files import write_json_atomic
 from training.data.captions import first_caption
@@ -41,12 +42,13 @@ class ValidationLoss:
         data = replace(cfg.data, random_flip=False, mask=None)  # the held-out images need no loss mask
         records = load_records(cfg.data.path, data, split=cfg.data.eval_split, captions=True)
         records = records.select(spread_indices(len(records), min(len(records), cfg.eval.val_images)))
-        moments, self.captions = [], []
+        moments, self.captions, time_ids = [], [], []
         for batch in eval_loader(records, data, BATCH):  # square crops at data.resolution
             if batch["index"]:
                 moments.append(encode_moments(vae, batch["pixel_values"].to(vae.device, vae.dtype)).float().cpu())
                 self.captions += [first_caption(text) for text in batch["text"]]
-        moments = torch.cat(moments)  # (N, 2C, h, w)
+                time_ids.append(batch["time_ids"].float())  # Stable Diffusion XL's size and crop conditioning
+        moments, self.time_ids = torch.cat(moments), torch.cat(time_ids)  # (N, 2C, h, w), (N, 6)
         g = torch.Generator().manual_seed(SEED)
         self.x0 = normalize_latents(
             vae, sample_latents(moments, torch.randn(moments[:, : moments.shape[1] // 2].shape, generator=g))
@@ -70,13 +72,16 @@ class ValidationLoss:
                 emb = encode_text(tokenizer, text_encoder, self.captions[start : start + BATCH])
                 mask = emb.mask.to(self.device) if masked else None
                 x0 = self.x0[start : start + BATCH].to(self.device)
+                time_ids = self.time_ids[start : start + BATCH]  # SDXL: with the pooled embedding, its added conditioning
+                added = added_cond(emb.pooled.to(self.device), time_ids) if emb.pooled is not None else None
                 for k, level in enumerate(self.levels):
                     level = level.expand(len(x0)).to(self.device)
                     eps = self.eps[k, start : start + BATCH].to(self.device)
                     no_offset = torch.zeros(len(x0), x0.shape[1], device=self.device)
                     x_t, target = self.objective.noisy_input_and_target(x0, eps, level, no_offset)
                     t = self.objective.timestep(level)
-                    pred = unet(x_t, t, encoder_hidden_states=emb.states.to(self.device), encoder_attention_mask=mask).sample
+                    pred = unet(x_t, t, encoder_hidden_states=emb.states.to(self.device), encoder_attention_mask=mask,
+                                added_cond_kwargs=added).sample  # fmt: skip
                     total += self.objective.per_sample_loss(pred, target, level).double().sum().cpu()
         finally:
             unet.train(was_training[0]), text_encoder.train(was_training[1])

@@ -48,6 +48,9 @@ class LatentCache:
     bucket_of: torch.Tensor | None = None  # (N,) each row's bucket, an index into ``sizes``
     masks: BucketRows | None = None  # (N, 1, h, w) uint8 data.mask's loss weights in 255ths (None: no mask)
     masks_flipped: BucketRows | None = None  # the same for the mirrored image
+    text_pooled: BucketRows | None = None  # (N, [V,] P) bf16 Stable Diffusion XL's pooled caption embeddings
+    time_ids: BucketRows | None = None  # (N, 6) int32 Stable Diffusion XL's size and crop conditioning of each image
+    time_ids_flipped: BucketRows | None = None  # the same for the mirrored image
 
     def __len__(self) -> int:
         return len(self.moments)
@@ -78,6 +81,16 @@ class LatentCache:
         if self.masks_flipped is not None:
             masks = torch.where(flip[:, None, None, None], self.masks_flipped[idx], masks)
         return loss_weights(masks)
+
+    def size_conditions(self, idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor | None:
+        """(B, 6) float: Stable Diffusion XL's time ids (original height, width, crop top, left, target height, width) of
+        rows ``idx``, of the mirrored image where ``flip``; None where the cache holds none."""
+        if self.time_ids is None:
+            return None
+        ids = self.time_ids[idx]
+        if self.time_ids_flipped is not None:
+            ids = torch.where(flip[:, None], self.time_ids_flipped[idx], ids)
+        return ids.float()
 
 
 def load_latent_cache(folder: str | Path, records: datasets.Dataset) -> LatentCache:
@@ -114,4 +127,7 @@ def load_latent_cache(folder: str | Path, records: datasets.Dataset) -> LatentCa
         bucket_of,
         rows.get("mask"),
         rows.get("mask_flipped"),
+        rows.get("text_pooled"),
+        rows.get("time_ids"),
+        rows.get("time_ids_flipped"),
     )

@@ -40,11 +40,13 @@ def build_latent_cache(
     world_size: int = 1,
     wait: Callable[[], None] = lambda: None,
     buckets: list[Size] | None = None,
+    time_ids: bool = False,
 ) -> Path:
     """Encode ``records`` into ``cache_dir/<key>/`` unless a complete cache with that key exists.
     ``text``: (tokenizer, frozen text encoder) to cache caption states, or None. ``buckets``: the
     bucket sizes (pixels); each image is encoded at the one nearest its aspect ratio (read from its
-    header, as each shard is encoded: a reused cache opens no image).
+    header, as each shard is encoded: a reused cache opens no image). ``time_ids``: Stable Diffusion XL's size and crop
+    conditioning of each image (and of its mirror) too.
 
     Every process of a run calls this with its ``rank`` of ``world_size`` and ``wait`` (a barrier:
     ``accelerator.wait_for_everyone``): process r encodes shards k = r, r + world, ... that are not
@@ -83,7 +85,7 @@ def build_latent_cache(
         dynamic_ncols=True,
     )
     for k in todo:
-        _encode_shard(folder, k, rows(k), vae, records, data, text, text_shape, batch_size, bar, buckets)
+        _encode_shard(folder, k, rows(k), vae, records, data, text, text_shape, batch_size, bar, buckets, time_ids)
     bar.close()
     wait()
     if rank == 0:
@@ -126,6 +128,7 @@ def _encode_shard(
     batch_size: int,
     bar,
     buckets: list[Size] | None = None,
+    time_ids: bool = False,
 ) -> None:
     """``folder/shard-k.safetensors``: moments [+ flipped], dataset index [+ caption states] of ``rows``
     by bucket (``buckets`` None: the one square bucket of data.resolution), written under a temporary
@@ -157,8 +160,12 @@ def _encode_shard(
                 rows_of["mask"] = latent_mask(batch["mask"], latent_size)
                 if data.random_flip:
                     rows_of["mask_flipped"] = latent_mask(batch["mask"].flip(-1), latent_size)
+            if time_ids:  # (b, 6) int32: original size, crop top-left, target size
+                rows_of["time_ids"] = batch["time_ids"]
+                if data.random_flip:
+                    rows_of["time_ids_flipped"] = batch["time_ids_flipped"]
             if text is not None:
-                rows_of["text_states"], rows_of["text_mask"] = _caption_states(text, batch["text"], *text_shape)
+                rows_of |= _caption_states(text, batch["text"], *text_shape)
             columns.append(rows_of)
         shard |= {name + suffix: rows for name, rows in columns.filled().items()}
     tmp = folder / f".shard-{k:05d}.tmp"
@@ -177,22 +184,27 @@ def _caption_shape(text: tuple[Any, Any], records: datasets.Dataset) -> tuple[in
     for chunk in records.select_columns(["text"]).iter(batch_size=1024):
         per_image = [caption_variants(t) for t in chunk["text"]]
         most = max(most, *map(len, per_image))
-        length = max(length, tokenize(tokenizer, encoder, [*(v for vs in per_image for v in vs), ""])["input_ids"].shape[1])
+        length = max(length, tokenize(tokenizer, encoder, [*(v for vs in per_image for v in vs), ""])["input_ids"].shape[-1])
     return length, most
 
 
-def _caption_states(text: tuple[Any, Any], texts: list[str], length: int, most: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen encoder's states (b, L, D) bf16 and mask (b, L) int8 of each image's caption; where an image of the
-    dataset has several, (b, V, L, D) and (b, V, L), an image's variants first and the empty caption after them
-    (never drawn: :func:`training.data.captions.variant_index` draws among an image's own)."""
+def _caption_states(text: tuple[Any, Any], texts: list[str], length: int, most: int) -> dict[str, torch.Tensor]:
+    """The frozen encoder's ``text_states`` (b, L, D) bf16 and ``text_mask`` (b, L) int8 of each image's caption (and
+    Stable Diffusion XL's ``text_pooled`` (b, P) bf16); where an image of the dataset has several, (b, V, L, D), (b, V, L)
+    and (b, V, P), an image's variants first and the empty caption after them (never drawn:
+    :func:`training.data.captions.variant_index` draws among an image's own)."""
     tokenizer, encoder = text
     flat = [v for t in texts for vs in [caption_variants(t)] for v in vs + [""] * (most - len(vs))]
     emb = encode_text(tokenizer, encoder, flat, pad_to=length)
-    states = emb.states.to(TEXT_DTYPE)
-    mask = (emb.mask if emb.mask is not None else torch.ones(emb.states.shape[:2])).to(torch.int8)
+    columns = {
+        "text_states": emb.states.to(TEXT_DTYPE),
+        "text_mask": (emb.mask if emb.mask is not None else torch.ones(emb.states.shape[:2])).to(torch.int8),
+    }
+    if emb.pooled is not None:
+        columns["text_pooled"] = emb.pooled.to(TEXT_DTYPE)
     if most == 1:
-        return states, mask
-    return states.reshape(len(texts), most, *states.shape[1:]), mask.reshape(len(texts), most, -1)
+        return columns
+    return {name: column.reshape(len(texts), most, *column.shape[1:]) for name, column in columns.items()}
 
 
 class _Columns:

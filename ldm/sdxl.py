@@ -1,0 +1,119 @@
+"""Stable Diffusion XL folders: two CLIP text encoders, a pooled text embedding and the size and crop
+micro-conditioning (SDXL paper, section 2.2), generated from as diffusers' ``StableDiffusionXLPipeline`` does.
+
+    pipe = LatentDiffusionPipeline.from_pretrained("my-sdxl-folder")  # an SDXL folder opens as this class
+
+The U-Net of an SDXL folder (``addition_embed_type: text_time``) takes, beside the caption states, ``text_embeds``
+(the second encoder's pooled embedding, (B, P)) and ``time_ids`` (B, 6): the original image's (height, width), the
+crop's (top, left) in the resized image, and the target (height, width). Training reads them per image from the data
+pipeline (:func:`size_condition`); generation asks for an uncropped image of the size it makes, as diffusers does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .pipeline import LatentDiffusionPipeline
+from .text import XLTextEncoders, XLTokenizers, encode_text
+
+
+def is_xl_unet(unet: UNet2DConditionModel) -> bool:
+    """Whether the U-Net takes SDXL's pooled embedding and size/crop ``time_ids`` (``added_cond_kwargs``)."""
+    return unet.config.addition_embed_type == "text_time"
+
+
+def size_condition(original: tuple[int, int], crop_top_left: tuple[int, int], target: tuple[int, int]) -> list[int]:
+    """SDXL's ``time_ids`` of one image: (original height, width, crop top, left, target height, width), the order
+    diffusers' ``_get_add_time_ids`` and kohya's sd-scripts build them in."""
+    return [*original, *crop_top_left, *target]
+
+
+def added_cond(pooled: torch.Tensor, time_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The U-Net's ``added_cond_kwargs``: pooled (B, P), time_ids (B, 6), in the pooled embedding's dtype."""
+    return {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device, pooled.dtype)}
+
+
+def check_xl_unet(unet: UNet2DConditionModel, text_encoder: XLTextEncoders) -> str | None:
+    """Why the U-Net's added embedding does not take 6 time ids and the second encoder's pooled embedding, or None."""
+    wanted = unet.add_embedding.linear_1.in_features
+    given = unet.config.addition_time_embed_dim * 6 + text_encoder.config.projection_dim
+    if wanted != given:
+        return (
+            f"the U-Net's added embedding takes {wanted} features, but 6 time ids of {unet.config.addition_time_embed_dim} "
+            f"and the second text encoder's projection of {text_encoder.config.projection_dim} make {given}"
+        )
+    return None
+
+
+class LatentDiffusionXLPipeline(StableDiffusionXLLoraLoaderMixin, LatentDiffusionPipeline):
+    """:class:`LatentDiffusionPipeline` on a Stable Diffusion XL folder: the same call, samplers, img2img, LoRA scale and
+    speed settings; prompts encoded by both text encoders, and an empty negative prompt as zeros where the folder says
+    so (``force_zeros_for_empty_prompt``, as diffusers). ``load_lora_weights`` reads SDXL LoRA files (U-Net and both
+    text encoders)."""
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: PreTrainedModel,
+        text_encoder_2: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        tokenizer_2: PreTrainedTokenizerBase,
+        unet: UNet2DConditionModel,
+        scheduler: SchedulerMixin,
+        force_zeros_for_empty_prompt: bool = True,
+    ) -> None:
+        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.register_modules(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+
+    @classmethod
+    def of(cls, vae, text_encoders: XLTextEncoders, tokenizers: XLTokenizers, unet, scheduler) -> LatentDiffusionXLPipeline:
+        """The pipeline of a training run's parts: the two encoders and tokenizers it trains as one."""
+        return cls(
+            vae=vae,
+            text_encoder=text_encoders.text_encoder,
+            text_encoder_2=text_encoders.text_encoder_2,
+            tokenizer=tokenizers.tokenizer,
+            tokenizer_2=tokenizers.tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+        )
+
+    @property
+    def text_encoders(self) -> list:
+        return [self.text_encoder, self.text_encoder_2]
+
+    def _condition(self, prompts, negatives, unset_negatives, do_cfg, per_prompt, cross_attention_kwargs, size) -> dict[str, Any]:
+        """The states of both encoders (rows, 77, D1 + D2) and ``added_cond_kwargs``: the pooled embeddings and the
+        time ids of an uncropped image of ``size`` (height, width), diffusers' defaults."""
+        encoders, tokenizers = (
+            XLTextEncoders(self.text_encoder, self.text_encoder_2),
+            XLTokenizers(self.tokenizer, self.tokenizer_2),
+        )
+        lora_scale = (cross_attention_kwargs or {}).get("scale")
+        for encoder in self.text_encoders:
+            scale_lora_layers(encoder, lora_scale if lora_scale is not None else 1.0)
+        text = encode_text(tokenizers, encoders, prompts)
+        states, pooled = text.states, text.pooled  # (B, L, D1 + D2), (B, P)
+        if do_cfg:
+            if unset_negatives and self.config.force_zeros_for_empty_prompt:
+                negative_states, negative_pooled = torch.zeros_like(states), torch.zeros_like(pooled)
+            else:
+                negative = encode_text(tokenizers, encoders, negatives)
+                negative_states, negative_pooled = negative.states, negative.pooled
+            states, pooled = torch.cat([negative_states, states]), torch.cat([negative_pooled, pooled])
+        for encoder in self.text_encoders:
+            unscale_lora_layers(encoder, lora_scale)
+        states = states.to(self.unet.dtype).repeat_interleave(per_prompt, dim=0)
+        pooled = pooled.to(self.unet.dtype).repeat_interleave(per_prompt, dim=0)
+        time_ids = torch.tensor([size_condition(size, (0, 0), size)] * len(pooled), device=pooled.device)
+        return {"encoder_hidden_states": states, "added_cond_kwargs": added_cond(pooled, time_ids)}
