@@ -6,7 +6,8 @@
 
 The folder is the diffusers layout (model_index.json + vae/, text_encoder/, tokenizer/, unet/,
 scheduler/), so a pipeline with a CLIP text encoder also loads in diffusers'
-``StableDiffusionPipeline``, and Stable-Diffusion folders load here.
+``StableDiffusionPipeline``, and Stable-Diffusion folders load here; a Stable Diffusion XL folder opens as its
+sibling ``LatentDiffusionXLPipeline`` (``ldm/sdxl.py``).
 """
 
 from __future__ import annotations

@@ -131,6 +131,14 @@ class XLTextEncoders(torch.nn.Module):
             projection_dim=two.projection_dim,
         )
 
+    def unused_modules(self) -> list[torch.nn.Module]:
+        """What the first encoder's penultimate states never pass through (its last layer, its final norm): frozen when
+        the encoders train, or DDP would wait for their gradients."""
+        text_model = getattr(
+            self.text_encoder, "text_model", self.text_encoder
+        )  # transformers 5: CLIPTextModel is its text_model
+        return [text_model.encoder.layers[-1], text_model.final_layer_norm]
+
     @property
     def device(self) -> torch.device:
         return self.text_encoder.device

@@ -20,7 +20,8 @@ def test_cached_states_are_gathered_and_dropped_captions_become_the_empty_captio
     captions = ["red apple", "sun", "rocket"]
     with torch.no_grad():
         cached = encode_text(tokenizer, encoder, captions)
-        cache = SimpleNamespace(captions=captions, text_states=cached.states.bfloat16(), text_mask=torch.ones(3, cached.states.shape[1], dtype=torch.int8))
+        cache = SimpleNamespace(captions=captions, text_states=cached.states.bfloat16(), text_mask=torch.ones(3, cached.states.shape[1], dtype=torch.int8),
+                                text_pooled=None)
         cond = Conditioning(cache, tokenizer, encoder, text_trains=False, masked=False)
         out = cond(torch.tensor([2, 0]), torch.tensor([False, True]), "cpu")
         empty = encode_text(tokenizer, encoder, [""], pad_to=cached.states.shape[1]).states

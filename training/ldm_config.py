@@ -31,7 +31,7 @@ class LdmModelConfig:
     clip_preset: str = "small"  # clip-scratch size: a key of ldm.text.CLIP_TEXT_PRESETS
     unet: str = "small"  # a key of ldm.unet.UNET_PRESETS
     prediction_type: str = "epsilon"  # epsilon | v_prediction
-    init_from: str | None = None  # a pipeline folder (ours or Stable Diffusion layout) to fine-tune (finetune.method full
+    init_from: str | None = None  # a pipeline folder (ours, SD or SDXL layout) to fine-tune (finetune.method full
     # or lora); its vae / text_encoder / unet / scheduler are used as they are, so the keys above must stay unset
     replace_vae: str | None = None  # with init_from: this vae/ folder instead of the pipeline's (e.g. the pipeline's
     # autoencoder fine-tuned on your images); the U-Net then adapts to it, and the exported pipeline carries it

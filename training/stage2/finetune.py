@@ -22,15 +22,19 @@ def add_lora(unet, text_encoder, ft: FinetuneConfig, text_trains: bool) -> None:
     """Freeze the base weights and put adapters on the attention projections: the U-Net's, and the
     text encoder's when it trains."""
 
-    def adapters(targets: list[str]) -> LoraConfig:
-        return LoraConfig(r=ft.lora_rank, lora_alpha=ft.lora_alpha, init_lora_weights="gaussian", target_modules=list(targets))
+    def adapters(targets: list[str], layers: list[int] | None = None) -> LoraConfig:
+        return LoraConfig(r=ft.lora_rank, lora_alpha=ft.lora_alpha, init_lora_weights="gaussian", target_modules=list(targets),
+                          layers_to_transform=layers, layers_pattern="layers" if layers else None)  # fmt: skip
 
     unet.requires_grad_(False)
     unet.add_adapter(adapters(ft.lora_target_modules))
     if text_trains:
         text_encoder.requires_grad_(False)
-        for encoder in text_encoders(text_encoder):  # Stable Diffusion XL's two: adapters on each
-            add_text_lora(encoder, adapters(ft.text_lora_target_modules))
+        for k, encoder in enumerate(text_encoders(text_encoder)):  # Stable Diffusion XL's two: adapters on each, and
+            # none on the first's last layer, which its penultimate states SDXL takes never pass through
+            n = encoder.config.num_hidden_layers
+            layers = list(range(n - 1)) if k == 0 and isinstance(text_encoder, XLTextEncoders) else None
+            add_text_lora(encoder, adapters(ft.text_lora_target_modules, layers))
 
 
 def text_encoders(text_encoder) -> list:

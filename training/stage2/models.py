@@ -165,6 +165,8 @@ def prepare_to_train(models: Models, finetune: FinetuneConfig, device) -> None:
         add_lora(models.unet, models.text_encoder, finetune, models.text_trains)
     else:
         models.text_encoder.requires_grad_(models.text_trains)
+        for unused in models.text_encoder.unused_modules() if models.xl else []:
+            unused.requires_grad_(False)
 
 
 def check_compatible(unet, vae, text_encoder, resolution: int, vae_path: str) -> None:
