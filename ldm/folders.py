@@ -64,6 +64,19 @@ def check_pipeline_folder(path: str | Path) -> dict:
     return index
 
 
+def is_xl_index(index: dict) -> bool:
+    """Whether a folder's model_index.json is Stable Diffusion XL's (two text encoders); a refiner's (no first text
+    encoder, an aesthetic-score conditioning) is refused."""
+    if "text_encoder_2" not in index:
+        return False
+    if not isinstance(index.get("text_encoder"), list) or index["text_encoder"][0] is None:
+        raise InputError(
+            "this is a Stable Diffusion XL refiner folder (no first text encoder, aesthetic-score conditioning), which is "
+            "not supported; give a base SDXL folder"
+        )
+    return True
+
+
 def _check_weights(component: Path) -> None:
     """A model component (its folder has a config.json; tokenizers and schedulers do not) must hold safetensors weights."""
     if not (component / "config.json").is_file() or any(component.glob("*.safetensors")):

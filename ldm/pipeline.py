@@ -30,7 +30,7 @@ from runtime.errors import InputError
 from runtime.files import atomic_dir
 
 from .consistency import guidance_condition
-from .folders import check_pipeline_folder, resolve_dtype
+from .folders import check_pipeline_folder, is_xl_index, resolve_dtype
 from .guidance import classifier_free_guidance
 from .inputs import ImageInput, check_inputs, image_tensor, negative_prompts
 from .schedulers import make_scheduler, set_sampling_timesteps, step_kwargs
@@ -84,7 +84,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
             fetch = ("cache_dir", "revision", "token", "variant", "use_safetensors", "local_files_only")
             path = cls.download(str(path), **{k: kwargs[k] for k in fetch if k in kwargs})
         index = check_pipeline_folder(path)
-        if cls is LatentDiffusionPipeline and "text_encoder_2" in index:  # a Stable Diffusion XL folder: its sibling
+        if cls is LatentDiffusionPipeline and is_xl_index(index):  # a Stable Diffusion XL folder: its sibling
             from .sdxl import LatentDiffusionXLPipeline
 
             return LatentDiffusionXLPipeline.from_pretrained(path, dtype, device, compile, **kwargs)

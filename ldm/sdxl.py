@@ -20,6 +20,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from runtime.errors import InputError
+
 from .pipeline import LatentDiffusionPipeline
 from .text import XLTextEncoders, XLTokenizers, encode_text
 
@@ -36,12 +38,31 @@ def size_condition(original: tuple[int, int], crop_top_left: tuple[int, int], ta
 
 
 def added_cond(pooled: torch.Tensor, time_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The U-Net's ``added_cond_kwargs``: pooled (B, P), time_ids (B, 6), in the pooled embedding's dtype."""
-    return {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device, pooled.dtype)}
+    """The U-Net's ``added_cond_kwargs``: pooled (B, P), time_ids (B, 6) as given (float32 in training: bf16 would
+    round a size of 1365 to 1368; the U-Net embeds them in float32 and casts the embedding itself)."""
+    return {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device)}
 
 
-def check_xl_unet(unet: UNet2DConditionModel, text_encoder: XLTextEncoders) -> str | None:
-    """Why the U-Net's added embedding does not take 6 time ids and the second encoder's pooled embedding, or None."""
+def check_xl_vae(vae: AutoencoderKL) -> str | None:
+    """Why diffusers' SDXL pipeline would decode this autoencoder's latents differently from ours, or None: it divides
+    by ``scaling_factor`` only (no ``shift_factor``), and a ``latents_mean`` / ``latents_std`` pair (Playground-style)
+    is a normalisation this project does not apply."""
+    config = vae.config
+    if getattr(config, "latents_mean", None) is not None or getattr(config, "latents_std", None) is not None:
+        return "the autoencoder normalises its latents by latents_mean / latents_std, which is not supported for SDXL folders"
+    if getattr(config, "shift_factor", None):
+        return (
+            f"the autoencoder's latents have shift_factor {config.shift_factor}, which diffusers' SDXL pipeline ignores "
+            "(it would decode them wrongly); give an autoencoder without one"
+        )
+    return None
+
+
+def check_xl_unet(unet: UNet2DConditionModel, text_encoder: XLTextEncoders, vae: AutoencoderKL | None = None) -> str | None:
+    """Why the U-Net's added embedding does not take 6 time ids and the second encoder's pooled embedding (or the
+    autoencoder does not fit an SDXL folder: :func:`check_xl_vae`), or None."""
+    if vae is not None and check_xl_vae(vae):
+        return check_xl_vae(vae)
     wanted = unet.add_embedding.linear_1.in_features
     given = unet.config.addition_time_embed_dim * 6 + text_encoder.config.projection_dim
     if wanted != given:
@@ -71,6 +92,8 @@ class LatentDiffusionXLPipeline(StableDiffusionXLLoraLoaderMixin, LatentDiffusio
         scheduler: SchedulerMixin,
         force_zeros_for_empty_prompt: bool = True,
     ) -> None:
+        if check_xl_vae(vae):
+            raise InputError(check_xl_vae(vae))
         super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
         self.register_modules(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
@@ -86,6 +109,7 @@ class LatentDiffusionXLPipeline(StableDiffusionXLLoraLoaderMixin, LatentDiffusio
             tokenizer_2=tokenizers.tokenizer_2,
             unet=unet,
             scheduler=scheduler,
+            force_zeros_for_empty_prompt=text_encoders.force_zeros_for_empty_prompt,
         )
 
     @property
@@ -115,5 +139,5 @@ class LatentDiffusionXLPipeline(StableDiffusionXLLoraLoaderMixin, LatentDiffusio
             unscale_lora_layers(encoder, lora_scale)
         states = states.to(self.unet.dtype).repeat_interleave(per_prompt, dim=0)
         pooled = pooled.to(self.unet.dtype).repeat_interleave(per_prompt, dim=0)
-        time_ids = torch.tensor([size_condition(size, (0, 0), size)] * len(pooled), device=pooled.device)
+        time_ids = torch.tensor([size_condition(size, (0, 0), size)] * len(pooled), device=pooled.device, dtype=pooled.dtype)
         return {"encoder_hidden_states": states, "added_cond_kwargs": added_cond(pooled, time_ids)}

@@ -118,6 +118,11 @@ def check_convertible(folder: str | Path) -> None:
     for part in ("unet", "vae", "text_encoder"):
         if not (folder / part / "config.json").is_file():
             raise SingleFileError(f"'{folder}' has no {part}/config.json: expected a pipeline folder (diffusers layout)")
+    if (folder / "text_encoder_2").is_dir():
+        raise SingleFileError(
+            f"'{folder}' is a Stable Diffusion XL folder: only SD 1.x-layout folders are written as one file "
+            "(load the folder itself, diffusers layout)"
+        )
     text = _config(folder, "text_encoder")
     if (
         "CLIPTextModel" not in text.get("architectures", ["CLIPTextModel"])

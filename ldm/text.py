@@ -120,9 +120,12 @@ class XLTextEncoders(torch.nn.Module):
 
     returns_pooled = True  # encode_text / the training step read ``pooler_output`` too
 
-    def __init__(self, text_encoder: PreTrainedModel, text_encoder_2: PreTrainedModel) -> None:
+    def __init__(
+        self, text_encoder: PreTrainedModel, text_encoder_2: PreTrainedModel, force_zeros_for_empty_prompt: bool = True
+    ) -> None:
         super().__init__()
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt  # the folder's: an unset negative prompt is zeros
         one, two = text_encoder.config, text_encoder_2.config
         self.config = PretrainedConfig(
             use_attention_mask=False,  # CLIP: unmasked, as SDXL

@@ -97,6 +97,7 @@ class _Pipe:
 
     def __init__(self):
         self.unet, self.text_encoder, self.drawn = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), 0
+        self.text_encoders = [self.text_encoder]  # a pipeline's list of them (Stable Diffusion XL's: two)
 
     def __call__(self, prompts, generator, **kwargs):
         from types import SimpleNamespace

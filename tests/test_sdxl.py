@@ -21,7 +21,8 @@ from training.train_ldm import train as train_job
 
 train = fresh_state(train_job)
 PROMPTS = ["a red apple", "sun"]
-LORA_CONFIG = ROOT / "configs" / "finetune" / "lora-openmoji.yaml"
+SDXL_CONFIG = ROOT / "configs" / "finetune" / "lora-sdxl.yaml"  # the shipped SDXL LoRA config, at the tiny SDXL's 32 pixels
+TINY = ["data.resolution=32", "train.sample_every=100", "model.check_images=0", "train.mixed_precision=fp32", "train.log_every=2"]
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +84,10 @@ def test_time_ids_of_bucketed_crops_and_their_mirrors_are_the_hand_computed_ones
 
 
 def finetune_cfg(sdxl, data, out, *overrides):
-    """The LoRA fine-tune config on the tiny SDXL folder: a few steps, no grids, no autoencoder check."""
-    return load_config(LdmJobConfig, LORA_CONFIG, [f"model.init_from={sdxl}", f"data.path={data}", f"output_dir={out}",
-                                                   "data.eval_split=null", "train.sample_every=100", "model.check_images=0",
-                                                   "train.batch_size=4", "train.mixed_precision=fp32", *overrides])  # fmt: skip
+    """configs/finetune/lora-sdxl.yaml (buckets, gradient checkpointing) on the tiny SDXL folder at 32 pixels: no grids,
+    no autoencoder check."""
+    return load_config(LdmJobConfig, SDXL_CONFIG, [f"model.init_from={sdxl}", f"data.path={data}", f"output_dir={out}", *TINY,
+                                                   *overrides])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,8 @@ def finetuned(sdxl, mixed_shapes, tmp_path_factory):
         if method not in runs:
             out = runs[method] = tmp_path_factory.mktemp(method) / "run"
             train(finetune_cfg(sdxl, mixed_shapes, out, f"finetune.method={method}", "train.max_steps=3", "train.lr=1e-2",
-                               "finetune.train_text_encoder=true", "train.text_lr=1e-2"))  # fmt: skip
+                               "finetune.train_text_encoder=true", "train.text_lr=1e-2", "train.sample_every=3",
+                               "sample.images_per_prompt=1", "sample.steps=2"))  # fmt: skip  (a grid from the SDXL pipeline too)
         return runs[method]
 
     return run
@@ -111,6 +113,7 @@ def test_a_fine_tuned_sdxl_folder_loads_in_diffusers_sdxl_pipeline_and_draws_wha
     ``load_lora_weights`` reads and fused into the pipeline. The first encoder's last layer, which SDXL's penultimate
     states never pass through, stays as it was."""
     out = finetuned(method)
+    assert (out / "samples" / "step-00000003.png").is_file()  # the run's grid, drawn by the SDXL pipeline of its parts
     weights = [load_file(str(folder / "text_encoder" / "model.safetensors")) for folder in (sdxl, out / "pipeline")]
     last = [k for k in weights[0] if "layers.2." in k or "final_layer_norm" in k]  # the tiny encoders have 3 layers
     assert last and all(torch.equal(weights[0][k], weights[1][k]) for k in last)
@@ -150,8 +153,8 @@ def test_an_sdxl_fine_tune_on_buckets_resumes_exactly_and_feeds_each_image_its_t
     seen = []
     real = job.added_cond
     monkeypatch.setattr(job, "added_cond", lambda pooled, time_ids: seen.append(time_ids.clone()) or real(pooled, time_ids))
-    common = ["finetune.method=full", "train.max_steps=4", "train.checkpoint_every=2", "data.buckets.enabled=true",
-              "data.random_flip=true", "data.eval_split=test", "eval.every=2", "train.log_every=2", f"cache.dir={tmp_path / 'cache'}"]  # fmt: skip
+    common = ["finetune.method=full", "train.max_steps=4", "train.checkpoint_every=2", "data.random_flip=true",
+              "data.eval_split=test", "eval.every=2", f"cache.dir={tmp_path / 'cache'}"]  # fmt: skip
     train(finetune_cfg(sdxl, mixed_shapes, tmp_path / "full", *common))
     train(finetune_cfg(sdxl, mixed_shapes, tmp_path / "resumed", *common), stop_after_steps=2)
     train(finetune_cfg(sdxl, mixed_shapes, tmp_path / "resumed", *common))
@@ -188,10 +191,9 @@ def test_two_ranks_fine_tune_sdxl_as_one_does(sdxl, mixed_shapes, tmp_path):
     from tests.conftest import run_to_the_end
 
     accelerate = Path(sys.executable).parent / "accelerate"
-    common = ["-m", "training.train_ldm", "--config", str(LORA_CONFIG), f"model.init_from={sdxl}", f"data.path={mixed_shapes}",
-              "data.eval_split=null", "train.sample_every=100", "model.check_images=0", "train.mixed_precision=fp32",
-              "finetune.train_text_encoder=true", "data.buckets.enabled=true", "data.random_flip=true", "train.max_steps=4",
-              "train.checkpoint_every=4", "train.log_every=2", f"cache.dir={tmp_path / 'cache'}"]  # fmt: skip
+    common = ["-m", "training.train_ldm", "--config", str(SDXL_CONFIG), f"model.init_from={sdxl}", f"data.path={mixed_shapes}",
+              *TINY, "finetune.train_text_encoder=true", "data.random_flip=true", "train.max_steps=4", "train.checkpoint_every=4",
+              f"cache.dir={tmp_path / 'cache'}"]  # fmt: skip
     runs = {"one": (["--num_processes", "1"], 8), "two": (["--multi_gpu", "--num_processes", "2"], 4)}
     for name, (procs, batch) in runs.items():
         run_to_the_end([str(accelerate), "launch", *procs, *common, f"output_dir={tmp_path / name}", f"train.batch_size={batch}"],
@@ -225,3 +227,45 @@ def test_the_generate_command_and_the_page_draw_an_sdxl_folder_with_a_lora_as_di
     (generate,) = [f.fn for f in page.fns.values() if f.fn is not None and f.fn.__name__ == "generate"]
     files, seed = generate("a red apple", "", 3, 5.0, 7, False, "euler", 1, 32, 32, 1.0, None, 0.8, progress=lambda *a, **k: None)
     assert seed == 7 and np.abs(np.asarray(Image.open(files[0][0]).convert("RGB")).astype(int) - ours).max() == 0
+
+
+def test_prior_preservation_on_sdxl_draws_class_images_with_the_base_model_and_changes_the_result(sdxl, mixed_shapes, tmp_path):
+    """DreamBooth's class images come from the SDXL base pipeline, and their micro-batches (pooled embeddings and time
+    ids joined to the instance ones) train beside the instance images."""
+    common = ["train.max_steps=2", "train.checkpoint_every=2", "data.buckets.enabled=false"]
+    prior = [f"prior.class_data={tmp_path / 'class'}", "prior.class_prompt=a pattern", "prior.num_class_images=4", "prior.steps=2"]
+    train(finetune_cfg(sdxl, mixed_shapes, tmp_path / "plain", *common))
+    train(finetune_cfg(sdxl, mixed_shapes, tmp_path / "prior", *common, *prior))
+    assert sorted(p.name for p in (tmp_path / "class").glob("*.png")) == [f"class-{i:05d}.png" for i in range(4)]
+    plain, with_prior = (load_file(str(tmp_path / r / "lora" / "pytorch_lora_weights.safetensors")) for r in ("plain", "prior"))
+    assert max_difference(plain, with_prior) > 1e-6
+
+
+def test_sdxl_folders_this_project_cannot_draw_as_diffusers_does_are_refused_in_one_line(sdxl, tmp_path):
+    """A refiner (no first text encoder) and an autoencoder whose latents diffusers' SDXL pipeline would scale otherwise
+    (a shift_factor, latents_mean / latents_std); the folder's force_zeros_for_empty_prompt is kept in a run's pipelines."""
+    import shutil
+
+    from runtime.errors import InputError
+    from training.stage2.models import _folder_text
+    from training.stage2.samples import pipeline_of
+
+    refiner = tmp_path / "refiner"
+    shutil.copytree(sdxl, refiner)
+    index = json.loads((refiner / "model_index.json").read_text())
+    (refiner / "model_index.json").write_text(json.dumps({**index, "text_encoder": [None, None], "force_zeros_for_empty_prompt": False}))
+    with pytest.raises(InputError, match="refiner"):
+        LatentDiffusionPipeline.from_pretrained(refiner)
+    from ldm.single_file import SingleFileError, check_convertible
+
+    with pytest.raises(SingleFileError, match="Stable Diffusion XL folder"):  # the single-file export: SD 1.x only
+        check_convertible(sdxl)
+    (refiner / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}))
+    tokenizers, encoders, _ = _folder_text(refiner)
+    pipe = LatentDiffusionPipeline.from_pretrained(sdxl, dtype="fp32")
+    assert pipeline_of(pipe.vae, encoders, tokenizers, pipe.unet, pipe.scheduler).config.force_zeros_for_empty_prompt is False
+    for key, value in (("shift_factor", 0.1), ("latents_mean", [0.0] * 4)):
+        pipe.vae.register_to_config(**{key: value})
+        with pytest.raises(InputError, match="shift_factor" if key == "shift_factor" else "latents_mean"):
+            pipeline_of(pipe.vae, encoders, tokenizers, pipe.unet, pipe.scheduler)
+        pipe.vae.register_to_config(**{key: None})

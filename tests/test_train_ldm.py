@@ -327,6 +327,16 @@ def test_the_first_losses_of_a_tiny_fp32_run_are_frozen(noise_images, tiny_vae, 
         assert got == pytest.approx(want, rel=1e-4), (got, want)
 
 
+def test_gradient_checkpointing_trains_the_same_losses(noise_images, tiny_vae, tmp_path):
+    """train.gradient_checkpointing recomputes each block's forward in the backward: the same losses as without (it
+    once failed there, the recomputation running another attention kernel than the forward's)."""
+    for name, flag in (("plain", "false"), ("checkpointed", "true")):
+        train(ldm_cfg(noise_images, tiny_vae, tmp_path / name, *FROZEN_STEPS, "model.check_images=0",
+                      f"train.gradient_checkpointing={flag}"))  # fmt: skip
+    plain, checkpointed = (logged(tmp_path / name, "loss") for name in ("plain", "checkpointed"))
+    assert len(plain) == 2 and [r["loss"] for r in plain] == pytest.approx([r["loss"] for r in checkpointed], abs=1e-6)
+
+
 def test_a_flow_matching_run_resumes_exactly_exports_a_flow_folder_and_its_fine_tune_keeps_the_objective(openmoji_small, tiny_vae, tmp_path, capsys):
     """objective.type=flow (logit-normal sigmas, shift 3): killed after step 3 and relaunched, the U-Net is
     bit-identical to a run that never stopped; the export's scheduler/ is DPM++ on flow sigmas with the shift,

@@ -4,8 +4,8 @@
 
 ``single-file``: a Stable-Diffusion-layout pipeline folder (SD 1.x: a CLIP text encoder; a fine-tune of one exports
 such a folder) as one safetensors file in the original key layout, what AUTOMATIC1111 and ComfyUI load
-(``ldm/single_file.py``). LoRA needs no command: every LoRA run writes ``lora/lora_kohya.safetensors`` beside the
-diffusers-format file.
+(``ldm/single_file.py``). LoRA needs no command: every LoRA run of an SD-layout model writes
+``lora/lora_kohya.safetensors`` beside the diffusers-format file.
 """
 
 from __future__ import annotations

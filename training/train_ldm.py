@@ -127,9 +127,9 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
             batch = batches.next(micro, rank, world)
             batch = prior.joined(batch, micro, rank, world) if prior is not None else batch
             micro += 1
-            with accelerator.accumulate(model), accelerator.autocast():
-                with training_attention(device):
-                    pred = model(batch.x_t, batch.t, **batch.cond)
+            # the backward under the same attention kernel too: gradient checkpointing recomputes the forward there
+            with accelerator.accumulate(model), accelerator.autocast(), training_attention(device):
+                pred = model(batch.x_t, batch.t, **batch.cond)
                 per_sample = objective.per_sample_loss(pred, batch.target, batch.level, batch.mask)  # data.mask's weights
                 loss = prior.loss(per_sample) if prior is not None else per_sample.mean()
                 run.backward_and_step(accelerator, model, optimizer, loss, train_cfg.max_grad_norm)

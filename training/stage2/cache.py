@@ -19,8 +19,10 @@ def open_latent_cache(cfg: LdmJobConfig, models: Models, records, sizes: list[Si
     key = cache_key(
         file_digest(Path(models.vae_dir) / "diffusion_pytorch_model.safetensors"), cfg.data, records, text_digest, sizes
     )
-    if models.xl:  # Stable Diffusion XL's size and crop conditioning of each image too
-        key["time_ids"] = True
+    if models.xl:  # Stable Diffusion XL's size and crop conditioning of each image too, and its tokenizers (the second's
+        key["time_ids"] = True  # padding token changes its states)
+        if models.cache_text:
+            key["tokenizers"] = "".join(folder_digest(Path(models.source) / t) for t in ("tokenizer", "tokenizer_2"))
     folder = build_latent_cache(
         Path(cfg.cache.dir or Path(cfg.output_dir) / "latent-cache"),
         key,

@@ -17,6 +17,7 @@ from ldm.diffusion import training_scheduler, training_scheduler_of
 from ldm.flow import flow_scheduler, sample_sigmas
 from ldm.objective import DenoisingObjective, FlowObjective
 from ldm.schedulers import flow_shift, is_flow
+from ldm.folders import is_xl_index
 from ldm.sdxl import check_xl_unet, is_xl_unet
 from ldm.text import XLTextEncoders, XLTokenizers, load_text_encoder
 from ldm.pipeline import total_downsampling
@@ -111,7 +112,7 @@ def _folder_text(root: Path) -> tuple:
     two as one (:class:`ldm.text.XLTextEncoders`), each of the transformers class its model_index.json names (checked to
     be a transformers class by ``check_pipeline_folder``)."""
     index = json.loads((root / "model_index.json").read_text())
-    if "text_encoder_2" not in index:
+    if not is_xl_index(index):
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
         return tokenizer, AutoModel.from_pretrained(root / "text_encoder", use_safetensors=True), None
     tokenizers = [AutoTokenizer.from_pretrained(root / name) for name in ("tokenizer", "tokenizer_2")]
@@ -119,7 +120,8 @@ def _folder_text(root: Path) -> tuple:
         getattr(transformers, index[name][1]).from_pretrained(root / name, use_safetensors=True)
         for name in ("text_encoder", "text_encoder_2")
     ]
-    return XLTokenizers(*tokenizers), XLTextEncoders(*encoders), str(root / "text_encoder_2")
+    encoder = XLTextEncoders(*encoders, force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))
+    return XLTokenizers(*tokenizers), encoder, str(root / "text_encoder_2")
 
 
 def caches_text(cfg: LdmJobConfig, text_trains: bool) -> bool:
@@ -188,8 +190,8 @@ def check_compatible(unet, vae, text_encoder, resolution: int, vae_path: str) ->
             if is_xl_unet(unet)
             else "the folder has Stable Diffusion XL's two text encoders but its U-Net takes no pooled embedding"
         )
-    if is_xl_unet(unet) and check_xl_unet(unet, text_encoder):
-        raise ConfigError(check_xl_unet(unet, text_encoder))
+    if is_xl_unet(unet) and check_xl_unet(unet, text_encoder, vae):
+        raise ConfigError(check_xl_unet(unet, text_encoder, vae))
     f, total = downsampling_factor(vae), total_downsampling(vae, unet)
     if resolution % total:
         raise ConfigError(

@@ -58,8 +58,10 @@ def make_class_images(cfg, pipe, accelerator) -> None:
     if missing > 0 and accelerator.is_main_process:
         print(f"prior preservation: drawing {missing} class images of '{prior.class_prompt}' into {folder}")
     folder.mkdir(parents=True, exist_ok=True)
-    modes = (pipe.unet.training, pipe.text_encoder.training)
-    pipe.unet.eval(), pipe.text_encoder.eval()  # as the base model generates
+    modules = [pipe.unet, *pipe.text_encoders]  # Stable Diffusion XL: both encoders
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()  # as the base model generates
     for start in range(0, len(mine), 8):
         part = mine[start : start + 8]
         generators = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + PRIOR_SEED + i) for i in part]
@@ -71,7 +73,8 @@ def make_class_images(cfg, pipe, accelerator) -> None:
             tmp = folder / f".class-{i:05d}.png.tmp"
             image.save(tmp, format="PNG")
             os.replace(tmp, folder / f"class-{i:05d}.png")
-    pipe.unet.train(modes[0]), pipe.text_encoder.train(modes[1])
+    for m, mode in zip(modules, modes, strict=True):
+        m.train(mode)
     accelerator.wait_for_everyone()
 
 
@@ -128,14 +131,18 @@ def joined_conditioning(a: dict, b: dict) -> dict:
     """Two micro-batches' text arguments as one: states (or token ids) padded to the longer length, padding masked out
     where the encoder is masked (an unmasked encoder, CLIP, has one length: 77)."""
     key = "states" if "states" in a else "input_ids"
-    length = max(a[key].shape[1], b[key].shape[1])
+    tokens = lambda x: x.shape[-2] if key == "states" else x.shape[-1]  # noqa: E731  (states (B, L, D); ids (B, [2,] L))
+    length = max(tokens(a[key]), tokens(b[key]))
 
     def padded(x: torch.Tensor) -> torch.Tensor:
         pad = length - x.shape[1]
         return x if pad == 0 else F.pad(x, (0, 0, 0, pad) if x.dim() == 3 else (0, pad))
 
-    if a["mask"] is None and a[key].shape[1] != b[key].shape[1]:
-        raise RuntimeError(f"caption states of two lengths ({a[key].shape[1]}, {b[key].shape[1]}) for an unmasked text encoder")
+    if a["mask"] is None and tokens(a[key]) != tokens(b[key]):
+        raise RuntimeError(f"caption states of two lengths ({tokens(a[key])}, {tokens(b[key])}) for an unmasked text encoder")
     out = {key: torch.cat([padded(a[key]), padded(b[key])])}
     out["mask"] = None if a["mask"] is None else torch.cat([padded(a["mask"]), padded(b["mask"])])
+    for extra in ("pooled", "time_ids"):  # Stable Diffusion XL's, one row a sample
+        if extra in a:
+            out[extra] = torch.cat([a[extra], b[extra]])
     return out

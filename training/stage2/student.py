@@ -12,7 +12,7 @@ from transformers import AutoModel, AutoTokenizer
 from autoencoder import load_autoencoder
 from ldm.consistency import GUIDANCE_EMBEDDING_DIM, DDPMConsistency, FlowConsistency
 from ldm.diffusion import training_scheduler_of
-from ldm.folders import check_pipeline_folder, write_sampling
+from ldm.folders import check_pipeline_folder, is_xl_index, write_sampling
 from ldm.schedulers import flow_shift, is_flow
 from training.config import ConfigError
 from training.distill_config import DistillConfig
@@ -36,7 +36,7 @@ class StudentForward(torch.nn.Module):
 
 def load_teacher(folder: str) -> Models:
     """Every component of the teacher's pipeline folder, frozen; its text encoder's caption states go into the cache."""
-    if "text_encoder_2" in check_pipeline_folder(folder):
+    if is_xl_index(check_pipeline_folder(folder)):
         raise ConfigError(f"teacher {folder} is a Stable Diffusion XL folder; distillation takes SD-layout teachers only")
     root = Path(folder)
     vae = load_autoencoder(root / "vae").eval().requires_grad_(False)
