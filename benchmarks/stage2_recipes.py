@@ -104,6 +104,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
         "the one-image captions (sun, rocket) fitted further at the same steps; a risk of divergence (base diverged at 2e-3 on the Xeon)"),
     "default (coarse-attn, 5% caption dropout), attention at 8x8 too": (["model.unet=all-attn"],
         "sun and rocket drawn (the caption reaches the finest level, as in base, which drew them at 57 epochs); fewer steps"),
+    "default (coarse-attn, 5% caption dropout), 2 layers a block": (["model.unet=coarse-attn-2"],
+        "sun and rocket drawn (base, with 2 layers a block, drew them at 57 epochs; all-attn showed the 8x8 attention alone does not); fewer steps, lower top-1"),
     "default (coarse-attn, 5% caption dropout), CLIP text encoder trained with it": (["model.text_encoder=clip-scratch", "model.clip_preset=small"],
         "sun and rocket drawn: an encoder trained on these captions keeps one-image words apart where frozen MiniLM may not; fewer steps (it runs forward and backward every step)"),
 }

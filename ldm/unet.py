@@ -54,6 +54,15 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
         layers_per_block=1,
         attention_head_dim=8,
     ),
+    # "coarse-attn" with two ResNets (and transformers) per block, as "base" has: whether depth, not the 8x8 attention,
+    # is what drew the one-image captions in "base" (issue 26, RESULTS.md "U-Net shape, 2 layers a block")
+    "coarse-attn-2": dict(
+        block_out_channels=(64, 128, 256),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=2,
+        attention_head_dim=8,
+    ),
 }
 
 

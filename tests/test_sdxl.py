@@ -191,13 +191,13 @@ def test_two_ranks_fine_tune_sdxl_as_one_does(sdxl, mixed_shapes, tmp_path):
     from tests.conftest import run_to_the_end
 
     accelerate = Path(sys.executable).parent / "accelerate"
-    common = ["-m", "training.train_ldm", "--config", str(SDXL_CONFIG), f"model.init_from={sdxl}", f"data.path={mixed_shapes}",
-              *TINY, "finetune.train_text_encoder=true", "data.random_flip=true", "train.max_steps=4", "train.checkpoint_every=4",
+    common = ["finetune.train_text_encoder=true", "data.random_flip=true", "train.max_steps=4", "train.checkpoint_every=4",
               f"cache.dir={tmp_path / 'cache'}"]  # fmt: skip
-    runs = {"one": (["--num_processes", "1"], 8), "two": (["--multi_gpu", "--num_processes", "2"], 4)}
-    for name, (procs, batch) in runs.items():
-        run_to_the_end([str(accelerate), "launch", *procs, *common, f"output_dir={tmp_path / name}", f"train.batch_size={batch}"],
-                       tmp_path / name)  # fmt: skip
+    runs = ("one", "two")  # one rank in this process (the same job), two launched
+    train(finetune_cfg(sdxl, mixed_shapes, tmp_path / "one", *common, "train.batch_size=8"))
+    run_to_the_end([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "-m", "training.train_ldm", "--config",
+                    str(SDXL_CONFIG), f"model.init_from={sdxl}", f"data.path={mixed_shapes}", *TINY, *common,
+                    f"output_dir={tmp_path / 'two'}", "train.batch_size=4"], tmp_path / "two")  # fmt: skip
     one, two = (load_file(str(tmp_path / n / "lora" / "pytorch_lora_weights.safetensors")) for n in runs)
     assert {k.split(".")[0] for k in one} == {"unet", "text_encoder", "text_encoder_2"} and max_difference(one, two) < 1e-5
     loss = [[r["loss"] for r in map(json.loads, (tmp_path / n / "log.jsonl").read_text().splitlines()) if "loss" in r] for n in runs]
@@ -229,16 +229,23 @@ def test_the_generate_command_and_the_page_draw_an_sdxl_folder_with_a_lora_as_di
     assert seed == 7 and np.abs(np.asarray(Image.open(files[0][0]).convert("RGB")).astype(int) - ours).max() == 0
 
 
-def test_prior_preservation_on_sdxl_draws_class_images_with_the_base_model_and_changes_the_result(sdxl, mixed_shapes, tmp_path):
-    """DreamBooth's class images come from the SDXL base pipeline, and their micro-batches (pooled embeddings and time
-    ids joined to the instance ones) train beside the instance images."""
-    common = ["train.max_steps=2", "train.checkpoint_every=2", "data.buckets.enabled=false"]
+def test_prior_preservation_on_sdxl_draws_class_images_with_the_base_model_and_trains_on_both(sdxl, mixed_shapes, tmp_path,
+                                                                                                monkeypatch):  # fmt: skip
+    """DreamBooth's class images come from the SDXL base pipeline, and each micro-batch is the instance images followed
+    by as many class images, their pooled embeddings and time ids joined to the instance ones (the class images' are
+    their own: 32x32, uncropped)."""
+    import training.train_ldm as job
+
+    seen = []
+    real = job.added_cond
+    monkeypatch.setattr(job, "added_cond", lambda pooled, time_ids: seen.append((len(pooled), time_ids.clone())) or real(pooled, time_ids))
     prior = [f"prior.class_data={tmp_path / 'class'}", "prior.class_prompt=a pattern", "prior.num_class_images=4", "prior.steps=2"]
-    train(finetune_cfg(sdxl, mixed_shapes, tmp_path / "plain", *common))
-    train(finetune_cfg(sdxl, mixed_shapes, tmp_path / "prior", *common, *prior))
+    train(finetune_cfg(sdxl, mixed_shapes, tmp_path / "prior", "train.max_steps=2", "train.checkpoint_every=2",
+                       "data.buckets.enabled=false", *prior))  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "class").glob("*.png")) == [f"class-{i:05d}.png" for i in range(4)]
-    plain, with_prior = (load_file(str(tmp_path / r / "lora" / "pytorch_lora_weights.safetensors")) for r in ("plain", "prior"))
-    assert max_difference(plain, with_prior) > 1e-6
+    assert len(seen) == 2 and all(n == 8 for n, _ in seen)  # 4 instance + 4 class images a step
+    for _, ids in seen:
+        assert ids[4:].tolist() == [[32, 32, 0, 0, 32, 32]] * 4  # the class images: drawn at 32x32, not cropped
 
 
 def test_sdxl_folders_this_project_cannot_draw_as_diffusers_does_are_refused_in_one_line(sdxl, tmp_path):
