@@ -34,7 +34,7 @@ from .folders import check_pipeline_folder, is_xl_index, resolve_dtype
 from .guidance import classifier_free_guidance
 from .inputs import ImageInput, check_inputs, image_tensor, negative_prompts
 from .schedulers import make_scheduler, set_sampling_timesteps, step_kwargs
-from .text import encode_text, uses_attention_mask
+from .text import TextEmbedding, encode_text, uses_attention_mask
 from .unet import unet_downsampling
 
 
@@ -252,13 +252,22 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
     # ---- the steps' helpers ------------------------------------------------------------------
 
     def _condition(self, prompts, negatives, unset_negatives, do_cfg, per_prompt, cross_attention_kwargs, size) -> dict:
-        """The U-Net's text keyword arguments (``encoder_hidden_states`` (rows, L, D), ``encoder_attention_mask``); a LoRA
-        scale applies to text-encoder adapters too, as in Stable Diffusion (both helpers leave an encoder without adapters,
-        and a scale of None, alone)."""
+        """The U-Net's text keyword arguments; a LoRA scale applies to every text encoder's adapters too, as in Stable
+        Diffusion (both helpers leave an encoder without adapters, and a scale of None, alone)."""
         lora_scale = (cross_attention_kwargs or {}).get("scale")
-        scale_lora_layers(self.text_encoder, lora_scale if lora_scale is not None else 1.0)
-        text = encode_text(self.tokenizer, self.text_encoder, negatives + prompts if do_cfg else prompts)
-        unscale_lora_layers(self.text_encoder, lora_scale)
+        for encoder in self.text_encoders:
+            scale_lora_layers(encoder, lora_scale if lora_scale is not None else 1.0)
+        text = self._encode(prompts, negatives if do_cfg else None, unset_negatives)
+        for encoder in self.text_encoders:
+            unscale_lora_layers(encoder, lora_scale)
+        return self._text_kwargs(text, per_prompt, size)
+
+    def _encode(self, prompts: list[str], negatives: list[str] | None, unset_negatives: bool) -> TextEmbedding:
+        """The prompts' embedding, rows [negatives, prompts] (``negatives`` None: the prompts only)."""
+        return encode_text(self.tokenizer, self.text_encoder, negatives + prompts if negatives is not None else prompts)
+
+    def _text_kwargs(self, text: TextEmbedding, per_prompt: int, size: tuple[int, int]) -> dict:
+        """``encoder_hidden_states`` (rows x per_prompt, L, D) and ``encoder_attention_mask``, each row repeated."""
         states = text.states.to(self.unet.dtype).repeat_interleave(per_prompt, dim=0)
         mask = text.mask.repeat_interleave(per_prompt, dim=0) if text.mask is not None else None
         return {"encoder_hidden_states": states, "encoder_attention_mask": mask}

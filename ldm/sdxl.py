@@ -17,13 +17,12 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from runtime.errors import InputError
 
 from .pipeline import LatentDiffusionPipeline
-from .text import XLTextEncoders, XLTokenizers, encode_text
+from .text import TextEmbedding, XLTextEncoders, XLTokenizers, encode_text
 
 
 def is_xl_unet(unet: UNet2DConditionModel) -> bool:
@@ -61,8 +60,8 @@ def check_xl_vae(vae: AutoencoderKL) -> str | None:
 def check_xl_unet(unet: UNet2DConditionModel, text_encoder: XLTextEncoders, vae: AutoencoderKL | None = None) -> str | None:
     """Why the U-Net's added embedding does not take 6 time ids and the second encoder's pooled embedding (or the
     autoencoder does not fit an SDXL folder: :func:`check_xl_vae`), or None."""
-    if vae is not None and check_xl_vae(vae):
-        return check_xl_vae(vae)
+    if vae is not None and (why := check_xl_vae(vae)):
+        return why
     wanted = unet.add_embedding.linear_1.in_features
     given = unet.config.addition_time_embed_dim * 6 + text_encoder.config.projection_dim
     if wanted != given:
@@ -92,8 +91,8 @@ class LatentDiffusionXLPipeline(StableDiffusionXLLoraLoaderMixin, LatentDiffusio
         scheduler: SchedulerMixin,
         force_zeros_for_empty_prompt: bool = True,
     ) -> None:
-        if check_xl_vae(vae):
-            raise InputError(check_xl_vae(vae))
+        if why := check_xl_vae(vae):
+            raise InputError(why)
         super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
         self.register_modules(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
@@ -116,28 +115,23 @@ class LatentDiffusionXLPipeline(StableDiffusionXLLoraLoaderMixin, LatentDiffusio
     def text_encoders(self) -> list:
         return [self.text_encoder, self.text_encoder_2]
 
-    def _condition(self, prompts, negatives, unset_negatives, do_cfg, per_prompt, cross_attention_kwargs, size) -> dict[str, Any]:
-        """The states of both encoders (rows, 77, D1 + D2) and ``added_cond_kwargs``: the pooled embeddings and the
-        time ids of an uncropped image of ``size`` (height, width), diffusers' defaults."""
-        encoders, tokenizers = (
-            XLTextEncoders(self.text_encoder, self.text_encoder_2),
-            XLTokenizers(self.tokenizer, self.tokenizer_2),
-        )
-        lora_scale = (cross_attention_kwargs or {}).get("scale")
-        for encoder in self.text_encoders:
-            scale_lora_layers(encoder, lora_scale if lora_scale is not None else 1.0)
+    def _encode(self, prompts: list[str], negatives: list[str] | None, unset_negatives: bool) -> TextEmbedding:
+        """Both encoders' states (rows, 77, D1 + D2) and the pooled embeddings (rows, P), rows [negatives, prompts];
+        unset negatives are zeros where the folder says so."""
+        encoders = XLTextEncoders(self.text_encoder, self.text_encoder_2)
+        tokenizers = XLTokenizers(self.tokenizer, self.tokenizer_2)
         text = encode_text(tokenizers, encoders, prompts)
-        states, pooled = text.states, text.pooled  # (B, L, D1 + D2), (B, P)
-        if do_cfg:
-            if unset_negatives and self.config.force_zeros_for_empty_prompt:
-                negative_states, negative_pooled = torch.zeros_like(states), torch.zeros_like(pooled)
-            else:
-                negative = encode_text(tokenizers, encoders, negatives)
-                negative_states, negative_pooled = negative.states, negative.pooled
-            states, pooled = torch.cat([negative_states, states]), torch.cat([negative_pooled, pooled])
-        for encoder in self.text_encoders:
-            unscale_lora_layers(encoder, lora_scale)
-        states = states.to(self.unet.dtype).repeat_interleave(per_prompt, dim=0)
-        pooled = pooled.to(self.unet.dtype).repeat_interleave(per_prompt, dim=0)
+        if negatives is None:
+            return text
+        if unset_negatives and self.config.force_zeros_for_empty_prompt:
+            negative = TextEmbedding(torch.zeros_like(text.states), None, torch.zeros_like(text.pooled))
+        else:
+            negative = encode_text(tokenizers, encoders, negatives)
+        return TextEmbedding(torch.cat([negative.states, text.states]), None, torch.cat([negative.pooled, text.pooled]))
+
+    def _text_kwargs(self, text: TextEmbedding, per_prompt: int, size: tuple[int, int]) -> dict[str, Any]:
+        """The states, and ``added_cond_kwargs``: the pooled embeddings and the time ids of an uncropped image of
+        ``size`` (height, width), diffusers' defaults."""
+        pooled = text.pooled.to(self.unet.dtype).repeat_interleave(per_prompt, dim=0)
         time_ids = torch.tensor([size_condition(size, (0, 0), size)] * len(pooled), device=pooled.device, dtype=pooled.dtype)
-        return {"encoder_hidden_states": states, "added_cond_kwargs": added_cond(pooled, time_ids)}
+        return super()._text_kwargs(text, per_prompt, size) | {"added_cond_kwargs": added_cond(pooled, time_ids)}

@@ -254,7 +254,7 @@ def test_sdxl_folders_this_project_cannot_draw_as_diffusers_does_are_refused_in_
     import shutil
 
     from runtime.errors import InputError
-    from training.stage2.models import _folder_text
+    from training.stage2.models import folder_text
     from training.stage2.samples import pipeline_of
 
     refiner = tmp_path / "refiner"
@@ -268,7 +268,7 @@ def test_sdxl_folders_this_project_cannot_draw_as_diffusers_does_are_refused_in_
     with pytest.raises(SingleFileError, match="Stable Diffusion XL folder"):  # the single-file export: SD 1.x only
         check_convertible(sdxl)
     (refiner / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}))
-    tokenizers, encoders, _ = _folder_text(refiner)
+    tokenizers, encoders, _ = folder_text(refiner)
     pipe = LatentDiffusionPipeline.from_pretrained(sdxl, dtype="fp32")
     assert pipeline_of(pipe.vae, encoders, tokenizers, pipe.unet, pipe.scheduler).config.force_zeros_for_empty_prompt is False
     for key, value in (("shift_factor", 0.1), ("latents_mean", [0.0] * 4)):

@@ -68,7 +68,7 @@ def load_models(cfg: LdmJobConfig) -> Models:
         root = Path(m.init_from)
         vae_dir = Path(m.replace_vae) if m.replace_vae else root / "vae"
         vae = load_autoencoder(vae_dir)
-        tokenizer, text_encoder, second = _folder_text(root)  # second: Stable Diffusion XL's second encoder's folder
+        tokenizer, text_encoder, second = folder_text(root)  # second: Stable Diffusion XL's second encoder's folder
         unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True)
         noise_scheduler = training_scheduler_of(root / "scheduler")
         return Models(
@@ -107,7 +107,7 @@ def load_models(cfg: LdmJobConfig) -> Models:
     )
 
 
-def _folder_text(root: Path) -> tuple:
+def folder_text(root: Path) -> tuple:
     """(tokenizer, text encoder, second encoder's folder or None) of a pipeline folder: its one, or Stable Diffusion XL's
     two as one (:class:`ldm.text.XLTextEncoders`), each of the transformers class its model_index.json names (checked to
     be a transformers class by ``check_pipeline_folder``)."""
@@ -190,8 +190,8 @@ def check_compatible(unet, vae, text_encoder, resolution: int, vae_path: str) ->
             if is_xl_unet(unet)
             else "the folder has Stable Diffusion XL's two text encoders but its U-Net takes no pooled embedding"
         )
-    if is_xl_unet(unet) and check_xl_unet(unet, text_encoder, vae):
-        raise ConfigError(check_xl_unet(unet, text_encoder, vae))
+    if is_xl_unet(unet) and (why := check_xl_unet(unet, text_encoder, vae)):
+        raise ConfigError(why)
     f, total = downsampling_factor(vae), total_downsampling(vae, unet)
     if resolution % total:
         raise ConfigError(

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
-from transformers import AutoModel, AutoTokenizer
 
 from autoencoder import load_autoencoder
 from ldm.consistency import GUIDANCE_EMBEDDING_DIM, DDPMConsistency, FlowConsistency
@@ -18,7 +17,7 @@ from training.config import ConfigError
 from training.distill_config import DistillConfig
 from training.ldm_config import FinetuneConfig
 from training.stage2.finetune import add_lora, export_lora, fused_lora_pipeline
-from training.stage2.models import Models
+from training.stage2.models import Models, folder_text
 from training.stage2.samples import pipeline_of
 
 
@@ -40,8 +39,8 @@ def load_teacher(folder: str) -> Models:
         raise ConfigError(f"teacher {folder} is a Stable Diffusion XL folder; distillation takes SD-layout teachers only")
     root = Path(folder)
     vae = load_autoencoder(root / "vae").eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-    text_encoder = AutoModel.from_pretrained(root / "text_encoder", use_safetensors=True).eval().requires_grad_(False)
+    tokenizer, text_encoder, _ = folder_text(root)
+    text_encoder.eval().requires_grad_(False)
     unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True).eval().requires_grad_(False)
     scheduler = training_scheduler_of(root / "scheduler")
     return Models(vae, tokenizer, text_encoder, False, unet, scheduler, str(root / "vae"), str(root / "text_encoder"),
