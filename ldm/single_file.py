@@ -23,7 +23,8 @@ back with diffusers' own functions gives every tensor of the folder, bit for bit
     text encoder (prefix cond_stage_model.transformer.text_model.): transformers' CLIPTextModel names (SD 1.x).
 
 Only what those tools can load is written: a CLIP text encoder of OpenAI's kind (SD 1.x; SD 2.x keeps its OpenCLIP
-encoder in another layout), a U-Net without class or added embeddings (SDXL has two encoders and added embeddings).
+encoder in another layout), a U-Net without class or added embeddings (SDXL has two encoders and added embeddings),
+an epsilon-prediction DDPM model (they take every SD 1.x file as one).
 """
 
 from __future__ import annotations
@@ -142,6 +143,12 @@ def check_convertible(folder: str | Path) -> None:
         raise SingleFileError(
             f"'{folder}' is a flow-matching model: the tools that load SD single files sample it as DDPM; "
             "load the folder itself (diffusers layout)"
+        )
+    if (prediction := scheduler.get("prediction_type", "epsilon")) != "epsilon":
+        raise SingleFileError(
+            f"'{folder}' is a {prediction} model: the tools that load SD 1.x single files sample every one as epsilon "
+            "(AUTOMATIC1111 reads v-prediction only from a .yaml beside the file, ComfyUI from a loader node), so it "
+            "would draw wrong images there; load the folder itself (diffusers layout)"
         )
     vae = _config(folder, "vae")
     if vae.get("scaling_factor", SD_SCALING_FACTOR) != SD_SCALING_FACTOR or vae.get("shift_factor") not in (None, 0, 0.0):

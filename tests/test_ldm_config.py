@@ -5,7 +5,7 @@ import pytest
 from tests.conftest import ROOT, TINY_LDM_CONFIG
 from training.autoencoder_config import validate as validate_autoencoder
 from training.config import ConfigError, load_config
-from training.ldm_config import LdmJobConfig, text_encoder_trains, validate
+from training.ldm_config import LdmJobConfig, text_encoder_trains, validate, with_objective
 from training.train_autoencoder import AutoencoderJobConfig
 
 SCHEMAS = {"autoencoder": (AutoencoderJobConfig, validate_autoencoder), "ldm": (LdmJobConfig, validate), "finetune": (LdmJobConfig, validate)}
@@ -61,3 +61,33 @@ def test_each_objectives_keys_are_refused_under_the_other_and_its_names_are_chec
     validate(load_config(LdmJobConfig, TINY_LDM_CONFIG, ["objective.type=flow", "objective.timesteps=mode", "objective.shift=3"]))
     # a DDPM term switched off is no conflict: a DDPM config (min_snr_gamma: 5) turned to flow can say min_snr_gamma=null
     validate(load_config(LdmJobConfig, TINY_LDM_CONFIG, ["objective.type=flow", "objective.min_snr_gamma=null"]))
+
+
+@pytest.mark.parametrize("name", ["lora-openmoji", "full-openmoji", "lora-sdxl"])
+def test_a_fine_tune_takes_its_folders_objective_and_refuses_only_an_explicit_other_one(name):
+    """The shipped fine-tune configs set no objective type or shift: a DDPM folder fine-tunes as DDPM (min-SNR 5, the
+    default), a flow folder as flow with its own shift; an explicit conflicting objective.type or shift is one line.
+    A new U-Net's unset ones are ddpm, and 1.0 for flow."""
+    path = ROOT / "configs" / "finetune" / f"{name}.yaml"
+    shipped = load_config(LdmJobConfig, path)
+    assert (shipped.objective.type, shipped.objective.shift) == (None, None)
+    src = shipped.model.init_from
+    ddpm, flow = with_objective(shipped, "ddpm", None, src).objective, with_objective(shipped, "flow", 3.0, src).objective
+    assert (ddpm.type, ddpm.shift, ddpm.min_snr_gamma) == ("ddpm", None, 5.0) and (flow.type, flow.shift) == ("flow", 3.0)
+
+    def refused(kind, shift, *overrides):
+        with pytest.raises(ConfigError) as err:
+            with_objective(load_config(LdmJobConfig, path, list(overrides)), kind, shift, src)
+        return str(err.value)
+
+    assert "objective.type=ddpm: model.init_from=" in refused("flow", 3.0, "objective.type=ddpm")
+    assert "was trained with objective.type=ddpm, which fine-tuning keeps" in refused("ddpm", None, "objective.type=flow")
+    assert "objective.shift=2.0: model.init_from=" in refused("flow", 3.0, "objective.shift=2.0")
+    assert "objective.shift would be ignored: it is for objective.type=flow, and this run's is ddpm" in refused("ddpm", None, "objective.shift=2")
+    assert "objective.min_snr_gamma would be ignored" in refused("flow", 1.0, "objective.min_snr_gamma=1")
+    same = with_objective(load_config(LdmJobConfig, path, ["objective.type=flow", "objective.shift=3.0"]), "flow", 3.0, src).objective
+    assert (same.type, same.shift) == ("flow", 3.0)  # explicit and equal to the folder's: no conflict
+    new = load_config(LdmJobConfig, TINY_LDM_CONFIG)
+    assert (with_objective(new).objective.type, with_objective(new).objective.shift) == ("ddpm", None)
+    flow_new = with_objective(load_config(LdmJobConfig, TINY_LDM_CONFIG, ["objective.type=flow"])).objective
+    assert (flow_new.type, flow_new.shift) == ("flow", 1.0)

@@ -127,6 +127,7 @@ def test_a_fine_tuned_sdxl_folder_loads_in_diffusers_sdxl_pipeline_and_draws_wha
     if method == "lora":
         keys = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors")).keys()
         assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+        assert not (out / "lora" / "lora_kohya.safetensors").exists()  # kohya's SDXL layout names original blocks: not written
         same_sampler = lambda pipe: setattr(pipe, "scheduler", type(ours.scheduler).from_config(ours.scheduler.config)) or pipe  # noqa: E731
         base = same_sampler(StableDiffusionXLPipeline.from_pretrained(sdxl, add_watermarker=False))  # the export's DPM++
         base.load_lora_weights(str(out / "lora"))

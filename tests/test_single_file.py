@@ -81,6 +81,7 @@ def test_from_single_file_offline_makes_the_folders_image_and_fp16_halves_the_fi
     ("minilm", "holds a CLIP text encoder (SD 1.x)"),
     ("scaling", "scaling_factor=0.5 and shift_factor=None"),
     ("flow", "is a flow-matching model"),
+    ("v_prediction", "is a v_prediction model: the tools that load SD 1.x single files sample every one as epsilon"),
 ])  # fmt: skip
 def test_a_folder_the_layout_cannot_hold_is_one_line(change, message, sd_folder, tmp_path, capsys):
     import json
@@ -91,7 +92,9 @@ def test_a_folder_the_layout_cannot_hold_is_one_line(change, message, sd_folder,
         tiny_pipeline("minilm").save_pretrained(folder)  # this project's own models: not a CLIP text encoder
     else:
         shutil.copytree(sd_folder, folder)
-        part, key, value = ("vae/config.json", "scaling_factor", 0.5) if change == "scaling" else ("scheduler/scheduler_config.json", "use_flow_sigmas", True)
+        part, key, value = {"scaling": ("vae/config.json", "scaling_factor", 0.5),
+                            "flow": ("scheduler/scheduler_config.json", "use_flow_sigmas", True),
+                            "v_prediction": ("scheduler/scheduler_config.json", "prediction_type", "v_prediction")}[change]  # fmt: skip
         config = json.loads((folder / part).read_text())
         (folder / part).write_text(json.dumps({**config, key: value}))
     capsys.readouterr()  # the loading bars of the lines above

@@ -8,6 +8,7 @@ that would be ignored in the combination given is an error that names the confli
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from ldm.diffusion import PREDICTION_TYPES
@@ -22,6 +23,7 @@ from training.run.setup import RunConfig
 
 DEFAULT_PROMPTS = ("red apple", "grinning face", "sun", "red heart", "pine tree", "dog face", "rocket", "snowflake")
 FINETUNE_METHODS = ("none", "full", "lora")
+OBJECTIVE_TYPES = ("ddpm", "flow")
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,9 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    # ddpm (eps or v, model.prediction_type) | flow (rectified flow: the U-Net predicts eps - x_0; ldm/flow.py)
-    type: str = "ddpm"
+    # ddpm (eps or v, model.prediction_type) | flow (rectified flow: the U-Net predicts eps - x_0; ldm/flow.py).
+    # Unset: ddpm for a new U-Net; a fine-tune's (model.init_from) is its folder's, and another value is refused
+    type: str | None = None
     min_snr_gamma: float | None = 5.0  # ddpm; None: plain MSE
     offset_noise: float = 0.0  # e.g. 0.05; 0: off
     zero_terminal_snr: bool = False  # ddpm; needs prediction_type=v_prediction (a new U-Net only: init_from brings its schedule)
@@ -74,20 +77,22 @@ class ObjectiveConfig:
     logit_mean: float = 0.0  # flow, logit_normal
     logit_std: float = 1.0  # flow, logit_normal
     mode_scale: float = 1.29  # flow, mode
-    shift: float = 1.0  # flow: SD3's resolution shift of sigma (> 1: more steps near the noise); the exported scheduler's too
+    # flow: SD3's resolution shift of sigma (> 1: more steps near the noise); the exported scheduler's too.
+    # Unset: 1.0 for a new U-Net; a fine-tune's is its folder's, and another value is refused
+    shift: float | None = None
     weighting: str = "none"  # flow: the loss weight of sigma: none | sigma_sqrt | cosmap
 
     DDPM_KEYS = ("min_snr_gamma", "zero_terminal_snr")
     FLOW_KEYS = ("timesteps", "logit_mean", "logit_std", "mode_scale", "shift", "weighting")
 
     def __post_init__(self) -> None:
-        if self.type not in ("ddpm", "flow"):
+        if self.type not in (None, *OBJECTIVE_TYPES):
             raise ConfigError(f"objective.type='{self.type}' is unknown; valid: ddpm, flow")
         if self.timesteps not in TIMESTEP_SAMPLINGS:
             raise ConfigError(f"objective.timesteps='{self.timesteps}' is unknown; valid: {', '.join(TIMESTEP_SAMPLINGS)}")
         if self.weighting not in LOSS_WEIGHTINGS:
             raise ConfigError(f"objective.weighting='{self.weighting}' is unknown; valid: {', '.join(LOSS_WEIGHTINGS)}")
-        if self.shift <= 0 or self.logit_std <= 0:
+        if (self.shift is not None and self.shift <= 0) or self.logit_std <= 0:
             raise ConfigError(f"objective.shift={self.shift} and objective.logit_std={self.logit_std} must be > 0")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"objective.caption_dropout={self.caption_dropout} must be in [0, 1)")
@@ -205,6 +210,27 @@ def text_encoder_trains(cfg: LdmJobConfig) -> bool:
     return cfg.finetune.train_text_encoder if cfg.model.init_from else cfg.model.text_encoder == "clip-scratch"
 
 
+def with_objective(cfg: LdmJobConfig, kind: str = "ddpm", shift: float | None = None, source: str | None = None) -> LdmJobConfig:
+    """``cfg`` with objective.type and objective.shift set. A new U-Net's unset ones are ddpm and (for flow) 1.0; a
+    fine-tune keeps its folder's (``source``: model.init_from, trained with ``kind`` and ``shift``), and an explicit
+    other value is refused in one line. The keys of the other family are checked again on the result."""
+    o = cfg.objective
+    if source is not None and o.type not in (None, kind):
+        raise ConfigError(
+            f"objective.type={o.type}: model.init_from={source} was trained with objective.type={kind}, which fine-tuning "
+            "keeps; leave objective.type unset"
+        )
+    kind = o.type or kind
+    if source is not None and kind == "flow" and o.shift not in (None, shift):
+        raise ConfigError(
+            f"objective.shift={o.shift}: model.init_from={source} was trained with shift {shift}, which fine-tuning keeps; "
+            "leave objective.shift unset"
+        )
+    unset = (shift if source is not None else 1.0) if kind == "flow" else None
+    shift = o.shift if o.shift is not None else unset  # a ddpm run's explicit shift is refused as flow's (validate)
+    return dataclasses.replace(cfg, objective=dataclasses.replace(o, type=kind, shift=shift))
+
+
 def _changed(section, keys: tuple[str, ...]) -> list[str]:
     """The ``keys`` of a config section that differ from the schema's defaults."""
     default = type(section)()
@@ -215,13 +241,15 @@ def validate(cfg: LdmJobConfig) -> None:
     """The rules across sections (each section checks its own fields when it is built); no file is
     read: the folders the config names are checked by the job, the models' fit once they are built."""
     m, o = cfg.model, cfg.objective
-    other = ObjectiveConfig.FLOW_KEYS if o.type == "ddpm" else ObjectiveConfig.DDPM_KEYS
-    if ignored := [k for k in _changed(o, other) if getattr(o, k) not in (None, False)]:  # "off" is no conflict
+    kind = o.type or (None if m.init_from else "ddpm")  # a fine-tune's unset type is its folder's (with_objective)
+    other = {"ddpm": ObjectiveConfig.FLOW_KEYS, "flow": ObjectiveConfig.DDPM_KEYS}.get(kind, ())
+    # "off" is no conflict: None, false, a shift of 1 (no shift; what configs saved before the shift was unset hold)
+    if ignored := [k for k in _changed(o, other) if getattr(o, k) not in (None, False) and (k, getattr(o, k)) != ("shift", 1.0)]:
         raise ConfigError(
-            f"objective.{ignored[0]} would be ignored: it is for objective.type={'flow' if o.type == 'ddpm' else 'ddpm'}, "
-            f"and this run's is {o.type}"
+            f"objective.{ignored[0]} would be ignored: it is for objective.type={'flow' if kind == 'ddpm' else 'ddpm'}, "
+            f"and this run's is {kind}" + (f" (model.init_from={m.init_from}'s)" if m.init_from else "")
         )
-    if o.type == "flow" and m.prediction_type != "epsilon":
+    if kind == "flow" and m.prediction_type != "epsilon":
         raise ConfigError(
             f"model.prediction_type={m.prediction_type} is DDPM's; with objective.type=flow the U-Net predicts the velocity eps - x_0"
         )

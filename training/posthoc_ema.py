@@ -30,7 +30,7 @@ from training.config import ConfigError, RunError, load_config
 from training.ldm_config import LdmJobConfig
 from training.run.posthoc_ema import find_snapshots, reconstruct, reconstructable
 from training.stage2.export import export_run
-from training.stage2.models import load_models, prepare_to_train
+from training.stage2.models import load_models, prepare_to_train, resolve_objective
 
 SWEEP = [0.02, 0.03, 0.04, 0.05, 0.065, 0.08, 0.10, 0.13, 0.16, 0.20, 0.25]
 
@@ -59,12 +59,13 @@ def export_posthoc(run_dir: Path, sigma_rel: float, out: Path, step: int | None 
 
 
 def run_config(run_dir: Path) -> LdmJobConfig:
-    """The stage-2 config a run saved; anything else is named in one line."""
+    """The stage-2 config a run saved (its objective as it trained: :func:`resolve_objective`); anything else is named in
+    one line."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise RunError(f"{run_dir} is not a training run folder: it has no config.yaml")
     try:
-        return load_config(LdmJobConfig, path)
+        return resolve_objective(load_config(LdmJobConfig, path))
     except ConfigError as err:
         raise RunError(f"{run_dir} is not a stage-2 run (training.train_ldm): {err}") from None
 

@@ -39,7 +39,7 @@ from training.stage2.autoencoder_check import check_autoencoder_fit
 from training.stage2.cache import open_latent_cache
 from training.stage2.conditioning import Conditioning
 from training.stage2.export import export_run
-from training.stage2.models import Models, check_compatible, check_objective, load_models, prepare_to_train, training_objective
+from training.stage2.models import Models, check_compatible, load_models, prepare_to_train, resolve_objective, training_objective
 from training.stage2.batches import NoisyBatches
 from training.stage2.prior import open_prior
 from training.stage2.samples import ema_weights, pipeline_of, sample_shapes, save_samples
@@ -70,6 +70,7 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     ``stop_after_steps`` stops right after that step's checkpoint, as if killed there (tests)."""
     if cfg.model.init_from:
         check_pipeline_folder(cfg.model.init_from)  # a diffusers layout of safetensors files, nothing else
+    cfg = resolve_objective(cfg)  # objective.type and shift: a fine-tune's are its folder's
     out, train_cfg = Path(cfg.output_dir), cfg.train
     accelerator, threads = run.start_accelerator(train_cfg, cfg.seed, out)
     is_main, device = accelerator.is_main_process, accelerator.device
@@ -80,7 +81,6 @@ def train(cfg: LdmJobConfig, *, stop_after_steps: int | None = None) -> Path:
     check_masks(records, cfg.data.mask)  # data.mask: a mask for every image, before any work
     check_split(cfg)  # eval.every needs the held-out split
     models = load_models(cfg)
-    check_objective(cfg, models)  # a fine-tune keeps its folder's objective and shift
     vae, tokenizer, text_encoder, unet = models.vae.to(device), models.tokenizer, models.text_encoder, models.unet
     trained_text_encoder = text_encoder if models.text_trains else None
     check_compatible(unet, vae, text_encoder, cfg.data.resolution, models.vae_dir)

@@ -4,6 +4,7 @@ pipeline with the adapters fused in."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -103,14 +104,21 @@ KOHYA_FILE = "lora_kohya.safetensors"
 
 
 def export_lora_kohya(unet, text_encoder, folder: Path, alpha: float) -> Path:
-    """``folder/lora_kohya.safetensors``: the same adapters in kohya's key layout (``lora_unet_..._to_q.lora_down.weight``
-    with its ``.alpha``, ``lora_te1_...`` for the text encoder), what AUTOMATIC1111, ComfyUI and sd-scripts load.
-    diffusers' converter writes each alpha as the rank (a scale of 1); the adapters here scale by lora_alpha / rank,
-    so ``alpha`` (``finetune.lora_alpha``) replaces it."""
+    """``folder/lora_kohya.safetensors``: the same adapters in kohya's key layout for a Stable Diffusion 1.x-layout
+    model, what AUTOMATIC1111, ComfyUI and sd-scripts load: ``lora_unet_<diffusers module, dots as _>.lora_down.weight``
+    with its ``.alpha``, and ``lora_te_text_model_encoder_layers_<n>_self_attn_q_proj...`` for the CLIP text encoder
+    (sd-scripts' prefix for a one-encoder model; ComfyUI and A1111 look the text encoder's adapters up by exactly these
+    names, and drop others silently). diffusers' converter writes each alpha as the rank (a scale of 1); the adapters
+    here scale by lora_alpha / rank, so ``alpha`` (``finetune.lora_alpha``) replaces it."""
     layers = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
-    if text_encoder is not None:
-        layers |= {f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(text_encoder).items()}
-    kohya = convert_state_dict_to_kohya(layers)
+    if text_encoder is not None:  # transformers 5's CLIPTextModel names its modules without CLIP's text_model. level
+        clip = text_encoder.config.model_type == "clip_text_model"
+        layers |= {
+            f"text_encoder.{'text_model.' + k if clip and not k.startswith('text_model.') else k}": v
+            for k, v in get_peft_model_state_dict(text_encoder).items()
+        }
+    # diffusers names the first text encoder lora_te1 (SDXL's); a one-encoder model's is lora_te
+    kohya = {re.sub(r"^lora_te1_", "lora_te_", k): v for k, v in convert_state_dict_to_kohya(layers).items()}
     kohya = {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v.detach().contiguous() for k, v in kohya.items()}
     folder.mkdir(parents=True, exist_ok=True)
     save_file(kohya, str(folder / KOHYA_FILE), metadata={"ss_network_module": "networks.lora", "ss_network_alpha": str(alpha)})

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 import transformers
 from transformers import AutoModel, AutoTokenizer
@@ -23,7 +24,7 @@ from ldm.text import XLTextEncoders, XLTokenizers, load_text_encoder
 from ldm.pipeline import total_downsampling
 from ldm.unet import build_unet
 from training.config import ConfigError
-from training.ldm_config import FinetuneConfig, LdmJobConfig, text_encoder_trains
+from training.ldm_config import FinetuneConfig, LdmJobConfig, text_encoder_trains, with_objective
 from training.stage2.finetune import add_lora
 
 
@@ -112,13 +113,15 @@ def folder_text(root: Path) -> tuple:
     two as one (:class:`ldm.text.XLTextEncoders`), each of the transformers class its model_index.json names (checked to
     be a transformers class by ``check_pipeline_folder``)."""
     index = json.loads((root / "model_index.json").read_text())
+    # float32 as the U-Net and autoencoder load, whatever the files hold: transformers keeps a file's fp16 (most SD
+    # folders), which a trained encoder cannot step in, and autocast (bf16) decides the compute precision, not the file
+    fp32 = {"use_safetensors": True, "dtype": torch.float32}
     if not is_xl_index(index):
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-        return tokenizer, AutoModel.from_pretrained(root / "text_encoder", use_safetensors=True), None
+        return tokenizer, AutoModel.from_pretrained(root / "text_encoder", **fp32), None
     tokenizers = [AutoTokenizer.from_pretrained(root / name) for name in ("tokenizer", "tokenizer_2")]
     encoders = [
-        getattr(transformers, index[name][1]).from_pretrained(root / name, use_safetensors=True)
-        for name in ("text_encoder", "text_encoder_2")
+        getattr(transformers, index[name][1]).from_pretrained(root / name, **fp32) for name in ("text_encoder", "text_encoder_2")
     ]
     encoder = XLTextEncoders(*encoders, force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))
     return XLTokenizers(*tokenizers), encoder, str(root / "text_encoder_2")
@@ -130,21 +133,14 @@ def caches_text(cfg: LdmJobConfig, text_trains: bool) -> bool:
     return cfg.cache.text and not text_trains and not cfg.captions.per_step
 
 
-def check_objective(cfg: LdmJobConfig, models: Models) -> None:
-    """A fine-tune trains with its folder's objective (ddpm or flow) and, for flow, its shift: one line otherwise."""
+def resolve_objective(cfg: LdmJobConfig) -> LdmJobConfig:
+    """``cfg`` with its objective's type and shift set before anything is built: a fine-tune's are its folder's (the
+    scheduler/ it was trained with), and an explicit other value is one line; a new U-Net's unset ones ddpm and 1.0."""
     if not cfg.model.init_from:
-        return
-    config, o = models.noise_scheduler.config, cfg.objective
+        return with_objective(cfg)
+    config = training_scheduler_of(Path(cfg.model.init_from) / "scheduler").config
     kind = "flow" if is_flow(config) else "ddpm"
-    if kind != o.type:
-        raise ConfigError(
-            f"model.init_from={cfg.model.init_from} was trained with objective.type={kind}: set it (this run's is {o.type})"
-        )
-    if kind == "flow" and o.shift not in (1.0, flow_shift(config)):
-        raise ConfigError(
-            f"objective.shift={o.shift}: model.init_from={cfg.model.init_from} was trained with shift "
-            f"{flow_shift(config)}, which fine-tuning keeps; leave objective.shift unset"
-        )
+    return with_objective(cfg, kind, flow_shift(config) if kind == "flow" else None, cfg.model.init_from)
 
 
 def training_objective(cfg: LdmJobConfig, models: Models):
