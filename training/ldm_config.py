@@ -1,15 +1,13 @@
 """The stage-2 job's config schema (``training.train_ldm``) and its rules.
 
-Every key is a field here. Each section checks its own fields when it is built (``__post_init__``)
-and the job config the rules across them, so a bad value stops ``load_config`` with one line. A key
-that would be ignored in the combination given is an error that names the conflict (for example a
-``model.unet`` preset next to ``model.init_from``, whose U-Net is used as it is).
+Every key is a field here. Each section checks its own fields when it is built (``__post_init__``) and the job
+config the rules across them, so a bad value stops ``load_config`` with one line. A key that would be ignored in the
+combination given is an error naming the conflict (a ``model.unet`` preset next to ``model.init_from``, say).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ldm.diffusion import PREDICTION_TYPES
 from ldm.flow import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS
@@ -66,8 +64,7 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    # ddpm (eps or v, model.prediction_type) | flow (rectified flow: the U-Net predicts eps - x_0; ldm/flow.py).
-    # Unset: ddpm for a new U-Net; a fine-tune's (model.init_from) is its folder's, and another value is refused
+    # ddpm (eps or v) | flow (the U-Net predicts eps - x_0; ldm/flow.py). Unset: ddpm; a fine-tune's folder's (with_objective)
     type: str | None = None
     min_snr_gamma: float | None = 5.0  # ddpm; None: plain MSE
     offset_noise: float = 0.0  # e.g. 0.05; 0: off
@@ -77,9 +74,7 @@ class ObjectiveConfig:
     logit_mean: float = 0.0  # flow, logit_normal
     logit_std: float = 1.0  # flow, logit_normal
     mode_scale: float = 1.29  # flow, mode
-    # flow: SD3's resolution shift of sigma (> 1: more steps near the noise); the exported scheduler's too.
-    # Unset: 1.0 for a new U-Net; a fine-tune's is its folder's, and another value is refused
-    shift: float | None = None
+    shift: float | None = None  # flow: SD3's shift of sigma (> 1: nearer the noise). Unset: 1.0; a fine-tune's folder's
     weighting: str = "none"  # flow: the loss weight of sigma: none | sigma_sqrt | cosmap
 
     DDPM_KEYS = ("min_snr_gamma", "zero_terminal_snr")
@@ -211,24 +206,17 @@ def text_encoder_trains(cfg: LdmJobConfig) -> bool:
 
 
 def with_objective(cfg: LdmJobConfig, kind: str = "ddpm", shift: float | None = None, source: str | None = None) -> LdmJobConfig:
-    """``cfg`` with objective.type and objective.shift set. A new U-Net's unset ones are ddpm and (for flow) 1.0; a
-    fine-tune keeps its folder's (``source``: model.init_from, trained with ``kind`` and ``shift``), and an explicit
-    other value is refused in one line. The keys of the other family are checked again on the result."""
-    o = cfg.objective
+    """``cfg`` with objective.type and shift set: a new U-Net's unset ones ddpm and (flow) 1.0; a fine-tune keeps its
+    folder's (``source``, trained with ``kind`` and ``shift``), and an explicit other one is refused."""
+    o, keeps = cfg.objective, "which fine-tuning keeps; leave it unset"
     if source is not None and o.type not in (None, kind):
-        raise ConfigError(
-            f"objective.type={o.type}: model.init_from={source} was trained with objective.type={kind}, which fine-tuning "
-            "keeps; leave objective.type unset"
-        )
+        raise ConfigError(f"objective.type={o.type}: model.init_from={source} was trained with objective.type={kind}, {keeps}")
     kind = o.type or kind
     if source is not None and kind == "flow" and o.shift not in (None, shift):
-        raise ConfigError(
-            f"objective.shift={o.shift}: model.init_from={source} was trained with shift {shift}, which fine-tuning keeps; "
-            "leave objective.shift unset"
-        )
+        raise ConfigError(f"objective.shift={o.shift}: model.init_from={source} was trained with shift {shift}, {keeps}")
     unset = (shift if source is not None else 1.0) if kind == "flow" else None
     shift = o.shift if o.shift is not None else unset  # a ddpm run's explicit shift is refused as flow's (validate)
-    return dataclasses.replace(cfg, objective=dataclasses.replace(o, type=kind, shift=shift))
+    return replace(cfg, objective=replace(o, type=kind, shift=shift))
 
 
 def _changed(section, keys: tuple[str, ...]) -> list[str]:
@@ -238,13 +226,13 @@ def _changed(section, keys: tuple[str, ...]) -> list[str]:
 
 
 def validate(cfg: LdmJobConfig) -> None:
-    """The rules across sections (each section checks its own fields when it is built); no file is
-    read: the folders the config names are checked by the job, the models' fit once they are built."""
+    """The rules across sections (each section checks its own fields when built); no file is read: the job checks
+    the folders the config names, and the models' fit once they are built."""
     m, o = cfg.model, cfg.objective
     kind = o.type or (None if m.init_from else "ddpm")  # a fine-tune's unset type is its folder's (with_objective)
     other = {"ddpm": ObjectiveConfig.FLOW_KEYS, "flow": ObjectiveConfig.DDPM_KEYS}.get(kind, ())
-    # "off" is no conflict: None, false, a shift of 1 (no shift; what configs saved before the shift was unset hold)
-    if ignored := [k for k in _changed(o, other) if getattr(o, k) not in (None, False) and (k, getattr(o, k)) != ("shift", 1.0)]:
+    # "off" is no conflict: None, false, a shift of 1 (saved configs of before the shift could be unset hold it)
+    if ignored := [k for k in _changed(o, other) if getattr(o, k) not in (None, False, 1.0 if k == "shift" else False)]:
         raise ConfigError(
             f"objective.{ignored[0]} would be ignored: it is for objective.type={'flow' if kind == 'ddpm' else 'ddpm'}, "
             f"and this run's is {kind}" + (f" (model.init_from={m.init_from}'s)" if m.init_from else "")
