@@ -113,25 +113,46 @@ def test_the_cache_holds_every_variants_states_and_a_step_picks_each_samples_dra
         assert torch.equal(out["states"][b], rows[i, k].float())
 
 
-def test_a_run_on_several_captions_resumes_exactly_and_differs_from_one_on_the_first_captions(variants_data, tiny_vae, tmp_path):
+def test_a_run_on_several_captions_resumes_exactly_and_each_sample_is_conditioned_on_its_drawn_caption(variants_data, tiny_vae, tmp_path,
+                                                                                                        monkeypatch):  # fmt: skip
     """MiniLM, frozen: every variant's states from the cache. Killed after step 3 and relaunched, the U-Net is the one of
-    a run that never stopped; a run whose images have only their first caption ends elsewhere (the variants are drawn)."""
+    a run that never stopped; and the states each sample of the run is conditioned on are MiniLM's, computed here, of the
+    caption its seed draws (variant_index), of "" where the caption is dropped; the second and third captions are drawn too."""
+    from ldm.text import load_minilm
     from tests.conftest import fresh_state
     from training.train_ldm import train as train_job
 
     train = fresh_state(train_job)
+    seen, call = [], Conditioning.__call__
+
+    def recorded(self, idx, drop, device, seeds=None):
+        cond = call(self, idx, drop, device, seeds)
+        seen.append((idx.tolist(), drop.tolist(), seeds.tolist(), cond["states"].detach().float().cpu()))
+        return cond
+
     common = ["model.text_encoder=minilm", "train.max_steps=6", "train.checkpoint_every=3", "train.sample_every=100",
               "model.check_images=0", "train.mixed_precision=fp32", f"cache.dir={tmp_path / 'cache'}"]  # fmt: skip
+    monkeypatch.setattr(Conditioning, "__call__", recorded)
     train(ldm_cfg(variants_data, tiny_vae, tmp_path / "full", *common))
+    monkeypatch.undo()
     train(ldm_cfg(variants_data, tiny_vae, tmp_path / "resumed", *common), stop_after_steps=3)
     train(ldm_cfg(variants_data, tiny_vae, tmp_path / "resumed", *common))
     full, resumed = unet_weights(tmp_path / "full"), unet_weights(tmp_path / "resumed")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
-    first = tmp_path / "first"
-    records = load_records(variants_data, DataConfig(), captions=True)
-    write_imagefolder(first, {}, {f"{i:02d}.png": first_caption(t) for i, t in enumerate(records["text"])})
-    for name in records["image"]:
-        (first / name.rsplit("/", 1)[1]).write_bytes(open(name, "rb").read())
-    train(ldm_cfg(first, tiny_vae, tmp_path / "first-run", *common[:-1], f"cache.dir={tmp_path / 'cache2'}"))
-    assert max_difference(unet_weights(tmp_path / "first-run"), full) > 0
+    texts = load_records(variants_data, DataConfig(), captions=True)["text"]
+    tokenizer, encoder = load_minilm()
+    length = seen[0][3].shape[1]
+    captions = sorted({c for t in texts for c in caption_variants(t)} | {""})
+    with torch.no_grad():
+        by_hand = dict(zip(captions, encode_text(tokenizer, encoder.eval(), captions, pad_to=length).states))
+    assert len(seen) == 6 and sum(len(idx) for idx, *_ in seen) == 48
+    drawn = Counter()
+    for idx, drop, seeds, got in seen:
+        for b, (i, dropped, seed) in enumerate(zip(idx, drop, seeds)):
+            variants = caption_variants(texts[i])
+            caption = "" if dropped else variants[variant_index(texts[i], seed)]
+            drawn[(len(variants), variants.index(caption) if caption else None)] += 1
+            errors = {c: (got[b] - by_hand[c]).abs().max().item() for c in {caption, *variants}}
+            assert errors[caption] < 0.1 and all(e > 1 for c, e in errors.items() if c != caption), (i, seed, errors)  # bf16 cache
+    assert all(drawn[(3, k)] >= 4 for k in range(3)), drawn  # the second and third captions are trained on too

@@ -55,17 +55,44 @@ class _Oracle:
         return type("Out", (), {"images": (images + 1) / 2})
 
 
-def test_adherence_is_one_for_the_true_images_and_low_for_wrong_ones(openmoji_small, monkeypatch):
-    cfg = DataConfig(path=str(openmoji_small), resolution=32)
-    by_caption = {}
+def _top1_by_hand(generated: torch.Tensor, real: torch.Tensor, chosen: list[int], seed: int, candidates: int = 20) -> float:
+    """prompt_top1 by another route: the k-th generated image (in [-1, 1]) against its prompt's real image and
+    ``candidates - 1`` others (the documented draw: a generator seeded with ``seed`` makes the floors' permutation, then
+    one permutation per prompt), scored by LPIPS's own forward pass; a hit where the true image is the nearest."""
+    from autoencoder.perceptual import LPIPS
+
+    lpips, g, hits = LPIPS.pretrained(), torch.Generator().manual_seed(seed), 0
+    torch.randperm(len(real), generator=g)
+    with torch.no_grad():
+        for k, i in enumerate(chosen):
+            pool = real[[i, *[j for j in torch.randperm(len(real), generator=g).tolist() if j != i][: candidates - 1]]]
+            hits += int(lpips(generated[k : k + 1].expand(len(pool), -1, -1, -1), pool).argmin()) == 0
+    return hits / len(chosen)
+
+
+def test_adherence_is_one_for_the_true_images_low_for_wrong_ones_and_what_lpips_ranks_for_blurred_ones(openmoji_small, monkeypatch):
+    import torch.nn.functional as F
+
+    from training.data.loader import spread_indices
+
+    cfg = DataConfig(path=str(openmoji_small), resolution=32, random_flip=False)
+    by_caption, real = {}, []
     for batch in eval_loader(load_records(openmoji_small, cfg), cfg, 64):
         by_caption.update(zip(batch["text"], batch["pixel_values"]))
-    for shuffle, check in ((False, lambda r: r["prompt_top1"] == 1.0 and r["fd_vgg"] < r["fd_vgg_floor_real_sample"] * 2),
-                           (True, lambda r: r["prompt_top1"] <= 0.3)):  # fmt: skip
-        monkeypatch.setattr(ldm.pipeline.LatentDiffusionPipeline, "from_pretrained", classmethod(lambda cls, p, s=shuffle: _Oracle(by_caption, s)))
+        real.append(batch["pixel_values"])
+    real, chosen = torch.cat(real), spread_indices(len(by_caption), 30)
+    blurred = {c: F.interpolate(F.avg_pool2d(x[None], 8), scale_factor=8.0)[0] for c, x in by_caption.items()}  # 4x4 blocks
+    checks = {
+        "true": (by_caption, False, lambda r: r["prompt_top1"] == 1.0 and r["fd_vgg"] < r["fd_vgg_floor_real_sample"] * 2),
+        "wrong": (by_caption, True, lambda r: r["prompt_top1"] < 0.2),  # each prompt gets the image of another caption
+        "blurred": (blurred, False, lambda r: 0.2 < r["prompt_top1"] < 0.8),  # about half: which ones, LPIPS decides
+    }
+    for name, (images, shuffle, check) in checks.items():
+        monkeypatch.setattr(ldm.pipeline.LatentDiffusionPipeline, "from_pretrained", classmethod(lambda cls, p, o=_Oracle(images, shuffle): o))
         result = evaluate_pipeline("oracle", openmoji_small, num_prompts=30, steps=1)
         assert result["prompts"] == 30 and result["prompt_top1_chance"] == 0.05
-        assert check(result), result
+        generated = _Oracle(images, shuffle)([list(by_caption)[i] for i in chosen]).images * 2 - 1
+        assert check(result) and result["prompt_top1"] == _top1_by_hand(generated, real, chosen, seed=0), (name, result)
         # a lossless autoencoder's floor is the real images' own; its images are the oracle's, whatever it generates
         assert result["fd_vgg_floor_autoencoder"] == pytest.approx(result["fd_vgg_floor_real_sample"], rel=1e-5)
 
@@ -143,7 +170,7 @@ def test_a_runs_evaluation_and_the_command_give_the_distance_of_the_exported_pip
     fd = _frechet_by_eigenvalues(vgg_features(lpips, images.float() * 2 - 1), vgg_features(lpips, real))
     assert result["prompts"] == 4 and result["steps"] == 2 and result["guidance"] == 2.0
     assert result["fd_vgg"] == pytest.approx(fd, rel=1e-4) and result["fd_vgg"] > result["fd_vgg_floor_real_sample"]
-    assert result["prompt_top1"] in (0, 0.25, 0.5, 0.75, 1)
+    assert result["prompt_top1"] == _top1_by_hand(images.float() * 2 - 1, real, chosen, seed=5)
 
 
 def test_unseen_captions_reword_each_caption_in_a_sentence_no_caption_has(openmoji_small, monkeypatch):

@@ -78,9 +78,16 @@ def lora_cfg(base, data, out, *overrides):
                                                    f"data.caption={CONCEPT}", "train.sample_every=1000", *overrides])  # fmt: skip
 
 
-def latents(pipe, prompt: str) -> torch.Tensor:
-    gens = [torch.Generator().manual_seed(i) for i in range(6)]
-    return pipe([prompt] * 6, num_inference_steps=10, guidance_scale=1.0, generator=gens, output_type="latent").images
+def latents(pipe, prompt: str, n: int = 6, guidance: float = 1.0) -> torch.Tensor:
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+    return pipe([prompt] * n, num_inference_steps=10, guidance_scale=guidance, generator=gens, output_type="latent").images
+
+
+# How near a LoRA's concept caption generates to the concept: 32 seeds, guidance 3 (the caption against the empty one,
+# as images are drawn). The 6 seeds of guidance 1 these tests measured first held on seed luck: over LoRA seeds 0-2
+# their after/before ratio was 0.59, 0.62, 0.64 (300 steps, bound 0.7) and 0.67, 0.63, 0.61 (mixed shapes, 200 steps),
+# and the other caption moved 0.41, 0.43, 0.54 times as far as the concept's (bound 0.5).
+CONCEPT_SEEDS, CONCEPT_GUIDANCE = 32, 3.0
 
 
 def distance_to(concept_latents: torch.Tensor, generated: torch.Tensor) -> float:
@@ -91,8 +98,8 @@ def distance_to(concept_latents: torch.Tensor, generated: torch.Tensor) -> float
 @pytest.fixture(scope="module")
 def lora_run(base, concept, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora") / "run"
-    # 300 steps: at 200 the first bound held by seed luck (after/before 0.62, 0.88, 0.66 for seeds 0-2 with the earlier
-    # square sampler, 0.71, 0.81, 0.74 with the one-bucket one); at 300, 0.60 for seed 0
+    # 300 steps: at 200 the concept had not been learnt on every seed (after/before, CONCEPT_SEEDS and CONCEPT_GUIDANCE,
+    # 0.63, 0.94 for seeds 0-1; the earlier 6 seeds at guidance 1: 0.71, 0.81, 0.74 for seeds 0-2)
     train(lora_cfg(base, concept, out, "train.max_steps=300", "train.lr=3e-3", "train.checkpoint_every=300"))
     return out
 
@@ -102,12 +109,13 @@ def test_lora_moves_the_concept_caption_toward_the_concept_and_others_much_less(
     with torch.no_grad():  # the concept's own (normalised) latents
         x = torch.stack([to_pixels(im) for im in concept_images().values()])
         target = encode_latents(before.vae, x)
-    d = {"before": {p: distance_to(target, latents(before, p)) for p in (CONCEPT, OTHER)}}
+    d = {"before": {p: distance_to(target, latents(before, p, CONCEPT_SEEDS, CONCEPT_GUIDANCE)) for p in (CONCEPT, OTHER)}}
     after = LatentDiffusionPipeline.from_pretrained(base, dtype="fp32")
     after.load_lora_weights(str(lora_run / "lora"))
-    d["after"] = {p: distance_to(target, latents(after, p)) for p in (CONCEPT, OTHER)}
+    d["after"] = {p: distance_to(target, latents(after, p, CONCEPT_SEEDS, CONCEPT_GUIDANCE)) for p in (CONCEPT, OTHER)}
     moved_concept = d["before"][CONCEPT] - d["after"][CONCEPT]
     moved_other = d["before"][OTHER] - d["after"][OTHER]
+    # LoRA seeds 0-2: after/before 0.575, 0.555, 0.555; the other caption's 1.31, 1.30, 1.18 (it moves away)
     assert d["after"][CONCEPT] < 0.7 * d["before"][CONCEPT], d
     assert moved_other < 0.5 * moved_concept, d
 
@@ -229,7 +237,7 @@ def test_diffusers_stable_diffusion_folder_fine_tunes_and_still_loads_in_diffuse
         assert (off - plain).abs().max() < 1e-4  # ...and scale 0 switches them all off, text encoder included
         # the kohya-layout file (A1111, ComfyUI, sd-scripts): alpha 4 of rank 8, read by diffusers to the same model
         kohya = load_file(str(out / "lora" / "lora_kohya.safetensors"))
-        assert {k.split("_")[1] for k in kohya} == ({"unet", "te1"} if text else {"unet"})
+        assert {k.split("_")[1] for k in kohya} == ({"unet", "te"} if text else {"unet"})  # lora_te_: SD 1.x, one encoder
         assert {v.item() for k, v in kohya.items() if k.endswith(".alpha")} == {4.0}
         theirs = LatentDiffusionPipeline.from_pretrained(sd_dir, dtype="fp32")
         theirs.load_lora_weights(str(out / "lora"), weight_name="lora_kohya.safetensors")
@@ -283,9 +291,9 @@ def test_lora_on_photos_of_mixed_shapes_generates_the_concept_at_a_non_square_si
     assert dict(zip(event["sizes"], event["images"])) == {"64x16": 0, "40x24": 6, "32x32": 0, "24x40": 6, "16x64": 0}
 
     def at_24x40(pipe):
-        gens = [torch.Generator().manual_seed(i) for i in range(6)]
-        return pipe([CONCEPT] * 6, height=24, width=40, num_inference_steps=10, guidance_scale=1.0, generator=gens,
-                    output_type="latent").images  # (6, C, 6, 10)  # fmt: skip
+        gens = [torch.Generator().manual_seed(i) for i in range(CONCEPT_SEEDS)]
+        return pipe([CONCEPT] * CONCEPT_SEEDS, height=24, width=40, num_inference_steps=10, guidance_scale=CONCEPT_GUIDANCE,
+                    generator=gens, output_type="latent").images  # (32, C, 6, 10)  # fmt: skip
 
     before = LatentDiffusionPipeline.from_pretrained(base, dtype="fp32")
     with torch.no_grad():  # the wide images' own latents, as the cache holds them
@@ -293,7 +301,7 @@ def test_lora_on_photos_of_mixed_shapes_generates_the_concept_at_a_non_square_si
     after = LatentDiffusionPipeline.from_pretrained(base, dtype="fp32")
     after.load_lora_weights(str(tmp_path / "run" / "lora"))
     d = {"before": distance_to(target, at_24x40(before)), "after": distance_to(target, at_24x40(after))}
-    assert target.shape[2:] == (6, 10) and d["after"] < 0.7 * d["before"], d
+    assert target.shape[2:] == (6, 10) and d["after"] < 0.7 * d["before"], d  # LoRA seeds 0-2: 0.603, 0.530, 0.533
 
     from ldm.generate import main
 

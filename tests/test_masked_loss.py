@@ -10,7 +10,7 @@ from PIL import Image
 
 from ldm.diffusion import training_scheduler
 from ldm.objective import DenoisingObjective, FlowObjective
-from tests.conftest import FROZEN_STEPS, fresh_state, ldm_cfg, logged, max_difference, unet_weights, write_imagefolder
+from tests.conftest import FAST_STEPS, FROZEN_STEPS, fresh_state, ldm_cfg, logged, max_difference, unet_weights, write_imagefolder
 from training.config import ConfigError
 from training.data.cache import build_latent_cache, load_latent_cache
 from training.data.records import DataConfig, load_records
@@ -79,17 +79,54 @@ def test_an_all_white_mask_is_exactly_the_unmasked_loss(noise_images, tiny_vae, 
     assert logged(tmp_path / "plain", "loss") == logged(tmp_path / "masked", "loss")
 
 
-def test_a_masked_run_resumes_exactly_and_learns_other_weights_than_an_unmasked_one(masked_data, tiny_vae, tmp_path):
+def _recorded_losses(monkeypatch) -> tuple[list, list]:
+    """Every per-sample loss a run computes, as (squared errors (B, C, h, w), mask or None, per-sample loss (B,)), and
+    which of the images of each micro-batch were mirrored (the latents read from the cache)."""
+    from training.data.cache.read import LatentCache
+
+    calls, flips, posteriors = [], [], LatentCache.posteriors
+
+    def read(self, idx, flip):
+        flips.append(flip.clone())
+        return posteriors(self, idx, flip)
+
+    monkeypatch.setattr(LatentCache, "posteriors", read)
+    for objective in (DenoisingObjective, FlowObjective):
+
+        def spy(self, prediction, target, level, mask=None, real=objective.per_sample_loss):
+            loss = real(self, prediction, target, level, mask)
+            squared = (prediction.detach().float() - target.float()) ** 2
+            calls.append((squared, None if mask is None else mask.detach().clone(), loss.detach().clone()))
+            return loss
+
+        monkeypatch.setattr(objective, "per_sample_loss", spy)
+    return calls, flips
+
+
+def test_a_masked_run_resumes_exactly_and_its_masked_out_latents_weigh_exactly_nothing(masked_data, tiny_vae, tmp_path, monkeypatch):
     data, folder = masked_data
     common = [f"data.mask={folder}", "data.random_flip=true", "train.max_steps=6", "train.checkpoint_every=3",
               "train.sample_every=100", "model.check_images=0", f"cache.dir={tmp_path / 'cache'}"]  # fmt: skip
     train(ldm_cfg(data, tiny_vae, tmp_path / "full", *common))
     train(ldm_cfg(data, tiny_vae, tmp_path / "resumed", *common), stop_after_steps=3)
     train(ldm_cfg(data, tiny_vae, tmp_path / "resumed", *common))
-    full = unet_weights(tmp_path / "full")
-    assert max_difference(full, unet_weights(tmp_path / "resumed")) == 0
-    train(ldm_cfg(data, tiny_vae, tmp_path / "plain", *common[1:-1], f"cache.dir={tmp_path / 'cache2'}"))
-    assert max_difference(full, unet_weights(tmp_path / "plain")) > 0
+    assert max_difference(unet_weights(tmp_path / "full"), unet_weights(tmp_path / "resumed")) == 0
+
+    # The first step of a masked and of an unmasked run: the same images, mirrored or not, the same predictions; the
+    # masked run's loss of each sample is the unmasked one's with its squared errors weighted here by hand: latent
+    # columns 0-2 (pixels 0-11, transparent) by exactly 0, column 3 (half covered) by 128/255, mirrored with the image.
+    calls, flips = _recorded_losses(monkeypatch)
+    first = {}
+    for name, mask in (("masked", [f"data.mask={folder}"]), ("plain", [])):
+        train(ldm_cfg(data, tiny_vae, tmp_path / name, *mask, "data.random_flip=true", "train.max_steps=6", *FAST_STEPS), stop_after_steps=1)
+        first[name] = (*calls[0], flips[0])
+        calls.clear(), flips.clear()
+    (squared, none, plain, flip), (_, _, masked, same_flip) = first["plain"], first["masked"]
+    row = torch.tensor([0, 0, 0, 128 / 255, 1, 1, 1, 1])
+    weights = torch.stack([row.flip(0) if f else row for f in flip.tolist()])[:, None, None, :]  # (B, 1, 1, w)
+    assert none is None and squared.shape[-2:] == (8, 8) and torch.equal(flip, same_flip) and 0 < flip.sum() < len(flip)
+    by_hand = plain * (squared * weights).mean(dim=(1, 2, 3)) / squared.mean(dim=(1, 2, 3))  # any per-sample weighting kept
+    assert torch.allclose(masked, by_hand, rtol=1e-5, atol=0), (masked, by_hand)
 
 
 def test_a_missing_mask_or_a_mask_where_it_is_ignored_is_one_line(masked_data, tiny_vae, tmp_path):

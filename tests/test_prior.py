@@ -3,6 +3,9 @@ in their folder), batches of instance and class images, the weighted loss, exact
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +14,7 @@ from safetensors.torch import load_file
 
 from ldm import LatentDiffusionPipeline
 from ldm.schedulers import folder_scheduler
-from tests.conftest import ROOT, fresh_state, max_difference, tiny_pipeline, write_imagefolder
+from tests.conftest import ROOT, fresh_state, logged, max_difference, run_to_the_end, tiny_pipeline, write_imagefolder
 from training.config import ConfigError, load_config
 from training.ldm_config import LdmJobConfig
 from training.stage2.prior import PRIOR_SEED, PriorPreservation, joined_conditioning
@@ -30,12 +33,25 @@ def base_and_instances(tmp_path_factory):
     return root / "base", write_imagefolder(root / "sks", images)
 
 
+def prior_overrides(base, data, out, classes, *overrides) -> list[str]:
+    return [f"model.init_from={base}", f"data.path={data}", f"output_dir={out}", "data.caption=a sks pattern",
+            f"prior.class_data={classes}", "prior.class_prompt=a pattern", "prior.num_class_images=4", "prior.steps=2",
+            "prior.loss_weight=0.5", "train.batch_size=2", "train.max_steps=4", "train.checkpoint_every=2", "train.sample_every=100",
+            "model.check_images=0", "eval.num_prompts=0", *overrides]  # fmt: skip
+
+
 def prior_cfg(base, data, out, classes, *overrides):
-    return load_config(LdmJobConfig, LORA_CONFIG, [
-        f"model.init_from={base}", f"data.path={data}", f"output_dir={out}", "data.caption=a sks pattern",
-        f"prior.class_data={classes}", "prior.class_prompt=a pattern", "prior.num_class_images=4", "prior.steps=2",
-        "train.batch_size=2", "train.max_steps=4", "train.checkpoint_every=2", "train.sample_every=100",
-        "model.check_images=0", "eval.num_prompts=0", *overrides])  # fmt: skip
+    return load_config(LdmJobConfig, LORA_CONFIG, prior_overrides(base, data, out, classes, *overrides))
+
+
+def drawn_by_the_base_model(base, indices: list[int]) -> list[np.ndarray]:
+    """The class images ``indices`` as the base model draws them for 'a pattern' (run seed 0), computed here."""
+    pipe = LatentDiffusionPipeline.from_pretrained(base, dtype=torch.float32)  # fp32 in the default layout, as the job holds it
+    pipe.prepare_for_inference(dtype=torch.float32, channels_last=False)
+    pipe.scheduler = folder_scheduler(pipe.scheduler.config)
+    seeds = [torch.Generator().manual_seed(PRIOR_SEED + i) for i in indices]  # seed 0: 0 * 1_000_003 + PRIOR_SEED + i
+    images = pipe(["a pattern"] * len(indices), num_inference_steps=2, guidance_scale=5.0, height=32, width=32, generator=seeds).images
+    return [np.asarray(image) for image in images]
 
 
 def lora(run) -> dict:
@@ -45,16 +61,11 @@ def lora(run) -> dict:
 def test_class_images_are_the_base_models_drawn_once_and_a_run_resumes_exactly(base_and_instances, tmp_path):
     base, data = base_and_instances
     classes = tmp_path / "classes"
-    train(prior_cfg(base, data, tmp_path / "full", classes))
+    train(prior_cfg(base, data, tmp_path / "full", classes, "train.log_every=1"))
     made = sorted(classes.iterdir())
     assert [p.name for p in made] == [f"class-{i:05d}.png" for i in range(4)]
-    pipe = LatentDiffusionPipeline.from_pretrained(base, dtype=torch.float32)  # fp32 in the default layout, as the job holds it
-    pipe.prepare_for_inference(dtype=torch.float32, channels_last=False)
-    pipe.scheduler = folder_scheduler(pipe.scheduler.config)
-    seeds = [torch.Generator().manual_seed(PRIOR_SEED + i) for i in range(4)]  # seed 0: 0 * 1_000_003 + PRIOR_SEED + i
-    expected = pipe(["a pattern"] * 4, num_inference_steps=2, guidance_scale=5.0, height=32, width=32, generator=seeds).images
-    for path, image in zip(made, expected):
-        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(image))
+    for path, image in zip(made, drawn_by_the_base_model(base, list(range(4))), strict=True):
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), image)
     stamps = [p.stat().st_mtime_ns for p in made]
 
     train(prior_cfg(base, data, tmp_path / "resumed", classes), stop_after_steps=2)
@@ -62,11 +73,20 @@ def test_class_images_are_the_base_models_drawn_once_and_a_run_resumes_exactly(b
     assert [p.stat().st_mtime_ns for p in sorted(classes.iterdir())] == stamps  # found there, not drawn again
     assert max_difference(lora(tmp_path / "full"), lora(tmp_path / "resumed")) == 0
 
-    plain = load_config(LdmJobConfig, LORA_CONFIG, [f"model.init_from={base}", f"data.path={data}", f"output_dir={tmp_path / 'plain'}",
-                        "data.caption=a sks pattern", "train.batch_size=2", "train.max_steps=4", "train.checkpoint_every=2",
-                        "train.sample_every=100", "model.check_images=0", "eval.num_prompts=0"])  # fmt: skip
-    train(plain)
-    assert max_difference(lora(tmp_path / "full"), lora(tmp_path / "plain")) > 0  # the class images were trained on
+    # the first step's loss is the instance images' plus prior.loss_weight (0.5) times the class images', each measured
+    # here by a run of its own on the same base model: the instance images alone, the class images alone (captioned
+    # prior.class_prompt, drawn by the class stream's seed)
+    def alone(out, images, caption, seed):
+        return load_config(LdmJobConfig, LORA_CONFIG, [f"model.init_from={base}", f"data.path={images}", f"output_dir={out}",
+                           f"data.caption={caption}", f"seed={seed}", "train.batch_size=2", "train.max_steps=4", "train.log_every=1",
+                           "train.checkpoint_every=100", "train.sample_every=100", "model.check_images=0", "eval.num_prompts=0"])  # fmt: skip
+
+    train(alone(tmp_path / "instances", data, "a sks pattern", 0), stop_after_steps=1)
+    train(alone(tmp_path / "classes-alone", classes, "a pattern", PRIOR_SEED), stop_after_steps=1)
+    first = {run: logged(tmp_path / run, "loss")[0] for run in ("full", "instances", "classes-alone")}
+    assert {r["step"] for r in first.values()} == {1}
+    by_hand = first["instances"]["loss"] + 0.5 * first["classes-alone"]["loss"]
+    assert first["full"]["loss"] == pytest.approx(by_hand, rel=1e-4, abs=2e-6), (first, by_hand)
 
 
 def test_the_loss_is_the_instance_mean_plus_the_weighted_class_mean_and_captions_pad_under_their_mask():
@@ -92,60 +112,29 @@ def test_bad_prior_settings_are_one_line(overrides, message, base_and_instances,
         prior_cfg(base, data, tmp_path / "x", tmp_path / "classes", *overrides)
 
 
-class _Pipe:
-    """Stands in for the base pipeline: each image a flat colour from its generator's seed."""
-
-    def __init__(self):
-        self.unet, self.text_encoder, self.drawn = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), 0
-        self.text_encoders = [self.text_encoder]  # a pipeline's list of them (Stable Diffusion XL's: two)
-
-    def __call__(self, prompts, generator, **kwargs):
-        from types import SimpleNamespace
-
-        self.drawn += len(generator)
-        return SimpleNamespace(images=[Image.new("RGB", (32, 32), (g.initial_seed() % 251, 0, 0)) for g in generator])
-
-
-class _Accelerator:
-    """Rank ``rank`` of ``world`` processes, as threads meeting at a barrier."""
-
-    def __init__(self, rank=0, world=1, barrier=None):
-        import threading
-
-        self.process_index, self.num_processes, self.is_main_process = rank, world, rank == 0
-        self.barrier = barrier or threading.Barrier(1)
-
-    def wait_for_everyone(self):
-        self.barrier.wait()
-
-
-def test_missing_class_images_take_free_names_never_a_users_file_and_processes_share_them(base_and_instances, tmp_path):
+def test_missing_class_images_take_free_names_never_a_users_file_and_two_processes_draw_their_shares(base_and_instances, tmp_path):
     """4 wanted, the folder holds a user's a.png and class-00001.png: two are drawn, as class-00000.png and
-    class-00002.png (seeds PRIOR_SEED + 0 and + 2), the user's files untouched; two processes drawing their shares make
-    the same files. A metadata.jsonl there (which would hide the drawn images) is one line."""
-    import threading
+    class-00002.png (seeds PRIOR_SEED + 0 and + 2), the user's files untouched, by a job of two processes that draw
+    one each (tests/prior_ranks.py counts them). A metadata.jsonl there (which would hide the drawn images) is one line."""
+    base, data = base_and_instances
+    folder = tmp_path / "classes"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(folder / "a.png")
+    Image.new("RGB", (32, 32), (0, 255, 0)).save(folder / "class-00001.png")
+    users = {p.name: p.read_bytes() for p in folder.iterdir()}
+    out = tmp_path / "run"
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "tests/prior_ranks.py",
+           "--config", str(LORA_CONFIG), *prior_overrides(base, data, out, folder, "train.max_steps=1")]  # fmt: skip
+    done = run_to_the_end(cmd, out)
+    assert sorted(line for line in done.stdout.splitlines() if line.startswith("rank ")) == ["rank 0 drew 1", "rank 1 drew 1"]
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png", "class-00000.png", "class-00001.png", "class-00002.png"]
+    assert all((folder / name).read_bytes() == content for name, content in users.items())
+    for i in (0, 2):  # each drawn alone, as its process did; its process had fewer CPU threads, which round differently
+        made = np.asarray(Image.open(folder / f"class-{i:05d}.png").convert("RGB")).astype(int)
+        assert np.abs(made - drawn_by_the_base_model(base, [i])[0]).max() <= 2, i  # another seed's image differs by ~100
 
     from training.stage2.prior import make_class_images
 
-    base, data = base_and_instances
-    made = {}
-    for world in (1, 2):
-        folder = tmp_path / f"world-{world}"
-        folder.mkdir()
-        Image.new("RGB", (32, 32), (0, 0, 255)).save(folder / "a.png")
-        Image.new("RGB", (32, 32), (0, 255, 0)).save(folder / "class-00001.png")
-        cfg = prior_cfg(base, data, tmp_path / "x", folder)
-        barrier, pipes = threading.Barrier(world, timeout=30), [_Pipe() for _ in range(world)]
-        ranks = [threading.Thread(target=make_class_images, args=(cfg, pipes[r], _Accelerator(r, world, barrier))) for r in range(world)]
-        for thread in ranks:
-            thread.start()
-        for thread in ranks:
-            thread.join()
-        made[world] = {p.name: np.asarray(Image.open(p)).tolist() for p in sorted(folder.iterdir())}
-        assert [pipe.drawn for pipe in pipes] == [2 // world] * world  # each process its share
-    assert sorted(made[1]) == ["a.png", "class-00000.png", "class-00001.png", "class-00002.png"]
-    assert made[1]["class-00001.png"][0][0] == [0, 255, 0] and made[1]["class-00002.png"][0][0] == [(PRIOR_SEED + 2) % 251, 0, 0]
-    assert made[1] == made[2]
-    (tmp_path / "world-1" / "metadata.jsonl").write_text("")
+    (folder / "metadata.jsonl").write_text("")
     with pytest.raises(ValueError, match="holds a metadata.jsonl"):
-        make_class_images(prior_cfg(base, data, tmp_path / "x", tmp_path / "world-1"), _Pipe(), _Accelerator())
+        make_class_images(prior_cfg(base, data, tmp_path / "x", folder), None, None)

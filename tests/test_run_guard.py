@@ -166,18 +166,38 @@ def test_ctrl_c_stops_every_process_at_one_step_with_a_checkpoint(openmoji_small
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{stopped['step']:08d}"]
 
 
+# ``python -m training.train_ldm ARGS`` whose checkpoint write says when it starts (a file) and then takes a minute
+SLOW_CHECKPOINT = """
+import runpy, sys, time
+from pathlib import Path
+from accelerate import Accelerator
+marker, save_state = Path(sys.argv.pop(1)), Accelerator.save_state
+def slow_save_state(self, *args, **kwargs):
+    marker.touch()
+    time.sleep(60)
+    return save_state(self, *args, **kwargs)
+Accelerator.save_state = slow_save_state
+sys.argv[0] = "training.train_ldm"
+runpy.run_module("training.train_ldm", run_name="__main__", alter_sys=True)
+"""
+
+
 def test_a_second_ctrl_c_stops_at_once_without_saving_and_the_trainer_exits_130(openmoji_small, tiny_vae, tmp_path):
-    """The training process itself (``python -m training.train_ldm``, no launcher), so that its own exit status is seen."""
-    out = tmp_path / "run"
-    cmd = [sys.executable, *_job(out, openmoji_small, tiny_vae, 2000)]
+    """The training process itself (no launcher), so that its own exit status is seen. Its checkpoint write is made
+    to take a minute: the second SIGINT is sent once that write has begun, and must end the process at once."""
+    out, writing = tmp_path / "run", tmp_path / "writing"
+    cmd = [sys.executable, "-c", SLOW_CHECKPOINT, str(writing), *_job(out, openmoji_small, tiny_vae, 2000)[2:]]
     trainer = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for_step(out, 3)
     trainer.send_signal(signal.SIGINT)
-    deadline = time.time() + 60
-    while not list(out.glob("checkpoints/.tmp-step-*")) and time.time() < deadline:
-        time.sleep(0.001)
+    deadline = time.time() + 120
+    while not writing.exists() and trainer.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert writing.exists() and list(out.glob("checkpoints/.tmp-step-*")), "the first SIGINT's checkpoint never began"
+    sent = time.time()
     trainer.send_signal(signal.SIGINT)  # while the first one's checkpoint is being written
     _, err = trainer.communicate(timeout=90)
+    assert time.time() - sent < 30, "it waited for the checkpoint"  # the write would have taken 60 s
     assert trainer.returncode == 128 + signal.SIGINT, err[-3000:]
     assert no_traceback_of_ours(err) and "stopped by a second SIGINT at once, without saving" in err, err[-3000:]
     assert not [r for r in _log(out) if r.get("event") == "stopped"] and not list((out / "checkpoints").glob("step-*"))

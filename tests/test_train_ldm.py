@@ -171,7 +171,6 @@ def test_v_prediction_with_zero_terminal_snr_exports_its_schedule(openmoji_small
         (["train.optimizer=prodigy"], "Prodigy finds the LR itself and train.lr scales it; set train.lr=1.0"),
         (["train.optimizer=schedule_free_adamw"], "it needs no schedule (it warms up over train.lr_warmup_steps itself)"),
         (["train.optimizer=schedule_free_adamw", "train.lr_schedule=constant"], "set train.ema_decay=null and train.ema.kind=decay"),
-        (["train.optimizer=adamw_8bit"], "train.optimizer=adamw_8bit needs bitsandbytes running on this machine"),
         (["eval.keep_best=true"], "eval.keep_best=true needs eval.every > 0"),
         (["eval.every=2", "data.eval_split=null"], "eval.every=2 scores held-out images: set data.eval_split"),
         (["eval.every=2", "data.eval_split=validation"], "has no 'validation' split (data.eval_split) to score"),
@@ -182,6 +181,41 @@ def test_bad_settings_fail_before_training(openmoji_small, tiny_vae, tmp_path, o
         train(ldm_cfg(openmoji_small, tiny_vae, tmp_path / "x", *overrides))
     assert message in str(err.value)
     assert not (tmp_path / "x" / "latent-cache").exists()  # nothing was encoded
+
+
+def _adamw_8bit_fails() -> str | None:
+    """Why bitsandbytes' AdamW8bit cannot take a step on the device a run trains on here, or None where it can: asked
+    here, not of training/run/optim.py, so that a wrong answer there fails the test below."""
+    try:
+        import bitsandbytes as bnb
+
+        probe = torch.zeros(4096, device="cuda" if torch.cuda.is_available() else "cpu", requires_grad=True)
+        probe.grad = torch.ones_like(probe)
+        bnb.optim.AdamW8bit([probe], lr=1e-3).step()
+    except Exception as err:  # not installed, or no kernel for this device
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def test_adamw_8bit_is_refused_where_bitsandbytes_does_not_run_and_trains_with_8_bit_states_where_it_does(openmoji_small, tiny_vae,
+                                                                                                           tmp_path):  # fmt: skip
+    out = tmp_path / "8bit"
+    settings = (openmoji_small, tiny_vae, out, "train.optimizer=adamw_8bit", "train.max_steps=2", *FAST_STEPS)
+    if _adamw_8bit_fails():
+        with pytest.raises(ValueError, match=r"train.optimizer=adamw_8bit needs bitsandbytes running on this machine \(.+\); "
+                                             r"pip install bitsandbytes on a CUDA machine"):  # fmt: skip
+            train(ldm_cfg(*settings))
+        if _adamw_8bit_fails().startswith("ModuleNotFoundError"):
+            assert not (out / "latent-cache").exists()  # refused before any work
+        return
+    train(ldm_cfg(*settings))
+    def tensors(state) -> list:  # bitsandbytes nests its quantized state a level down
+        return [t for v in state.values() for t in ([v] if isinstance(v, torch.Tensor) else tensors(v) if isinstance(v, dict) else [])]
+
+    saved = tensors(torch.load(out / "checkpoints" / "step-00000002" / "optimizer.bin", weights_only=True)["state"])
+    assert any(t.dtype == torch.uint8 for t in saved)  # the moments are stored in 8 bits
+    losses = [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses and np.isfinite(losses).all() and all(v.isfinite().all() for v in unet_weights(out).values())
 
 
 def test_a_vae_path_that_is_not_an_autoencoder_is_named(openmoji_small, tiny_vae, tmp_path):
@@ -378,15 +412,20 @@ def test_a_flow_matching_run_resumes_exactly_exports_a_flow_folder_and_its_fine_
             f"model.init_from={tmp_path / 'full' / 'pipeline'}", f"data.path={openmoji_small}", f"output_dir={out}",
             "train.max_steps=2", *FAST_STEPS, *overrides])  # fmt: skip
 
-    with pytest.raises(ConfigError, match="was trained with objective.type=flow: set it \\(this run's is ddpm\\)"):
-        train(tune(tmp_path / "tuned-ddpm"))
+    # the shipped fine-tune configs as the README runs them: the folder's objective and shift, an explicit other one refused
+    with pytest.raises(ConfigError, match="objective.type=ddpm: .* was trained with objective.type=flow, which fine-tuning keeps"):
+        train(tune(tmp_path / "tuned-ddpm", "objective.type=ddpm"))
     with pytest.raises(ConfigError, match="objective.shift=2.0: .* was trained with shift 3.0"):
-        train(tune(tmp_path / "tuned-shift", "objective.type=flow", "objective.shift=2.0"))
-    train(tune(tmp_path / "tuned", "objective.type=flow"))  # the folder's shift
+        train(tune(tmp_path / "tuned-shift", "objective.shift=2.0"))
+    with pytest.raises(ConfigError, match="objective.min_snr_gamma would be ignored: .* this run's is flow"):
+        train(tune(tmp_path / "tuned-snr", "objective.min_snr_gamma=1.0"))
+    train(tune(tmp_path / "tuned"))  # the folder's flow objective and shift
     assert LatentDiffusionPipeline.from_pretrained(tmp_path / "tuned" / "pipeline").scheduler.config.flow_shift == 3.0
+    saved = load_config(LdmJobConfig, tmp_path / "tuned" / "config.yaml").objective
+    assert (saved.type, saved.shift, saved.timesteps) == ("flow", 3.0, "logit_normal")
     # LoRA on the flow model: its fused export keeps the flow schedule, and the flow folder with the adapters loaded
     # by diffusers' load_lora_weights makes the fused export's image
-    train(tune(tmp_path / "lora", "objective.type=flow", "train.lr=0.05", method="lora"))  # a large LR: visible adapters
+    train(tune(tmp_path / "lora", "train.lr=0.05", method="lora"))  # a large LR: visible adapters
     fused = LatentDiffusionPipeline.from_pretrained(tmp_path / "lora" / "pipeline", dtype="fp32")
     assert fused.scheduler.config.use_flow_sigmas and fused.scheduler.config.flow_shift == 3.0
     loaded = LatentDiffusionPipeline.from_pretrained(tmp_path / "full" / "pipeline", dtype="fp32")
