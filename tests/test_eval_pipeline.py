@@ -91,8 +91,10 @@ def test_adherence_is_one_for_the_true_images_low_for_wrong_ones_and_what_lpips_
         monkeypatch.setattr(ldm.pipeline.LatentDiffusionPipeline, "from_pretrained", classmethod(lambda cls, p, o=_Oracle(images, shuffle): o))
         result = evaluate_pipeline("oracle", openmoji_small, num_prompts=30, steps=1)
         assert result["prompts"] == 30 and result["prompt_top1_chance"] == 0.05
-        generated = _Oracle(images, shuffle)([list(by_caption)[i] for i in chosen]).images * 2 - 1
-        assert check(result) and result["prompt_top1"] == _top1_by_hand(generated, real, chosen, seed=0), (name, result)
+        assert check(result), (name, result)
+        if name == "blurred":  # the case where which prompts hit is LPIPS's to decide: recomputed by another route
+            generated = _Oracle(images, shuffle)([list(by_caption)[i] for i in chosen]).images * 2 - 1
+            assert result["prompt_top1"] == _top1_by_hand(generated, real, chosen, seed=0), result
         # a lossless autoencoder's floor is the real images' own; its images are the oracle's, whatever it generates
         assert result["fd_vgg_floor_autoencoder"] == pytest.approx(result["fd_vgg_floor_real_sample"], rel=1e-5)
 

@@ -17,6 +17,7 @@ import errno
 import json
 import re
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -95,7 +96,8 @@ def _without_frozen(models: list, weights: list[dict], output_dir: str) -> None:
     optimizer state): a LoRA run of an SD 1.5-size U-Net writes megabytes, not the 3.4 GB fp32 U-Net."""
     for i, model in enumerate(models):
         if frozen := _frozen(model):
-            weights[i] = {k: v for k, v in weights[i].items() if k not in frozen}
+            # an OrderedDict, as state_dict() gives: accelerate then makes each tensor contiguous (channels_last) for safetensors
+            weights[i] = OrderedDict((k, v) for k, v in weights[i].items() if k not in frozen)
 
 
 def _holds_what_trains(ckpt: Path):
